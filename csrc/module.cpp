@@ -1,0 +1,40 @@
+// The Python module cudnn_flex._C: bridge types, graph cache control, versions. Importing it also
+// registers the torch ops defined in ops.cpp.
+#include <cudnn.h>
+#include <cudnn_frontend_version.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ops.h"
+#include "score_mod_bridge.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cudnn_flex native extension";
+  cudnn_flex::bridge::bind(m);
+
+  m.def("cache_stats", [] {
+    auto s = cudnn_flex::graph_cache_stats();
+    py::dict d;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["builds"] = s.builds;
+    d["evictions"] = s.evictions;
+    d["size"] = s.size;
+    d["capacity"] = s.capacity;
+    return d;
+  }, "Counters of the graph cache: hits, misses, builds, evictions, size, capacity.");
+  m.def("clear_cache", &cudnn_flex::clear_graph_cache, "Drops every cached graph and zeroes the counters.");
+  m.def("set_cache_capacity", [](int64_t capacity) {
+    if (capacity < 0) throw py::value_error("cudnn_flex: cache capacity must be >= 0");
+    cudnn_flex::set_graph_cache_capacity(static_cast<size_t>(capacity));
+  }, py::arg("capacity"), "Bounds the graph cache (LRU); 0 disables caching.");
+  m.def("versions", [] {
+    py::dict d;
+    d["cudnn_runtime"] = static_cast<int64_t>(cudnnGetVersion());
+    d["cudnn_headers"] = static_cast<int64_t>(CUDNN_VERSION);
+    d["cudnn_frontend"] = static_cast<int64_t>(CUDNN_FRONTEND_VERSION);
+    return d;
+  }, "cuDNN runtime, cuDNN headers and cuDNN frontend versions (as integers, e.g. 91900).");
+}

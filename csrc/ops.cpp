@@ -1,0 +1,275 @@
+// torch.ops.cudnn_flex.{fwd,bwd,validate}: schemas and kernels. Turns torch tensors into the
+// graph problem, finds or builds its graph in the cache, and runs it on the current stream.
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+#include "sdpa_graph.h"
+
+namespace cudnn_flex {
+namespace {
+
+using TensorList = at::TensorList;
+
+LruCache<BuiltGraph>& graph_cache() {
+  // Leaked on purpose: graphs must not be destroyed after the CUDA context at process exit.
+  static auto* cache = new LruCache<BuiltGraph>(1024);
+  return *cache;
+}
+
+DType dtype_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::Half;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kFloat: return DType::Float;
+    case at::kDouble: return DType::Double;
+    case at::kInt: return DType::Int32;
+    case at::kLong: return DType::Int64;
+    case at::kBool: return DType::Bool;
+    case at::kByte: return DType::UInt8;
+    default:
+      TORCH_CHECK_VALUE(false, "cudnn_flex: ", what, " has dtype ", t.scalar_type(),
+                        ", which cuDNN graphs do not take");
+  }
+}
+
+TensorDesc describe(const at::Tensor& t, const char* what) {
+  return TensorDesc{t.sizes().vec(), t.strides().vec(), dtype_of(t, what), false};
+}
+
+// Strides of a new tensor of `sizes` laid out in the same dimension order as `like` (so that an
+// output of a bshd input is bshd in memory too). The fake kernel in _ops.py mirrors this.
+std::vector<int64_t> strides_like(const at::Tensor& like, at::IntArrayRef sizes) {
+  const int64_t n = like.dim();
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  // Outermost first; ties (size-1 dims) keep their logical order.
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  std::vector<int64_t> strides(n);
+  int64_t running = 1;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    strides[order[i]] = running;
+    running *= sizes[order[i]];
+  }
+  return strides;
+}
+
+TensorDesc layout_like(const at::Tensor& like, at::IntArrayRef sizes, DType dtype) {
+  return TensorDesc{sizes.vec(), strides_like(like, sizes), dtype, false};
+}
+
+at::Tensor empty_from(const TensorDesc& d, const at::TensorOptions& options) {
+  return at::empty_strided(d.dims, d.strides, options);
+}
+
+// A score_mod tensor as a 4-D graph input broadcast against [B, H, Sq, Skv]; a one-element host
+// tensor is passed by value at execution, so changing its value never rebuilds the graph.
+TensorDesc describe_mod_tensor(const at::Tensor& t, const std::string& name) {
+  std::string what = "score_mod tensor '" + name + "'";
+  if (t.device().is_cpu() && t.numel() == 1) {
+    return TensorDesc{{1, 1, 1, 1}, {1, 1, 1, 1}, dtype_of(t, what.c_str()), true};
+  }
+  TORCH_CHECK_VALUE(t.dim() <= 4, "cudnn_flex: ", what, " has ", t.dim(),
+                    " dims; it must broadcast against [B, H, Sq, Skv]");
+  TensorDesc d = describe(t, what.c_str());
+  while (d.dims.size() < 4) {
+    d.dims.insert(d.dims.begin(), 1);
+    d.strides.insert(d.strides.begin(), d.strides.empty() ? 1 : d.dims[1] * d.strides[0]);
+  }
+  return d;
+}
+
+// The tensors' names live with the score_mod's registry id in Python (the id covers them), so
+// C++ knows them by position only.
+std::vector<TensorDesc> describe_mod_tensors(TensorList tensors, const char* role) {
+  std::vector<TensorDesc> out;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    out.push_back(describe_mod_tensor(tensors[i], std::string(role) + " #" + std::to_string(i)));
+  }
+  return out;
+}
+
+TensorDesc lse_desc(const at::Tensor& q) {
+  const int64_t b = q.size(0), h = q.size(1), s = q.size(2);
+  // cuDNN's Stats are [B, H, Sq, 1]; the op returns them as [B, H, Sq].
+  return TensorDesc{{b, h, s, 1}, {h * s, s, 1, 1}, DType::Float, false};
+}
+
+SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, double scale, bool deterministic) {
+  SdpaProblem p;
+  p.pass = pass;
+  p.device = q.device().is_cuda() ? q.device().index() : -1;
+  p.q = describe(q, "q");
+  p.k = describe(k, "k");
+  p.v = describe(v, "v");
+  p.o = layout_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}, p.q.dtype);
+  p.lse = lse_desc(q);
+  p.mod_tensors = describe_mod_tensors(mod_tensors, "score_mod tensor");
+  p.scale = scale;
+  p.mod_id = mod_id;
+  if (pass == Pass::Backward) {
+    p.d_o = p.o;
+    p.dq = layout_like(q, q.sizes(), p.q.dtype);
+    p.dk = layout_like(k, k.sizes(), p.k.dtype);
+    p.dv = layout_like(v, v.sizes(), p.v.dtype);
+    p.bprop_tensors = describe_mod_tensors(bprop_tensors, "score_mod_bprop tensor");
+    p.bprop_id = bprop_id;
+    p.deterministic = deterministic;
+  }
+  return p;
+}
+
+// cuDNN's refusals of the user's problem come back as ValueError; Python errors from a score_mod
+// pass through unchanged.
+template <class F>
+auto translate_errors(F&& f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, void*>> pointers,
+         TensorList mod_tensors, TensorList bprop_tensors, const at::Tensor& like) {
+  for (size_t i = 0; i < mod_tensors.size(); ++i) {
+    pointers.emplace_back(kModTensorUid + int64_t(i), mod_tensors[i].data_ptr());
+  }
+  for (size_t i = 0; i < bprop_tensors.size(); ++i) {
+    pointers.emplace_back(kBpropTensorUid + int64_t(i), bprop_tensors[i].data_ptr());
+  }
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  TORCH_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()) == CUDNN_STATUS_SUCCESS,
+              "cudnn_flex: cudnnSetStream failed");
+  auto graph = translate_errors(
+      [&] { return graph_cache().get_or_build(p.key(), cacheable, [&] { return build_graph(p, handle); }); });
+  at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size(*graph), 1)}, like.options().dtype(at::kByte));
+  execute(*graph, handle, pointers, workspace.data_ptr());
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK_VALUE(t->is_cuda() && t->dim() == 4 && t->stride(3) == 1,
+                      "cudnn_flex: q, k, v must be 4-D CUDA tensors with a dense last dim "
+                      "(use cudnn_flex.flex_attention, which checks and explains)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
+                                            double scale, bool deterministic) {
+  check_inputs(q, k, v);
+  c10::cuda::CUDAGuard guard(q.device());
+  SdpaProblem p = make_problem(Pass::Forward, q, k, v, mod_tensors, bprop_tensors, mod_id,
+                               bprop_id, scale, deterministic);
+  at::Tensor out = empty_from(p.o, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.size(2) == 0) {
+    // Nothing to attend to: a defined result instead of a cuDNN launch on empty tensors.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  run(p, cacheable,
+      {{kQ, q.data_ptr()}, {kK, k.data_ptr()}, {kV, v.data_ptr()}, {kO, out.data_ptr()}, {kLse, lse.data_ptr()}},
+      mod_tensors, {}, q);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q,
+                                                        const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& out, const at::Tensor& lse,
+                                                        TensorList mod_tensors, TensorList bprop_tensors,
+                                                        int64_t mod_id,
+                                                        int64_t bprop_id, bool cacheable, double scale,
+                                                        bool deterministic) {
+  check_inputs(q, k, v);
+  c10::cuda::CUDAGuard guard(q.device());
+  SdpaProblem p = make_problem(Pass::Backward, q, k, v, mod_tensors, bprop_tensors, mod_id,
+                               bprop_id, scale, deterministic);
+  TORCH_CHECK(out.strides().vec() == p.o.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
+  // The graph reads dO with O's layout; autograd may hand over another one (or an expanded zero).
+  at::Tensor d_o = grad_out;
+  if (d_o.strides().vec() != p.d_o.strides) {
+    d_o = empty_from(p.d_o, grad_out.options());
+    d_o.copy_(grad_out);
+  }
+  at::Tensor dq = empty_from(p.dq, q.options());
+  at::Tensor dk = empty_from(p.dk, k.options());
+  at::Tensor dv = empty_from(p.dv, v.options());
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  run(p, cacheable,
+      {{kQ, q.data_ptr()},
+       {kK, k.data_ptr()},
+       {kV, v.data_ptr()},
+       {kO, out.data_ptr()},
+       {kLse, lse.data_ptr()},
+       {kDO, d_o.data_ptr()},
+       {kDQ, dq.data_ptr()},
+       {kDK, dk.data_ptr()},
+       {kDV, dv.data_ptr()}},
+      mod_tensors, bprop_tensors, q);
+  return {dq, dk, dv};
+}
+
+// Builds the fwd and bwd graphs for an SM version up to cuDNN's operation graph, without a GPU,
+// and returns their printed form. The user's score_mod really runs through the bridge.
+std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, TensorList mod_tensors,
+                     TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id,
+                     double scale, bool deterministic, int64_t sm_version) {
+  TORCH_CHECK_VALUE(sm_version > 0, "cudnn_flex: validate needs an SM version such as 90");
+  std::string text;
+  for (Pass pass : {Pass::Forward, Pass::Backward}) {
+    SdpaProblem p = make_problem(pass, q, k, v, mod_tensors, bprop_tensors, mod_id,
+                                 bprop_id, scale, deterministic);
+    p.sm_version = sm_version;
+    // Counted like any other build, never stored: these graphs have no plans to run.
+    auto graph = translate_errors(
+        [&] { return graph_cache().get_or_build(p.key(), false, [&] { return build_graph(p, nullptr); }); });
+    text += describe(*graph);
+    text += "\n";
+  }
+  return text;
+}
+
+}  // namespace
+
+CacheStats graph_cache_stats() { return graph_cache().stats(); }
+void clear_graph_cache() { graph_cache().clear(); }
+void set_graph_cache_capacity(size_t capacity) { graph_cache().set_capacity(capacity); }
+
+TORCH_LIBRARY(cudnn_flex, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
+      "int bprop_id, bool cacheable, float scale, bool deterministic) -> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] mod_tensors, "
+      "Tensor[] bprop_tensors, int mod_id, int bprop_id, bool cacheable, "
+      "float scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "validate(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
+      "int bprop_id, float scale, bool deterministic, int sm_version) -> str");
+  m.impl("validate", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(validate));
+}
+
+TORCH_LIBRARY_IMPL(cudnn_flex, CUDA, m) {
+  m.impl("fwd", TORCH_FN(fwd_cuda));
+  m.impl("bwd", TORCH_FN(bwd_cuda));
+}
+
+}  // namespace cudnn_flex

@@ -1,0 +1,43 @@
+// The pybind11 view of a cuDNN frontend graph that a Python score_mod receives while a graph is
+// being built, and the call into Python that hands it over.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace cudnn_frontend::graph {
+class Graph;
+class Tensor_attributes;
+}  // namespace cudnn_frontend::graph
+
+namespace pybind11 {
+class module_;
+}
+
+namespace cudnn_flex::bridge {
+
+using TensorPtr = std::shared_ptr<cudnn_frontend::graph::Tensor_attributes>;
+using GraphPtr = std::shared_ptr<cudnn_frontend::graph::Graph>;
+using TensorList = std::vector<TensorPtr>;
+
+// Calls the Python dispatcher with (callable_id, graph, input, [tensors]) with the GIL held; it
+// runs the registered callable with the tensors named as the user named them. Returns the graph
+// tensor produced. Python exceptions propagate as pybind11::error_already_set.
+TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPtr& input,
+                      const TensorList& tensors);
+
+// Starts a new graph build on this thread: tensors kept from earlier builds become invalid, and
+// the op log is emptied.
+void begin_build();
+
+// The pointwise ops the score_mods added on this thread since begin_build(), in order, e.g.
+// "GEN_INDEX", "CMP_GE": what cuDNN fuses into the attention kernel.
+std::vector<std::string>& op_log();
+
+// Registers the Graph, Tensor and data_type classes and the dispatcher setter on `m`.
+void bind(pybind11::module_& m);
+
+}  // namespace cudnn_flex::bridge

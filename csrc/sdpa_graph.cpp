@@ -1,0 +1,206 @@
+#include "sdpa_graph.h"
+
+#include <cudnn_frontend.h>
+
+#include <sstream>
+#include <utility>
+#include <stdexcept>
+
+#include "score_mod_bridge.h"
+
+namespace fe = cudnn_frontend;
+
+namespace cudnn_flex {
+
+class BuiltGraph {
+ public:
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t workspace = 0;
+  bool has_plans = false;
+  std::vector<std::string> score_mod_ops;  // what the score_mods added, for describe()
+};
+
+namespace {
+
+fe::DataType_t to_fe(DType dtype) {
+  switch (dtype) {
+    case DType::Half: return fe::DataType_t::HALF;
+    case DType::BFloat16: return fe::DataType_t::BFLOAT16;
+    case DType::Float: return fe::DataType_t::FLOAT;
+    case DType::Double: return fe::DataType_t::DOUBLE;
+    case DType::Int32: return fe::DataType_t::INT32;
+    case DType::Int64: return fe::DataType_t::INT64;
+    case DType::Bool: return fe::DataType_t::BOOLEAN;
+    case DType::UInt8: return fe::DataType_t::UINT8;
+  }
+  throw std::invalid_argument("cudnn_flex: unknown tensor dtype");
+}
+
+void add_desc(GraphKey& key, const TensorDesc& d) {
+  key.add(d.dims).add(d.strides).add(static_cast<int64_t>(d.dtype)).add(d.by_value);
+}
+
+void add_all(GraphKey& key, const std::vector<TensorDesc>& tensors) {
+  key.add(static_cast<int64_t>(tensors.size()));
+  for (const auto& t : tensors) add_desc(key, t);
+}
+
+// One helper describes every graph tensor, fwd and bwd alike.
+fe::graph::Tensor_attributes attributes(const std::string& name, int64_t uid, const TensorDesc& d) {
+  auto a = fe::graph::Tensor_attributes()
+               .set_name(name)
+               .set_uid(uid)
+               .set_dim(d.dims)
+               .set_stride(d.strides)
+               .set_data_type(to_fe(d.dtype));
+  if (d.by_value) a.set_is_pass_by_value(true);
+  return a;
+}
+
+void set_output(const std::shared_ptr<fe::graph::Tensor_attributes>& t, const std::string& name,
+                int64_t uid, const TensorDesc& d) {
+  t->set_output(true).set_name(name).set_uid(uid).set_dim(d.dims).set_stride(d.strides).set_data_type(
+      to_fe(d.dtype));
+}
+
+// Score_mod tensors are not registered as graph inputs up front: like cuDNN's own ALiBi slopes they
+// join the graph through the ops that use them, so one the score_mod ignores is no dangling input.
+bridge::TensorList make_inputs(const std::vector<TensorDesc>& tensors, const std::string& prefix,
+                               int64_t first_uid) {
+  bridge::TensorList out;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    out.push_back(std::make_shared<fe::graph::Tensor_attributes>(
+        attributes(prefix + std::to_string(i), first_uid + int64_t(i), tensors[i])));
+  }
+  return out;
+}
+
+std::string shape(const TensorDesc& d) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < d.dims.size(); ++i) s << (i ? "," : "") << d.dims[i];
+  s << "]";
+  return s.str();
+}
+
+// Turns a frontend error into an exception that says which step refused what problem.
+void check(fe::error_t status, const char* step, const SdpaProblem& p) {
+  if (status.is_good()) return;
+  std::ostringstream msg;
+  msg << "cudnn_flex: cuDNN refused the " << (p.pass == Pass::Forward ? "forward" : "backward")
+      << " attention graph at " << step << " for q " << shape(p.q) << ", k " << shape(p.k) << ", v "
+      << shape(p.v) << (p.q.dtype == DType::Half ? " float16" : " bfloat16")
+      << (p.mod_id ? " with a score_mod" : "") << (p.bprop_id ? " and a score_mod_bprop" : "")
+      << ". cuDNN says: " << status.get_message();
+  // Refusals while validating or choosing a kernel are about the user's problem; anything later
+  // is a failure of the library or the driver.
+  if (status.get_code() == fe::error_code_t::GRAPH_NOT_SUPPORTED ||
+      status.get_code() == fe::error_code_t::INVALID_VALUE ||
+      status.get_code() == fe::error_code_t::ATTRIBUTE_NOT_SET ||
+      status.get_code() == fe::error_code_t::SHAPE_DEDUCTION_FAILED ||
+      status.get_code() == fe::error_code_t::HEURISTIC_QUERY_FAILED) {
+    throw std::invalid_argument(msg.str());
+  }
+  throw std::runtime_error(msg.str());
+}
+
+}  // namespace
+
+GraphKey SdpaProblem::key() const {
+  GraphKey key;
+  key.add(static_cast<int64_t>(pass)).add(device);
+  for (const TensorDesc* d : {&q, &k, &v, &o, &lse}) add_desc(key, *d);
+  if (pass == Pass::Backward) {
+    for (const TensorDesc* d : {&d_o, &dq, &dk, &dv}) add_desc(key, *d);
+    key.add(deterministic).add(bprop_id);
+    add_all(key, bprop_tensors);
+  }
+  add_all(key, mod_tensors);
+  key.add(scale).add(mod_id).add(sm_version);
+  return key;
+}
+
+std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_t handle) {
+  bridge::begin_build();
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(to_fe(p.q.dtype))
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  if (p.sm_version > 0) graph->set_sm_version(static_cast<int32_t>(p.sm_version));
+
+  auto q = graph->tensor(attributes("Q", kQ, p.q));
+  auto k = graph->tensor(attributes("K", kK, p.k));
+  auto v = graph->tensor(attributes("V", kV, p.v));
+  bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
+  auto score_mod = [&p, mod_inputs](bridge::GraphPtr g, bridge::TensorPtr score) {
+    return bridge::call_python(p.mod_id, g, score, mod_inputs);
+  };
+
+  if (p.pass == Pass::Forward) {
+    auto options = fe::graph::SDPA_attributes()
+                       .set_name("cudnn_flex_fwd")
+                       .set_generate_stats(true)
+                       .set_attn_scale(static_cast<float>(p.scale));
+    if (p.mod_id) options.set_score_mod(score_mod);
+    auto [o, stats] = graph->sdpa(q, k, v, options);
+    set_output(o, "O", kO, p.o);
+    set_output(stats, "Stats", kLse, p.lse);
+  } else {
+    auto o = graph->tensor(attributes("O", kO, p.o));
+    auto d_o = graph->tensor(attributes("dO", kDO, p.d_o));
+    auto stats = graph->tensor(attributes("Stats", kLse, p.lse));
+    bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
+    auto options = fe::graph::SDPA_backward_attributes()
+                       .set_name("cudnn_flex_bwd")
+                       .set_attn_scale(static_cast<float>(p.scale))
+                       .set_deterministic_algorithm(p.deterministic);
+    if (p.mod_id) options.set_score_mod(score_mod);
+    if (p.bprop_id) {
+      options.set_score_mod_bprop([&p, bprop_inputs](bridge::GraphPtr g, bridge::TensorPtr d_p) {
+        return bridge::call_python(p.bprop_id, g, d_p, bprop_inputs);
+      });
+    }
+    auto [dq, dk, dv] = graph->sdpa_backward(q, k, v, o, d_o, stats, options);
+    set_output(dq, "dQ", kDQ, p.dq);
+    set_output(dk, "dK", kDK, p.dk);
+    set_output(dv, "dV", kDV, p.dv);
+  }
+
+  check(graph->validate(), "validate", p);
+  check(graph->build_operation_graph(handle), "build_operation_graph", p);
+  auto built = std::make_shared<BuiltGraph>();
+  built->graph = graph;
+  built->score_mod_ops = std::exchange(bridge::op_log(), {});
+  if (handle != nullptr) {
+    check(graph->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans", p);
+    check(graph->check_support(handle), "check_support", p);
+    check(graph->build_plans(handle), "build_plans", p);
+    check(graph->get_workspace_size(built->workspace), "get_workspace_size", p);
+    built->has_plans = true;
+  }
+  return built;
+}
+
+int64_t workspace_size(const BuiltGraph& graph) { return graph.workspace; }
+
+std::string describe(const BuiltGraph& graph) {
+  std::ostringstream s;
+  s << "score_mod ops:";
+  for (const auto& op : graph.score_mod_ops) s << " " << op;
+  s << "\n" << *graph.graph;
+  return s.str();
+}
+
+void execute(const BuiltGraph& built, cudnnHandle_t handle,
+             const std::vector<std::pair<int64_t, void*>>& uid_to_pointer, void* workspace) {
+  if (!built.has_plans) throw std::logic_error("cudnn_flex: graph was built for validation only");
+  std::unordered_map<fe::graph::Tensor_attributes::uid_t, void*> pack(uid_to_pointer.begin(),
+                                                                       uid_to_pointer.end());
+  fe::error_t status = built.graph->execute(handle, pack, workspace);
+  if (status.is_bad()) {
+    throw std::runtime_error(std::string("cudnn_flex: cuDNN failed to execute the attention graph: ") +
+                             status.get_message());
+  }
+}
+
+}  // namespace cudnn_flex

@@ -1,0 +1,24 @@
+"""cudnn-flex: flex attention for PyTorch on cuDNN.
+
+A small score_mod (mask, bias, softcap, ALiBi, ...) becomes one fused cuDNN attention kernel,
+forward and backward, run as the custom op torch.ops.cudnn_flex.fwd / bwd.
+"""
+
+from . import _C
+from . import _registry
+from ._C import Graph, Tensor, data_type
+from .api import FlexAttention, flex_attention, validate_graphs
+from . import mods, reference
+
+_C._set_dispatcher(_registry.dispatch)
+
+cache_stats = _C.cache_stats
+clear_cache = _C.clear_cache
+set_cache_capacity = _C.set_cache_capacity
+versions = _C.versions
+
+__all__ = [
+    "FlexAttention", "Graph", "Tensor", "cache_stats", "clear_cache", "data_type", "flex_attention",
+    "mods", "reference", "set_cache_capacity", "validate_graphs", "versions",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,240 @@
+"""flex_attention: argument checking, layouts as BHSD views, and the choice of path."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+
+from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _registry, reference
+
+# Permutation that turns a tensor in the user's layout into a BHSD view.
+_TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
+_FROM_BHSD = {name: tuple(sorted(range(4), key=lambda i: perm[i])) for name, perm in _TO_BHSD.items()}
+_CUDNN_DTYPES = (torch.float16, torch.bfloat16)
+_MOD_TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64,
+                      torch.bool, torch.uint8)
+_reference_warned = False
+
+TensorDict = Optional[Mapping[str, torch.Tensor]]
+
+
+def _check_qkv(q, k, v, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"cudnn_flex: {name} must be 4-D in layout '{layout}' "
+                             f"({layout.upper()}), got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"cudnn_flex: q is on {q.device} but {name} is on {t.device}; put q, k "
+                             "and v on one device")
+        if t.dtype != q.dtype:
+            raise ValueError(f"cudnn_flex: q is {q.dtype} but {name} is {t.dtype}; q, k and v must "
+                             "have one dtype")
+
+
+def _check_shapes(q, k, v, layout: str) -> None:
+    (b, h_q, s_q, d), (bk, h_k, s_k, d_k), (bv, h_v, s_v, _) = q.shape, k.shape, v.shape
+    where = f" (shapes as BHSD from layout '{layout}': q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
+    if not b == bk == bv:
+        raise ValueError("cudnn_flex: q, k and v must have the same batch size" + where)
+    if h_k != h_v:
+        raise ValueError("cudnn_flex: k and v must have the same number of heads" + where)
+    if h_k == 0 or h_q % h_k:
+        raise ValueError(f"cudnn_flex: the number of query heads ({h_q}) must be a multiple of the "
+                         f"number of key/value heads ({h_k}) for GQA/MQA" + where)
+    if s_k != s_v:
+        raise ValueError("cudnn_flex: k and v must have the same sequence length" + where)
+    if d != d_k:
+        raise ValueError("cudnn_flex: q and k must have the same head dim" + where)
+
+
+def _check_dense_last_dim(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and t.shape[3] > 1:
+            raise ValueError(f"cudnn_flex: {name}'s head dim is not contiguous (stride {t.stride(3)}); "
+                             f"cuDNN needs a dense last dim: pass {name}.contiguous()")
+        if t.data_ptr() % 16:
+            raise ValueError(f"cudnn_flex: {name}'s data is not 16-byte aligned (a slice at an odd "
+                             f"offset?); cuDNN needs aligned inputs: pass {name}.clone()")
+
+
+def _check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int):
+    """(names, tensors) for the op; each tensor broadcastable to [B, H, Sq, Skv] or a host scalar."""
+    if tensors is None:
+        return [], []
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"cudnn_flex: {arg} must be a dict of name -> torch.Tensor, got "
+                        f"{type(tensors).__name__}")
+    b, h, s_q = q.shape[0], q.shape[1], q.shape[2]
+    full = (b, h, s_q, s_kv)
+    names, values = [], []
+    for name, t in tensors.items():
+        label = f"{arg}[{name!r}]"
+        if not isinstance(name, str):
+            raise TypeError(f"cudnn_flex: the keys of {arg} must be str, got {type(name).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cudnn_flex: {label} must be a torch.Tensor, got {type(t).__name__}; "
+                            "wrap numbers as torch.tensor(x) (a CPU scalar is passed by value)")
+        if t.requires_grad:
+            raise ValueError(f"cudnn_flex: {label} requires grad, but cuDNN computes no gradient "
+                             f"for score_mod tensors; pass {name}.detach()")
+        if t.dtype not in _MOD_TENSOR_DTYPES:
+            raise ValueError(f"cudnn_flex: {label} has dtype {t.dtype}; use one of "
+                             f"{', '.join(str(d) for d in _MOD_TENSOR_DTYPES)}")
+        host_scalar = t.device.type == "cpu" and t.numel() == 1
+        if not host_scalar:
+            if t.device != q.device:
+                raise ValueError(f"cudnn_flex: {label} is on {t.device} but q is on {q.device}; "
+                                 "move it to q's device (only one-element CPU tensors are passed by value)")
+            if t.dim() > 4 or any(n not in (1, f) for n, f in zip(reversed(t.shape), reversed(full))):
+                raise ValueError(f"cudnn_flex: {label} has shape {tuple(t.shape)}, which does not "
+                                 f"broadcast against the scores [B, H, Sq, Skv] = {list(full)}; each "
+                                 "dim must be 1 or match")
+            if t.is_cuda and t.data_ptr() % 16:
+                raise ValueError(f"cudnn_flex: {label} is not 16-byte aligned; pass a .clone()")
+        names.append(name)
+        values.append(t)
+    return names, values
+
+
+def _use_cudnn(q: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "cudnn", "reference"):
+        raise ValueError(f"cudnn_flex: backend must be 'auto', 'cudnn' or 'reference', got {backend!r}")
+    eligible = q.is_cuda and q.dtype in _CUDNN_DTYPES
+    if backend == "cudnn" and not eligible:
+        raise ValueError(f"cudnn_flex: backend='cudnn' needs CUDA float16/bfloat16 tensors, got "
+                         f"{q.dtype} on {q.device}")
+    return eligible and backend != "reference"
+
+
+def _warn_reference(q: torch.Tensor) -> None:
+    global _reference_warned
+    if _reference_warned:
+        return
+    _reference_warned = True
+    warnings.warn(f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference path "
+                  "(materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN",
+                  stacklevel=3)
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   score_mod: Optional[Callable] = None,
+                   score_mod_bprop: Optional[Callable] = None,
+                   score_mod_tensors: TensorDict = None,
+                   score_mod_bprop_tensors: TensorDict = None,
+                   *, scale: Optional[float] = None, layout: str = "bhsd",
+                   return_lse: bool = False, deterministic: bool = False,
+                   backend: str = "auto",
+                   ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention softmax(score_mod(scale * Q K^T)) V as one fused cuDNN kernel, forward and backward.
+
+    score_mod(graph, score, tensors) -> score rewrites the scores with the graph's ops (a mask, a
+    bias, a softcap...). score_mod_bprop(graph, dP, tensors) -> dP maps the gradient back through
+    it; without one, dP passes through unchanged, which is right for additive biases and masks.
+    Tensors in score_mod_tensors broadcast against [B, H, Sq, Skv]; one-element CPU tensors are
+    passed by value, so changing their value does not rebuild the graph. Returns out in `layout`,
+    and with return_lse=True also the float32 log-sum-exp [B, H, Sq].
+    """
+    if layout not in _TO_BHSD:
+        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
+    _check_qkv(q, k, v, layout)
+    perm = _TO_BHSD[layout]
+    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)  # views, no copies
+    _check_shapes(q, k, v, layout)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"cudnn_flex: scale must be a finite number, got {scale!r}")
+    for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"cudnn_flex: {role} must be a callable (graph, tensor, tensors) -> tensor, "
+                            f"got {type(fn).__name__} (score_mod_tensors is the 6th positional argument; "
+                            "pass it by keyword)")
+    if score_mod_bprop is not None and score_mod is None:
+        raise ValueError("cudnn_flex: score_mod_bprop was given without score_mod")
+    if score_mod_tensors is not None and score_mod is None:
+        raise ValueError("cudnn_flex: score_mod_tensors were given without score_mod")
+    if score_mod_bprop_tensors is not None and score_mod_bprop is None:
+        raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
+                         "they are inputs of score_mod_bprop only")
+    s_kv = k.shape[2]
+    mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, s_kv)
+    bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
+                                                    q, s_kv)
+
+    if _use_cudnn(q, backend):
+        _check_dense_last_dim(q, k, v)
+        mod_id, mod_cacheable = _registry.resolve(score_mod, "score_mod", mod_names)
+        bprop_id, bprop_cacheable = _registry.resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
+        out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
+                                            mod_cacheable and bprop_cacheable, float(scale),
+                                            bool(deterministic))
+    else:
+        _warn_reference(q)
+        out, lse = reference.attention(q, k, v, score_mod, dict(zip(mod_names, mod_tensors)), scale,
+                                       torch.float64 if q.dtype == torch.float64 else torch.float32)
+        out = out.to(q.dtype)
+    out = out.permute(_FROM_BHSD[layout])
+    return (out, lse) if return_lse else out
+
+
+class FlexAttention(torch.nn.Module):
+    """flex_attention as a module: the score_mod and options are fixed at construction."""
+
+    def __init__(self, score_mod: Optional[Callable] = None, score_mod_bprop: Optional[Callable] = None,
+                 *, scale: Optional[float] = None, layout: str = "bhsd", deterministic: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if layout not in _TO_BHSD:
+            raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
+        self.score_mod = score_mod
+        self.score_mod_bprop = score_mod_bprop
+        self.scale = scale
+        self.layout = layout
+        self.deterministic = deterministic
+        self.backend = backend
+
+    def forward(self, q, k, v, score_mod_tensors: TensorDict = None,
+                score_mod_bprop_tensors: TensorDict = None, return_lse: bool = False):
+        return flex_attention(q, k, v, self.score_mod, self.score_mod_bprop, score_mod_tensors,
+                              score_mod_bprop_tensors, scale=self.scale, layout=self.layout,
+                              return_lse=return_lse, deterministic=self.deterministic,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        name = _registry.describe(self.score_mod) if self.score_mod is not None else None
+        return f"score_mod={name}, layout={self.layout!r}, scale={self.scale}"
+
+
+def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    score_mod: Optional[Callable] = None, score_mod_bprop: Optional[Callable] = None,
+                    score_mod_tensors: TensorDict = None, score_mod_bprop_tensors: TensorDict = None,
+                    *, scale: Optional[float] = None, layout: str = "bhsd", deterministic: bool = False,
+                    sm_version: int = 90) -> str:
+    """Builds the forward and backward cuDNN graphs for these arguments up to cuDNN's operation
+    graph, for `sm_version`, without a GPU (q, k, v may be CPU or meta tensors of any float dtype:
+    they are described as float16 unless bfloat16). Runs the score_mods through the bridge.
+    Returns the graphs' printed form; raises what flex_attention would raise for a refused graph."""
+    if layout not in _TO_BHSD:
+        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
+    _check_qkv(q, k, v, layout)
+    perm = _TO_BHSD[layout]
+    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
+    _check_shapes(q, k, v, layout)
+    if q.dtype not in _CUDNN_DTYPES:
+        q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, k.shape[2])
+    bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
+                                                    q, k.shape[2])
+    mod_id, _ = _registry.resolve(score_mod, "score_mod", mod_names)
+    bprop_id, _ = _registry.resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
+    return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
+                                         float(scale), bool(deterministic), sm_version)

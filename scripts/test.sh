@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's test command: installs, builds, then runs the C++ (ctest) and Python (pytest) tests.
+# GPU tests run when a CUDA GPU is present and skip cleanly otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+bash scripts/install.sh
+
+if ! ls /usr/include/gtest/gtest.h >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake >/dev/null
+  fi
+fi
+if ls /usr/include/gtest/gtest.h >/dev/null 2>&1; then
+  cmake -S . -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build/cpp -j 2 >/dev/null
+  (cd build/cpp && ctest --output-on-failure)
+else
+  echo "gtest is not installed and apt-get is unavailable: C++ tests not run" >&2
+  exit 1
+fi
+"$PY" -m pytest -q tests/python "$@"

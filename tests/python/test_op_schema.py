@@ -1,0 +1,66 @@
+"""Op schemas, fake tensors and autograd registration, all without a GPU."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cudnn_flex  # noqa: F401  (registers the ops)
+from cudnn_flex._ops import strides_like
+
+
+def test_ops_are_registered_with_schemas():
+    fwd = torch.ops.cudnn_flex.fwd.default._schema
+    bwd = torch.ops.cudnn_flex.bwd.default._schema
+    assert [a.name for a in fwd.arguments][:3] == ["q", "k", "v"]
+    assert [r.name for r in fwd.returns] == ["out", "lse"]
+    assert [r.name for r in bwd.returns] == ["dq", "dk", "dv"]
+    assert not fwd.is_mutable and not bwd.is_mutable
+
+
+def fake_fwd(q, k, v):
+    return torch.ops.cudnn_flex.fwd(q, k, v, [], [], 0, 0, True, 0.125, False)
+
+
+@pytest.mark.parametrize("layout,perm", [("bhsd", (0, 1, 2, 3)), ("bshd", (0, 2, 1, 3)), ("sbhd", (1, 2, 0, 3))])
+@pytest.mark.parametrize("h_kv", [8, 2, 1])
+def test_fake_shapes_for_layouts_and_gqa(layout, perm, h_kv):
+    b, h, s_q, s_kv, d, d_v = 2, 8, 96, 160, 64, 32
+    user_shape = {"bhsd": lambda h_, s: (b, h_, s, d), "bshd": lambda h_, s: (b, s, h_, d),
+                  "sbhd": lambda h_, s: (s, b, h_, d)}[layout]
+    with FakeTensorMode():
+        q = torch.empty(user_shape(h, s_q), dtype=torch.bfloat16, device="cuda").permute(perm)
+        k = torch.empty(user_shape(h_kv, s_kv), dtype=torch.bfloat16, device="cuda").permute(perm)
+        v = torch.empty(user_shape(h_kv, s_kv)[:-1] + (d_v,), dtype=torch.bfloat16, device="cuda").permute(perm)
+        out, lse = fake_fwd(q, k, v)
+        assert out.shape == (b, h, s_q, d_v) and out.dtype == torch.bfloat16
+        assert lse.shape == (b, h, s_q) and lse.dtype == torch.float32
+        # The output is laid out in memory like q, so the user's layout comes back as a view.
+        assert out.stride() == tuple(strides_like(q, out.shape))
+        assert out.permute(sorted(range(4), key=lambda i: perm[i])).is_contiguous()
+        dq, dk, dv = torch.ops.cudnn_flex.bwd(out, q, k, v, out, lse, [], [], 0, 0, True, 0.125, False)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        assert dk.stride() == tuple(strides_like(k, k.shape))
+
+
+def meta_qkv():
+    return [torch.empty(1, 2, 16, 64, dtype=torch.float16, device="meta", requires_grad=True) for _ in range(3)]
+
+
+def test_autograd_is_registered_on_fwd():
+    q, k, v = meta_qkv()
+    out, lse = fake_fwd(q, k, v)
+    assert out.requires_grad and out.grad_fn is not None
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_gradient_through_lse_is_refused():
+    q, k, v = meta_qkv()
+    out, lse = fake_fwd(q, k, v)
+    with pytest.raises(NotImplementedError, match="lse.detach"):
+        lse.sum().backward()
+
+
+def test_strides_like_matches_layouts():
+    t = torch.empty(2, 5, 3, 4).permute(0, 2, 1, 3)  # bshd memory seen as bhsd
+    assert strides_like(t, (2, 3, 5, 8)) == [5 * 3 * 8, 8, 3 * 8, 1]

@@ -43,6 +43,22 @@ libcudnn = sorted(glob.glob(str(cudnn / "lib" / "libcudnn.so*")))
 if not libcudnn:
     raise SystemExit(f"cudnn_flex: no libcudnn.so* in {cudnn / 'lib'}")
 
+
+def shared_library(name: str) -> Path:
+    """`name` (e.g. libnvrtc.so) from torch's CUDA wheels, else from the CUDA toolkit."""
+    nvidia = package_dir("torch", "torch").parent / "nvidia"
+    candidates = sorted(nvidia.glob(f"cu*/lib/{name}*")) + sorted(nvidia.glob(f"*/lib/{name}*"))
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    candidates += sorted((cuda_home / "lib64").glob(f"{name}*"))
+    found = [p for p in candidates if p.name.startswith(name + ".") and p.name[len(name) + 1:].isdigit()]
+    if not found:
+        raise SystemExit(f"cudnn_flex: no {name}.N in torch's nvidia wheels or {cuda_home / 'lib64'}")
+    return found[0]
+
+
+# The cuDNN frontend calls NVRTC (for its runtime-compiled engines); link the one torch ships.
+libnvrtc = shared_library("libnvrtc.so")
+
 setup(
     name="cudnn_flex",
     version="0.1.0",
@@ -58,7 +74,8 @@ setup(
                                         *(f"-idirafter{p}" for p in cuda_extra_includes)]},
             # Link the soname torch itself loads, and find it beside torch at run time.
             extra_link_args=[f"-L{cudnn / 'lib'}", "-l:" + Path(libcudnn[0]).name,
-                             f"-Wl,-rpath,{cudnn / 'lib'}"],
+                             f"-Wl,-rpath,{cudnn / 'lib'}",
+                             f"-L{libnvrtc.parent}", "-l:" + libnvrtc.name, f"-Wl,-rpath,{libnvrtc.parent}"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -71,9 +71,13 @@ at::Tensor empty_from(const TensorDesc& d, const at::TensorOptions& options) {
   return at::empty_strided(d.dims, d.strides, options);
 }
 
+// How broadcast dims of a score_mod tensor are described to cuDNN (diagnostics, see
+// docs/broadcasting.md): 0 = size 1 with its own stride, 1 = full size with stride 0.
+int64_t broadcast_repr = 0;
+
 // A score_mod tensor as a 4-D graph input broadcast against [B, H, Sq, Skv]; a one-element host
 // tensor is passed by value at execution, so changing its value never rebuilds the graph.
-TensorDesc describe_mod_tensor(const at::Tensor& t, const std::string& name) {
+TensorDesc describe_mod_tensor(const at::Tensor& t, const std::string& name, const std::vector<int64_t>& full) {
   std::string what = "score_mod tensor '" + name + "'";
   if (t.device().is_cpu() && t.numel() == 1) {
     return TensorDesc{{1, 1, 1, 1}, {1, 1, 1, 1}, dtype_of(t, what.c_str()), true};
@@ -85,15 +89,23 @@ TensorDesc describe_mod_tensor(const at::Tensor& t, const std::string& name) {
     d.dims.insert(d.dims.begin(), 1);
     d.strides.insert(d.strides.begin(), d.strides.empty() ? 1 : d.dims[1] * d.strides[0]);
   }
+  if (broadcast_repr == 1) {
+    for (size_t i = 0; i < 4; ++i) {
+      if (d.dims[i] == 1 && full[i] != 1) {
+        d.dims[i] = full[i];
+        d.strides[i] = 0;
+      }
+    }
+  }
   return d;
 }
 
 // The tensors' names live with the score_mod's registry id in Python (the id covers them), so
 // C++ knows them by position only.
-std::vector<TensorDesc> describe_mod_tensors(TensorList tensors, const char* role) {
+std::vector<TensorDesc> describe_mod_tensors(TensorList tensors, const char* role, const std::vector<int64_t>& full) {
   std::vector<TensorDesc> out;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    out.push_back(describe_mod_tensor(tensors[i], std::string(role) + " #" + std::to_string(i)));
+    out.push_back(describe_mod_tensor(tensors[i], std::string(role) + " #" + std::to_string(i), full));
   }
   return out;
 }
@@ -114,7 +126,8 @@ SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, co
   p.v = describe(v, "v");
   p.o = layout_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}, p.q.dtype);
   p.lse = lse_desc(q);
-  p.mod_tensors = describe_mod_tensors(mod_tensors, "score_mod tensor");
+  const std::vector<int64_t> scores{q.size(0), q.size(1), q.size(2), k.size(2)};
+  p.mod_tensors = describe_mod_tensors(mod_tensors, "score_mod tensor", scores);
   p.scale = scale;
   p.mod_id = mod_id;
   if (pass == Pass::Backward) {
@@ -122,7 +135,7 @@ SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, co
     p.dq = layout_like(q, q.sizes(), p.q.dtype);
     p.dk = layout_like(k, k.sizes(), p.k.dtype);
     p.dv = layout_like(v, v.sizes(), p.v.dtype);
-    p.bprop_tensors = describe_mod_tensors(bprop_tensors, "score_mod_bprop tensor");
+    p.bprop_tensors = describe_mod_tensors(bprop_tensors, "score_mod_bprop tensor", scores);
     p.bprop_id = bprop_id;
     p.deterministic = deterministic;
   }
@@ -252,6 +265,7 @@ std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 CacheStats graph_cache_stats() { return graph_cache().stats(); }
 void clear_graph_cache() { graph_cache().clear(); }
 void set_graph_cache_capacity(size_t capacity) { graph_cache().set_capacity(capacity); }
+void set_broadcast_repr(int64_t repr) { broadcast_repr = repr; }
 
 TORCH_LIBRARY(cudnn_flex, m) {
   m.def(

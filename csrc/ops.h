@@ -10,5 +10,7 @@ namespace cudnn_flex {
 CacheStats graph_cache_stats();
 void clear_graph_cache();
 void set_graph_cache_capacity(size_t capacity);
+// Diagnostics only: how broadcast dims of score_mod tensors are described (see ops.cpp).
+void set_broadcast_repr(int64_t repr);
 
 }  // namespace cudnn_flex

@@ -1,3 +1,6 @@
+import os
+import sys
+
 import pytest
 import torch
 
@@ -9,3 +12,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+# gpu_cases.py is shared by the GPU tests and scripts/gpu_report.py.
+sys.path.insert(0, os.path.dirname(__file__))

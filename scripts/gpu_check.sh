@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build, GPU tests, report. Expects the cp312 cuDNN frontend wheel in
+# .whl/ (carried; see README "Developing"). Prints a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+t0=$(date +%s)
+# In-place build: the ninja objects in build/ survive between calls on a warm machine.
+MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+echo "build: $(( $(date +%s) - t0 )) s"
+LOG=${OUT:-/tmp}/gpu_check.log
+python3 scripts/gpu_report.py ${REPORT_ARGS:---broadcast} 2>&1 | tee "$LOG.report"
+python3 -m pytest -q -m gpu tests/python --tb=line -p no:cacheprovider "$@" 2>&1 | tee "$LOG" | tail -60
+python3 scripts/gpu_report.py --bench 2>&1 | tee -a "$LOG.report" | tail -15

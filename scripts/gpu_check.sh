@@ -8,11 +8,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
+# The GPU image's default g++ (/opt/gcc) links libstdc++ statically into shared objects; with
+# -Bsymbolic-functions the extension then runs its own uninitialised copy of iostreams and crashes
+# inside the cuDNN frontend. Build with the system compiler, which links libstdc++.so.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
 t0=$(date +%s)
 # In-place build: the ninja objects in build/ survive between calls on a warm machine.
 MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 echo "build: $(( $(date +%s) - t0 )) s"
+if nm -C --defined-only python/cudnn_flex/_C*.so | grep -q "codecvt_utf8_base"; then
+  echo "libstdc++ was linked statically into the extension: use a compiler that links it dynamically"; exit 1
+fi
 LOG=${OUT:-/tmp}/gpu_check.log
 python3 scripts/gpu_report.py ${REPORT_ARGS:---broadcast} 2>&1 | tee "$LOG.report"
 python3 -m pytest -q -m gpu tests/python --tb=line -p no:cacheprovider "$@" 2>&1 | tee "$LOG" | tail -60

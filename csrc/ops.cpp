@@ -71,9 +71,12 @@ at::Tensor empty_from(const TensorDesc& d, const at::TensorOptions& options) {
   return at::empty_strided(d.dims, d.strides, options);
 }
 
-// How broadcast dims of a score_mod tensor are described to cuDNN (diagnostics, see
-// docs/broadcasting.md): 0 = size 1 with its own stride, 1 = full size with stride 0.
-int64_t broadcast_repr = 0;
+// How broadcast dims of a score_mod tensor are described to cuDNN. cuDNN 9.19 computes wrong
+// results for some patterns given as size-1 dims (docs/broadcasting.md): BH11 forward and
+// backward, B111 log-sum-exp, and every pattern with Skv but not Sq in the backward. Describing
+// each broadcast dim at full size with stride 0 (what Tensor.expand does; no copy) is right for
+// all 16 patterns. 1 = that (default); 0 = size-1 dims, kept for scripts/gpu_report.py.
+int64_t broadcast_repr = 1;
 
 // A score_mod tensor as a 4-D graph input broadcast against [B, H, Sq, Skv]; a one-element host
 // tensor is passed by value at execution, so changing its value never rebuilds the graph.

@@ -31,11 +31,14 @@ def identity(graph, score, tensors):
 
 def run_both(q, k, v, score_mod=None, score_mod_bprop=None, tensors=None, layout="bhsd", scale=None,
              deterministic=False):
-    """(cudnn, reference) results: each a dict of out, lse, dq, dk, dv (float32, BHSD)."""
+    """(cudnn, reference) results: each a dict of out, lse, dq, dk, dv (float32, BHSD).
+    A score_mod_bprop gets the same tensors as the score_mod."""
     perm = TO_BHSD[layout]
     g = torch.Generator(device="cuda").manual_seed(123)
-    out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_bprop, tensors, scale=scale,
-                                         layout=layout, return_lse=True, deterministic=deterministic)
+    bprop_tensors = tensors if score_mod_bprop is not None and tensors else None
+    out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_bprop, tensors, bprop_tensors,
+                                         scale=scale, layout=layout, return_lse=True,
+                                         deterministic=deterministic)
     d_out = torch.randn(out.shape, device="cuda", generator=g).to(out.dtype)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
     got = {"out": out.permute(perm), "lse": lse, "dq": dq.permute(perm), "dk": dk.permute(perm),

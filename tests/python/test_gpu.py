@@ -64,14 +64,25 @@ def scaled_by(graph, score, tensors):
     return graph.mul(score, tensors["c"])
 
 
+def scaled_by_bprop(graph, d_p, tensors):
+    return graph.mul(d_p, tensors["c"])  # d(c * s)/ds = c
+
+
 def test_pass_by_value_scalar_changes_result_without_a_build():
     q, k, v = make_inputs()
-    first = cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.tensor(1.0)})
+
+    def call(c):
+        scalar = {"c": torch.tensor(c)}
+        out = cudnn_flex.flex_attention(q, k, v, scaled_by, scaled_by_bprop, scalar, scalar)
+        return out, torch.autograd.grad(out, q, torch.ones_like(out))[0]
+
+    first = call(1.0)
     builds = cudnn_flex.cache_stats()["builds"]
-    second = cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.tensor(3.0)})
+    second = call(3.0)
     assert cudnn_flex.cache_stats()["builds"] == builds
-    assert not torch.allclose(first, second)
-    got, want = run_both(q, k, v, scaled_by, tensors={"c": torch.tensor(3.0)})
+    assert not torch.allclose(first[0], second[0]) and not torch.allclose(first[1], second[1])
+    scalar = {"c": torch.tensor(3.0)}
+    got, want = run_both(q, k, v, scaled_by, scaled_by_bprop, scalar)
     assert max(errors(got, want).values()) <= TOL[torch.bfloat16]
 
 
@@ -96,9 +107,10 @@ def test_score_mod_error_leaves_cache_clean_and_next_call_works():
 
 
 def test_refused_head_dim_names_the_problem():
-    q, k, v = make_inputs(d=1024)
-    with pytest.raises(ValueError, match="cuDNN says"):
-        cudnn_flex.flex_attention(q, k, v)
+    q, k, v = make_inputs(d=60)  # cuDNN needs a multiple of 8
+    with pytest.raises(ValueError, match=r"cuDNN refused .* q \[2,4,128,60\].*cuDNN says"):
+        out = cudnn_flex.flex_attention(q, k, v)
+        out.sum().backward()
 
 
 def test_module_wrapper_matches_function():

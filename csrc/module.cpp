@@ -30,7 +30,10 @@ PYBIND11_MODULE(_C, m) {
     if (capacity < 0) throw py::value_error("cudnn_flex: cache capacity must be >= 0");
     cudnn_flex::set_graph_cache_capacity(static_cast<size_t>(capacity));
   }, py::arg("capacity"), "Bounds the graph cache (LRU); 0 disables caching.");
-  m.def("_set_broadcast_repr", &cudnn_flex::set_broadcast_repr, py::arg("repr"));
+  m.def("_set_broadcast_repr", [](int64_t repr) {
+    if (repr < 0 || repr > 2) throw py::value_error("cudnn_flex: broadcast repr must be 0, 1 or 2");
+    cudnn_flex::set_broadcast_repr(repr);
+  }, py::arg("repr"), "Diagnostics only: how broadcast dims of score_mod tensors are described.");
   m.def("versions", [] {
     py::dict d;
     d["cudnn_runtime"] = static_cast<int64_t>(cudnnGetVersion());

@@ -72,11 +72,20 @@ at::Tensor empty_from(const TensorDesc& d, const at::TensorOptions& options) {
 }
 
 // How broadcast dims of a score_mod tensor are described to cuDNN. cuDNN 9.19 computes wrong
-// results for some patterns given as size-1 dims (docs/broadcasting.md): BH11 forward and
-// backward, B111 log-sum-exp, and every pattern with Skv but not Sq in the backward. Describing
-// each broadcast dim at full size with stride 0 (what Tensor.expand does; no copy) is right for
-// all 16 patterns. 1 = that (default); 0 = size-1 dims, kept for scripts/gpu_report.py.
-int64_t broadcast_repr = 1;
+// results for six patterns when broadcast dims are given as size 1 (docs/broadcasting.md):
+// every pattern that broadcasts over Sq but not over both B and Skv (B111, BH11: forward and/or
+// log-sum-exp; 111K, 1H1K, B11K, BH1K: backward). For those, each broadcast dim is described at
+// full size with stride 0 (what Tensor.expand does; no copy), which is right for all 16
+// patterns. The other ten keep size-1 dims: cuDNN reads them faster (ALiBi's [1, H, 1, 1]
+// slopes ran 2.3x slower expanded). 2 = that rule (default); 0 = always size 1; 1 = always
+// expanded; 0 and 1 are kept for scripts/gpu_report.py.
+int64_t broadcast_repr = 2;
+
+bool expand_broadcast_dims(const std::vector<int64_t>& dims) {
+  if (broadcast_repr != 2) return broadcast_repr == 1;
+  const bool over_q = dims[2] == 1, has_b = dims[0] != 1, has_k = dims[3] != 1;
+  return over_q && (has_b || has_k);
+}
 
 // A score_mod tensor as a 4-D graph input broadcast against [B, H, Sq, Skv]; a one-element host
 // tensor is passed by value at execution, so changing its value never rebuilds the graph.
@@ -92,7 +101,7 @@ TensorDesc describe_mod_tensor(const at::Tensor& t, const std::string& name, con
     d.dims.insert(d.dims.begin(), 1);
     d.strides.insert(d.strides.begin(), d.strides.empty() ? 1 : d.dims[1] * d.strides[0]);
   }
-  if (broadcast_repr == 1) {
+  if (expand_broadcast_dims(d.dims)) {
     for (size_t i = 0; i < 4; ++i) {
       if (d.dims[i] == 1 && full[i] != 1) {
         d.dims[i] = full[i];

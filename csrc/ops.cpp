@@ -77,7 +77,7 @@ at::Tensor empty_from(const TensorDesc& d, const at::TensorOptions& options) {
 // log-sum-exp; 111K, 1H1K, B11K, BH1K: backward). For those, each broadcast dim is described at
 // full size with stride 0 (what Tensor.expand does; no copy), which is right for all 16
 // patterns. The other ten keep size-1 dims: cuDNN reads them faster (ALiBi's [1, H, 1, 1]
-// slopes ran 2.3x slower expanded). 2 = that rule (default); 0 = always size 1; 1 = always
+// slopes were 2.4x slower expanded). 2 = that rule (default); 0 = always size 1; 1 = always
 // expanded; 0 and 1 are kept for scripts/gpu_report.py.
 int64_t broadcast_repr = 2;
 

@@ -4,6 +4,8 @@ A small score_mod (mask, bias, softcap, ALiBi, ...) becomes one fused cuDNN atte
 forward and backward, run as the custom op torch.ops.cudnn_flex.fwd / bwd.
 """
 
+import torch  # noqa: F401  (loads libtorch and cuDNN before the extension)
+
 from . import _C
 from . import _registry
 from ._C import Graph, Tensor, data_type

@@ -23,6 +23,9 @@ if nm -C --defined-only python/cudnn_flex/_C*.so | grep -q "codecvt_utf8_base"; 
   echo "libstdc++ was linked statically into the extension: use a compiler that links it dynamically"; exit 1
 fi
 LOG=${OUT:-/tmp}/gpu_check.log
-python3 scripts/gpu_report.py ${REPORT_ARGS:---broadcast} 2>&1 | tee "$LOG.report"
+# REPORT: gpu_report.py flags before the tests (default --broadcast); BENCH=0 skips the timings.
+python3 scripts/gpu_report.py ${REPORT---broadcast} 2>&1 | tee "$LOG.report"
 python3 -m pytest -q -m gpu tests/python --tb=line -p no:cacheprovider "$@" 2>&1 | tee "$LOG" | tail -60
-python3 scripts/gpu_report.py --bench 2>&1 | tee -a "$LOG.report" | tail -15
+if [ "${BENCH:-1}" != 0 ]; then
+  python3 scripts/gpu_report.py --bench 2>&1 | tee -a "$LOG.report" | tail -15
+fi

@@ -9,7 +9,8 @@ import torch  # noqa: F401  (loads libtorch and cuDNN before the extension)
 from . import _C
 from . import _registry
 from ._C import Graph, Tensor, data_type
-from .api import FlexAttention, flex_attention, validate_graphs
+from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
+from .bprop_check import BpropMismatchError, check_score_mod_bprop
 from . import mods, reference
 
 _C._set_dispatcher(_registry.dispatch)
@@ -20,7 +21,7 @@ set_cache_capacity = _C.set_cache_capacity
 versions = _C.versions
 
 __all__ = [
-    "FlexAttention", "Graph", "Tensor", "cache_stats", "clear_cache", "data_type", "flex_attention",
+    "BpropMismatchError", "FlexAttention", "Graph", "ReferencePathWarning", "check_score_mod_bprop", "Tensor", "cache_stats", "clear_cache", "data_type", "flex_attention",
     "mods", "reference", "set_cache_capacity", "validate_graphs", "versions",
 ]
 __version__ = "0.1.0"

@@ -15,9 +15,13 @@ from . import _registry, reference
 _TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
 _FROM_BHSD = {name: tuple(sorted(range(4), key=lambda i: perm[i])) for name, perm in _TO_BHSD.items()}
 _CUDNN_DTYPES = (torch.float16, torch.bfloat16)
-_MOD_TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32, torch.int64,
-                      torch.bool, torch.uint8)
+_MOD_TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32,
+                      torch.int64, torch.bool, torch.uint8)
 _reference_warned = False
+
+
+class ReferencePathWarning(UserWarning):
+    """flex_attention ran the PyTorch reference path instead of cuDNN (silence with warnings.filterwarnings)."""
 
 TensorDict = Optional[Mapping[str, torch.Tensor]]
 
@@ -120,7 +124,7 @@ def _warn_reference(q: torch.Tensor) -> None:
     _reference_warned = True
     warnings.warn(f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference path "
                   "(materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN",
-                  stacklevel=3)
+                  ReferencePathWarning, stacklevel=3)
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -170,6 +174,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if _use_cudnn(q, backend):
         _check_dense_last_dim(q, k, v)
+        for name, t in zip(mod_names + bprop_names, mod_tensors + bprop_tensors):
+            if t.dtype == torch.float64:
+                raise ValueError(f"cudnn_flex: score_mod tensor {name!r} is float64, which cuDNN's fused "
+                                 "attention does not read; pass it as float32")
         mod_id, mod_cacheable = _registry.resolve(score_mod, "score_mod", mod_names)
         bprop_id, bprop_cacheable = _registry.resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,

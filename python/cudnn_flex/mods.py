@@ -55,3 +55,29 @@ class Softcap:
     def backward(self, graph, d_p, tensors):
         # d/ds cap*tanh(s/cap) = 1 - tanh^2(s/cap)
         return graph.tanh_backward(d_p, self._before_tanh)
+
+
+class SlidingWindow:
+    """Causal sliding window: keeps keys with 0 <= q_idx - kv_idx < window.
+
+    Two chained binary_selects rather than logical_and of two comparisons: cuDNN 9.19 fuses the
+    former into SDPA and refused the latter.
+    """
+
+    def __init__(self, window: int):
+        if int(window) < 1:
+            raise ValueError(f"cudnn_flex: sliding window must be >= 1, got {window}")
+        self.window = int(window)
+
+    def score_mod_graph_cache_key(self):
+        return (self.window,)
+
+    def __call__(self, graph, score, tensors):
+        distance = graph.sub(graph.gen_index(score, 2), graph.gen_index(score, 3))
+        causal_part = graph.binary_select(score, float("-inf"), graph.cmp_ge(distance, 0.0))
+        return graph.binary_select(causal_part, float("-inf"), graph.cmp_lt(distance, float(self.window)))
+
+
+def sliding_window(window: int) -> SlidingWindow:
+    """A causal sliding-window score_mod (cached per window size)."""
+    return SlidingWindow(window)

@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
+#include <unordered_set>
 #include <sstream>
 
 namespace py = pybind11;
@@ -24,6 +26,12 @@ struct BridgeTensor {
 thread_local int64_t current_build = 0;
 // The graph of the callback running now: operators on tensors (`s * 0.5`) add their node here.
 thread_local GraphPtr current_graph;
+// The callback's input (the score, or dP): a tensor of the score's full shape.
+thread_local TensorPtr current_input;
+// A zero of the score's shape for the callback running now, made on first use.
+thread_local TensorPtr current_zero;
+// Tensors of this build known to have the score's full [B, H, Sq, Skv] shape.
+thread_local std::unordered_set<const fe::graph::Tensor_attributes*> score_shaped;
 
 // The graph handed to a score_mod: the cuDNN frontend graph with the score_mod DSL on it.
 struct BridgeGraph {
@@ -70,9 +78,67 @@ TensorPtr operand(const GraphPtr& g, const py::handle& value, const char* op, co
                              "." + hint);
 }
 
-BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, const std::vector<TensorPtr>& in,
+const auto kNotSet = fe::DataType_t::NOT_SET;
+
+TensorPtr raw_pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, const std::vector<TensorPtr>& in,
+                        fe::DataType_t compute, fe::DataType_t output, const std::string& name,
+                        const std::function<void(fe::graph::Pointwise_attributes&)>& extra = nullptr) {
+  auto attrs = fe::graph::Pointwise_attributes().set_mode(mode).set_name(name);
+  if (compute != fe::DataType_t::NOT_SET) attrs.set_compute_data_type(compute);
+  if (extra) extra(attrs);
+  TensorPtr out;
+  switch (in.size()) {
+    case 1: out = g->pointwise(in[0], attrs); break;
+    case 2: out = g->pointwise(in[0], in[1], attrs); break;
+    default: out = g->pointwise(in[0], in[1], in[2], attrs); break;
+  }
+  out->set_data_type(output);
+  score_shaped.insert(out.get());
+  op_log().push_back(nlohmann::json(mode).get<std::string>());
+  return out;
+}
+
+TensorPtr constant(float value) { return std::make_shared<fe::graph::Tensor_attributes>(value); }
+
+// cuDNN 9.19 refuses to fuse a pointwise op none of whose inputs has the score's shape (say
+// `doc_q == doc_k` on [B,1,Sq,1] and [B,1,1,Skv] tensors, or math on [1,H,1,1] slopes alone), and
+// accepts the same op once one input is lifted to the score's shape by adding a zero of that
+// shape. So every op here gets at least one score-shaped input.
+TensorPtr lift_to_score_shape(const GraphPtr& g, const TensorPtr& t) {
+  if (!current_zero) {
+    auto index = raw_pointwise(g, fe::PointwiseMode_t::GEN_INDEX, {current_input}, fe::DataType_t::INT32,
+                               fe::DataType_t::INT32, "lift_index", [](auto& a) { a.set_axis(3); });
+    current_zero = raw_pointwise(g, fe::PointwiseMode_t::MUL, {index, constant(0.0f)}, kNotSet,
+                                 fe::DataType_t::FLOAT, "lift_zero");
+  }
+  return raw_pointwise(g, fe::PointwiseMode_t::ADD, {t, current_zero}, kNotSet, fe::DataType_t::FLOAT,
+                       "lift");
+}
+
+BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, std::vector<TensorPtr> in,
                        fe::DataType_t compute, const std::string& name,
                        const std::function<void(fe::graph::Pointwise_attributes&)>& extra = nullptr) {
+  using M = fe::PointwiseMode_t;
+  if (kind == Kind::Logical) {
+    // cuDNN 9.19 refuses LOGICAL_AND/OR/NOT on booleans inside SDPA (NOT_SUPPORTED_DATA_TYPE), so
+    // they are lowered to ops it fuses: masks as 0/1 floats through binary_select, then a compare.
+    auto as_float = [&](const TensorPtr& mask) {
+      return pointwise(g, M::BINARY_SELECT, Kind::Select, {constant(1.0f), constant(0.0f), mask}, kNotSet,
+                       name).tensor;
+    };
+    if (mode == M::LOGICAL_NOT) {
+      return pointwise(g, M::CMP_LT, Kind::Compare, {as_float(in[0]), constant(0.5f)}, kNotSet, name);
+    }
+    auto combined = pointwise(g, mode == M::LOGICAL_AND ? M::MUL : M::ADD, Kind::Arithmetic,
+                              {as_float(in[0]), as_float(in[1])}, kNotSet, name);
+    return pointwise(g, M::CMP_GT, Kind::Compare, {combined.tensor, constant(0.5f)}, kNotSet, name);
+  }
+  bool has_score_shape = false;
+  for (const auto& t : in) has_score_shape = has_score_shape || score_shaped.count(t.get()) > 0;
+  if (!has_score_shape) {
+    // binary_select lifts its first value; every other op its first input.
+    in[0] = lift_to_score_shape(g, in[0]);
+  }
   fe::DataType_t output = fe::DataType_t::FLOAT;
   switch (kind) {
     case Kind::Index:
@@ -92,22 +158,10 @@ BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, c
       if (compute != fe::DataType_t::NOT_SET) output = compute;
       break;
   }
-  auto attrs = fe::graph::Pointwise_attributes().set_mode(mode).set_name(name);
-  if (compute != fe::DataType_t::NOT_SET) attrs.set_compute_data_type(compute);
-  if (extra) extra(attrs);
-  TensorPtr out;
-  switch (in.size()) {
-    case 1: out = g->pointwise(in[0], attrs); break;
-    case 2: out = g->pointwise(in[0], in[1], attrs); break;
-    default: out = g->pointwise(in[0], in[1], in[2], attrs); break;
-  }
-  out->set_data_type(output);
-  op_log().push_back(nlohmann::json(mode).get<std::string>());
-  return BridgeTensor{out, current_build};
+  return BridgeTensor{raw_pointwise(g, mode, in, compute, output, name, extra), current_build};
 }
 
 using GraphClass = py::class_<BridgeGraph>;
-const auto kNotSet = fe::DataType_t::NOT_SET;
 
 void def_unary(GraphClass& c, const char* op, fe::PointwiseMode_t mode, Kind kind = Kind::Arithmetic) {
   c.def(
@@ -341,6 +395,7 @@ void begin_build() {
   static std::atomic<int64_t> builds{0};
   current_build = ++builds;
   op_log().clear();
+  score_shaped.clear();
 }
 
 TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPtr& input,
@@ -351,11 +406,28 @@ TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPt
   }
   py::list inputs;
   for (const auto& tensor : tensors) inputs.append(BridgeTensor{tensor, current_build});
-  struct CurrentGraph {  // restored even when the score_mod raises
-    GraphPtr saved = current_graph;
-    explicit CurrentGraph(const GraphPtr& g) { current_graph = g; }
-    ~CurrentGraph() { current_graph = saved; }
-  } scope(graph);
+  struct CurrentCallback {  // restored even when the score_mod raises
+    GraphPtr saved_graph = current_graph;
+    TensorPtr saved_input = current_input, saved_zero = current_zero;
+    CurrentCallback(const GraphPtr& g, const TensorPtr& in) {
+      current_graph = g;
+      current_input = in;
+      current_zero = nullptr;
+    }
+    ~CurrentCallback() {
+      current_graph = saved_graph;
+      current_input = saved_input;
+      current_zero = saved_zero;
+    }
+  } scope(graph, input);
+  score_shaped.insert(input.get());
+  for (const auto& tensor : tensors) {
+    auto dims = tensor->get_dim();
+    // A tensor with no size-1 dim has the score's shape (one of B or H being 1 only costs a lift).
+    if (std::none_of(dims.begin(), dims.end(), [](int64_t d) { return d == 1; })) {
+      score_shaped.insert(tensor.get());
+    }
+  }
   py::object result = (*dispatcher)(callable_id, BridgeGraph{graph}, BridgeTensor{input, current_build}, inputs);
   // The dispatcher has checked the type; the build is checked here, where it is known.
   TensorPtr out = operand(graph, result, "score_mod", "return value");

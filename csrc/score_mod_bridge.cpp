@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <atomic>
 #include <unordered_set>
 #include <sstream>
@@ -30,7 +29,8 @@ thread_local GraphPtr current_graph;
 thread_local TensorPtr current_input;
 // A zero of the score's shape for the callback running now, made on first use.
 thread_local TensorPtr current_zero;
-// Tensors of this build known to have the score's full [B, H, Sq, Skv] shape.
+// Intermediates of this build's score_mod subgraphs (op outputs and the callbacks' inputs): all of
+// the score's full [B, H, Sq, Skv] shape.
 thread_local std::unordered_set<const fe::graph::Tensor_attributes*> score_shaped;
 
 // The graph handed to a score_mod: the cuDNN frontend graph with the score_mod DSL on it.
@@ -100,10 +100,12 @@ TensorPtr raw_pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, const std::
 
 TensorPtr constant(float value) { return std::make_shared<fe::graph::Tensor_attributes>(value); }
 
-// cuDNN 9.19 refuses to fuse a pointwise op none of whose inputs has the score's shape (say
-// `doc_q == doc_k` on [B,1,Sq,1] and [B,1,1,Skv] tensors, or math on [1,H,1,1] slopes alone), and
-// accepts the same op once one input is lifted to the score's shape by adding a zero of that
-// shape. So every op here gets at least one score-shaped input.
+// cuDNN 9.19 fuses a pointwise op into SDPA only when its first input is an intermediate of the
+// score_mod subgraph: with a constant, a score_mod tensor or a pair of broadcast tensors first it
+// refuses the graph (NOT_SUPPORTED_GRAPH_PATTERN "in_ports[0].first.isVirtual != true", seen for
+// `doc_q == doc_k`, `mod(-0.5, x)`, `binary_select(1.0, 0.0, m)`). Such a first input is lifted:
+// zero + x, with a zero of the score's shape derived from an index, which cuDNN accepts and which
+// changes no value.
 TensorPtr lift_to_score_shape(const GraphPtr& g, const TensorPtr& t) {
   if (!current_zero) {
     auto index = raw_pointwise(g, fe::PointwiseMode_t::GEN_INDEX, {current_input}, fe::DataType_t::INT32,
@@ -111,8 +113,7 @@ TensorPtr lift_to_score_shape(const GraphPtr& g, const TensorPtr& t) {
     current_zero = raw_pointwise(g, fe::PointwiseMode_t::MUL, {index, constant(0.0f)}, kNotSet,
                                  fe::DataType_t::FLOAT, "lift_zero");
   }
-  return raw_pointwise(g, fe::PointwiseMode_t::ADD, {t, current_zero}, kNotSet, fe::DataType_t::FLOAT,
-                       "lift");
+  return raw_pointwise(g, fe::PointwiseMode_t::ADD, {current_zero, t}, kNotSet, fe::DataType_t::FLOAT, "lift");
 }
 
 BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, std::vector<TensorPtr> in,
@@ -133,12 +134,7 @@ BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, s
                               {as_float(in[0]), as_float(in[1])}, kNotSet, name);
     return pointwise(g, M::CMP_GT, Kind::Compare, {combined.tensor, constant(0.5f)}, kNotSet, name);
   }
-  bool has_score_shape = false;
-  for (const auto& t : in) has_score_shape = has_score_shape || score_shaped.count(t.get()) > 0;
-  if (!has_score_shape) {
-    // binary_select lifts its first value; every other op its first input.
-    in[0] = lift_to_score_shape(g, in[0]);
-  }
+  if (score_shaped.count(in[0].get()) == 0) in[0] = lift_to_score_shape(g, in[0]);
   fe::DataType_t output = fe::DataType_t::FLOAT;
   switch (kind) {
     case Kind::Index:
@@ -421,13 +417,6 @@ TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPt
     }
   } scope(graph, input);
   score_shaped.insert(input.get());
-  for (const auto& tensor : tensors) {
-    auto dims = tensor->get_dim();
-    // A tensor with no size-1 dim has the score's shape (one of B or H being 1 only costs a lift).
-    if (std::none_of(dims.begin(), dims.end(), [](int64_t d) { return d == 1; })) {
-      score_shaped.insert(tensor.get());
-    }
-  }
   py::object result = (*dispatcher)(callable_id, BridgeGraph{graph}, BridgeTensor{input, current_build}, inputs);
   // The dispatcher has checked the type; the build is checked here, where it is known.
   TensorPtr out = operand(graph, result, "score_mod", "return value");

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <unordered_map>
 #include <unordered_set>
 #include <sstream>
 
@@ -32,6 +33,14 @@ thread_local TensorPtr current_zero;
 // Intermediates of this build's score_mod subgraphs (op outputs and the callbacks' inputs): all of
 // the score's full [B, H, Sq, Skv] shape.
 thread_local std::unordered_set<const fe::graph::Tensor_attributes*> score_shaped;
+// Each op output of this build -> (its inputs, its op name), and what the callbacks returned: to find
+// ops whose result is never used.
+struct OpRecord {
+  std::vector<const fe::graph::Tensor_attributes*> inputs;
+  std::string op;
+};
+thread_local std::unordered_map<const fe::graph::Tensor_attributes*, OpRecord> op_inputs;
+thread_local std::vector<TensorPtr> callback_results;
 
 // The graph handed to a score_mod: the cuDNN frontend graph with the score_mod DSL on it.
 struct BridgeGraph {
@@ -94,6 +103,9 @@ TensorPtr raw_pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, const std::
   }
   out->set_data_type(output);
   score_shaped.insert(out.get());
+  OpRecord record{{}, nlohmann::json(mode).get<std::string>()};
+  for (const auto& t : in) record.inputs.push_back(t.get());
+  op_inputs[out.get()] = std::move(record);
   op_log().push_back(nlohmann::json(mode).get<std::string>());
   return out;
 }
@@ -130,9 +142,12 @@ BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, s
     if (mode == M::LOGICAL_NOT) {
       return pointwise(g, M::CMP_LT, Kind::Compare, {as_float(in[0]), constant(0.5f)}, kNotSet, name);
     }
-    auto combined = pointwise(g, mode == M::LOGICAL_AND ? M::MUL : M::ADD, Kind::Arithmetic,
-                              {as_float(in[0]), as_float(in[1])}, kNotSet, name);
-    return pointwise(g, M::CMP_GT, Kind::Compare, {combined.tensor, constant(0.5f)}, kNotSet, name);
+    // Chained selects: a AND b = (a ? float(b) : 0) > 0.5; a OR b = (a ? 1 : float(b)) > 0.5.
+    const bool is_and = mode == M::LOGICAL_AND;
+    auto chosen = pointwise(g, M::BINARY_SELECT, Kind::Select,
+                            {is_and ? as_float(in[1]) : constant(1.0f), is_and ? constant(0.0f) : as_float(in[1]), in[0]},
+                            kNotSet, name);
+    return pointwise(g, M::CMP_GT, Kind::Compare, {chosen.tensor, constant(0.5f)}, kNotSet, name);
   }
   if (score_shaped.count(in[0].get()) == 0) in[0] = lift_to_score_shape(g, in[0]);
   fe::DataType_t output = fe::DataType_t::FLOAT;
@@ -392,6 +407,26 @@ void begin_build() {
   current_build = ++builds;
   op_log().clear();
   score_shaped.clear();
+  op_inputs.clear();
+  callback_results.clear();
+}
+
+std::vector<std::string> unused_ops() {
+  std::unordered_set<const fe::graph::Tensor_attributes*> reached;
+  std::vector<const fe::graph::Tensor_attributes*> stack;
+  for (const auto& r : callback_results) stack.push_back(r.get());
+  while (!stack.empty()) {
+    auto t = stack.back();
+    stack.pop_back();
+    if (!reached.insert(t).second) continue;
+    auto it = op_inputs.find(t);
+    if (it != op_inputs.end()) stack.insert(stack.end(), it->second.inputs.begin(), it->second.inputs.end());
+  }
+  std::vector<std::string> unused;
+  for (const auto& [t, record] : op_inputs) {
+    if (!reached.count(t)) unused.push_back(record.op);
+  }
+  return unused;
 }
 
 TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPtr& input,
@@ -425,6 +460,7 @@ TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPt
     // score_mod subgraph: give it one identity node.
     out = pointwise(graph, fe::PointwiseMode_t::IDENTITY, Kind::Arithmetic, {input}, kNotSet, "identity").tensor;
   }
+  callback_results.push_back(out);
   return out;
 }
 

@@ -37,6 +37,10 @@ void begin_build();
 // "GEN_INDEX", "CMP_GE": what cuDNN fuses into the attention kernel.
 std::vector<std::string>& op_log();
 
+// The ops the score_mods of this build added but whose results reach no callback's result, by
+// op name. cuDNN 9.19 computes wrong dV for graphs with such dangling ops, so they are refused.
+std::vector<std::string> unused_ops();
+
 // Registers the Graph, Tensor and data_type classes and the dispatcher setter on `m`.
 void bind(pybind11::module_& m);
 

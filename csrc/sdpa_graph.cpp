@@ -168,6 +168,14 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
 
   check(graph->validate(), "validate", p);
   check(graph->build_operation_graph(handle), "build_operation_graph", p);
+  // The score_mods have run by now (cuDNN calls them while lowering the SDPA node).
+  if (auto unused = bridge::unused_ops(); !unused.empty()) {
+    std::string ops;
+    for (const auto& op : unused) ops += (ops.empty() ? "" : ", ") + op;
+    throw std::invalid_argument("cudnn_flex: the score_mod computed values it never used (ops: " + ops +
+                                "). cuDNN 9.19 returns wrong gradients for attention graphs with such "
+                                "dangling ops, so they are refused: remove the unused computations");
+  }
   auto built = std::make_shared<BuiltGraph>();
   built->graph = graph;
   built->score_mod_ops = std::exchange(bridge::op_log(), {});

@@ -153,8 +153,10 @@ def test_data_type_and_set_data_type_from_the_dsl():
         row = graph.gen_index(score, 2, compute_data_type=cudnn_flex.data_type.INT32)
         row.set_data_type(cudnn_flex.data_type.INT32)
         assert row.get_data_type() == cudnn_flex.data_type.INT32
-        assert graph.cmp_lt(row, 4).get_data_type() == cudnn_flex.data_type.BOOLEAN
-        return graph.add(score, graph.sub(row, 1, compute_data_type=cudnn_flex.data_type.FLOAT))
+        mask = graph.cmp_lt(row, 4)
+        assert mask.get_data_type() == cudnn_flex.data_type.BOOLEAN
+        shifted = graph.add(score, graph.sub(row, 1, compute_data_type=cudnn_flex.data_type.FLOAT))
+        return graph.binary_select(shifted, score, mask)
 
     validate(*qkv(), typed)
 
@@ -173,3 +175,32 @@ def test_every_unary_op_is_in_the_dsl(op):
         validate(*qkv(), mod)
     except ValueError as e:
         assert "cuDNN says" in str(e)
+
+
+def test_unused_ops_are_refused():
+    def dangling(graph, score, tensors):
+        graph.exp(graph.gen_index(score, 2))  # computed, never used
+        return graph.add(score, 1.0)
+
+    with pytest.raises(ValueError, match=r"computed values it never used \(ops: .*EXP"):
+        cudnn_flex.validate_graphs(*qkv(), dangling)
+
+
+def test_logical_ops_are_lowered_to_selects():
+    def both(graph, score, tensors):
+        row, col = graph.gen_index(score, 2), graph.gen_index(score, 3)
+        keep = graph.logical_and(row >= col, graph.logical_not(row - col > 8.0))
+        return graph.binary_select(score, float("-inf"), keep)
+
+    text, _ = validate(*qkv(), both)
+    ops = text.splitlines()[0]
+    assert "LOGICAL" not in ops and ops.count("BINARY_SELECT") >= 3
+
+
+def test_constant_or_input_first_is_lifted_to_an_intermediate():
+    def constant_first(graph, score, tensors):
+        return graph.add(score, graph.sub(1.0, tensors["slopes"]))
+
+    slopes = torch.empty(1, H, 1, 1, device="meta")
+    text, _ = validate(*qkv(), constant_first, score_mod_tensors={"slopes": slopes})
+    assert text.splitlines()[0].startswith("score_mod ops: GEN_INDEX MUL ADD SUB ADD")

@@ -48,27 +48,27 @@ class SingleOp:
     """score + 0.3 * tanh(op(index-based inputs)): one DSL op alone inside the score_mod."""
 
     def __init__(self, op):
-        self.op = op
+        self.op = op  # every input it builds is used: cuDNN gives wrong dV for dangling ops
 
     def score_mod_graph_cache_key(self):
         return ("single_op", self.op)
 
     def __call__(self, g, score, tensors):
+        if self.op == "gen_index":
+            return g.add(score, g.mul(g.tanh(g.gen_index(score, 2)), 0.3))
         x = g.add(g.mul(g.gen_index(score, 3), 0.01), tensors["head_bias"])
         y = g.sub(g.mul(g.gen_index(score, 2), 0.02), 1.0)
         if self.op in UNARY:
             e = UNARY[self.op](g, x)
         elif self.op in BINARY:
             e = BINARY[self.op](g, x, y)
-        elif self.op in COMPARE or self.op in ("logical_and", "logical_or", "logical_not", "binary_select"):
+        else:  # comparisons, logical ops and binary_select, through a select
             c1 = getattr(g, self.op if self.op in COMPARE else "cmp_gt")(x, 0.5)
             if self.op in ("logical_and", "logical_or"):
                 c1 = getattr(g, self.op)(c1, g.cmp_lt(y, 0.0))
             elif self.op == "logical_not":
                 c1 = g.logical_not(c1)
             e = g.binary_select(x, y, c1)
-        else:  # gen_index
-            e = g.gen_index(score, 2)
         return g.add(score, g.mul(g.tanh(e), 0.3))
 
 

@@ -57,10 +57,10 @@ class SingleOp:
         if self.op == "gen_index":
             return g.add(score, g.mul(g.tanh(g.gen_index(score, 2)), 0.3))
         x = g.add(g.mul(g.gen_index(score, 3), 0.01), tensors["head_bias"])
-        y = g.sub(g.mul(g.gen_index(score, 2), 0.02), 1.0)
         if self.op in UNARY:
-            e = UNARY[self.op](g, x)
-        elif self.op in BINARY:
+            return g.add(score, g.mul(g.tanh(UNARY[self.op](g, x)), 0.3))
+        y = g.sub(g.mul(g.gen_index(score, 2), 0.02), 1.0)
+        if self.op in BINARY:
             e = BINARY[self.op](g, x, y)
         else:  # comparisons, logical ops and binary_select, through a select
             c1 = getattr(g, self.op if self.op in COMPARE else "cmp_gt")(x, 0.5)

@@ -107,6 +107,17 @@ def _check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int
     return names, values
 
 
+def _bhsd_views(q, k, v, layout: str):
+    """Checked q, k, v as BHSD views of the user's layout (strides only, no copies)."""
+    if layout not in _TO_BHSD:
+        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
+    _check_qkv(q, k, v, layout)
+    perm = _TO_BHSD[layout]
+    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
+    _check_shapes(q, k, v, layout)
+    return q, k, v
+
+
 def _use_cudnn(q: torch.Tensor, backend: str) -> bool:
     if backend not in ("auto", "cudnn", "reference"):
         raise ValueError(f"cudnn_flex: backend must be 'auto', 'cudnn' or 'reference', got {backend!r}")
@@ -145,12 +156,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     passed by value, so changing their value does not rebuild the graph. Returns out in `layout`,
     and with return_lse=True also the float32 log-sum-exp [B, H, Sq].
     """
-    if layout not in _TO_BHSD:
-        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
-    _check_qkv(q, k, v, layout)
-    perm = _TO_BHSD[layout]
-    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)  # views, no copies
-    _check_shapes(q, k, v, layout)
+    q, k, v = _bhsd_views(q, k, v, layout)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -229,12 +235,7 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     graph, for `sm_version`, without a GPU (q, k, v may be CPU or meta tensors of any float dtype:
     they are described as float16 unless bfloat16). Runs the score_mods through the bridge.
     Returns the graphs' printed form; raises what flex_attention would raise for a refused graph."""
-    if layout not in _TO_BHSD:
-        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
-    _check_qkv(q, k, v, layout)
-    perm = _TO_BHSD[layout]
-    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
-    _check_shapes(q, k, v, layout)
+    q, k, v = _bhsd_views(q, k, v, layout)
     if q.dtype not in _CUDNN_DTYPES:
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
     if scale is None:

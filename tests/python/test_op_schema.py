@@ -64,3 +64,20 @@ def test_gradient_through_lse_is_refused():
 def test_strides_like_matches_layouts():
     t = torch.empty(2, 5, 3, 4).permute(0, 2, 1, 3)  # bshd memory seen as bhsd
     assert strides_like(t, (2, 3, 5, 8)) == [5 * 3 * 8, 8, 3 * 8, 1]
+
+
+def test_in_place_change_of_a_score_mod_tensor_before_backward_is_an_error():
+    q, k, v = meta_qkv()
+    bias = torch.empty(1, 2, 16, 16, device="meta")
+    out, lse = torch.ops.cudnn_flex.fwd(q, k, v, [bias], [], 1, 0, True, 0.125, False)
+    bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_backward_twice_without_retain_graph_is_an_error():
+    q, k, v = meta_qkv()
+    out, lse = fake_fwd(q, k, v)
+    out.sum().backward(retain_graph=False)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()

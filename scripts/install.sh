@@ -12,5 +12,5 @@ fi
 # Python DSL dependencies out. cuDNN itself comes with torch's nvidia-cudnn wheel.
 "$PY" -c "import importlib.metadata as m; assert m.version('nvidia-cudnn-frontend') == '1.32.0'" 2>/dev/null \
   || "$PY" -m pip install -q --no-deps "nvidia-cudnn-frontend==1.32.0"
-"$PY" -m pip install -q pytest ninja setuptools wheel
+"$PY" -m pip install -q pytest hypothesis ninja setuptools wheel
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .

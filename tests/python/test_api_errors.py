@@ -110,3 +110,15 @@ def test_module_rejects_bad_layout_at_construction():
 def test_dict_in_the_bprop_position_is_explained():
     with pytest.raises(TypeError, match="score_mod_bprop must be a callable.*by keyword"):
         cudnn_flex.flex_attention(*qkv(), mods.add_bias, {"bias": torch.zeros(8, 8)})
+
+
+def test_non_contiguous_head_dim_is_refused_for_cudnn():
+    from cudnn_flex.api import _check_dense_last_dim
+
+    q = torch.randn(1, 2, 8, 16).transpose(-1, -2).contiguous().transpose(-1, -2)  # head dim strided
+    k = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"q's head dim is not contiguous.*q.contiguous\(\)"):
+        _check_dense_last_dim(q, k, k)
+    misaligned = torch.randn(1 * 2 * 8 * 16 + 1)[1:].view(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        _check_dense_last_dim(k, misaligned, k)

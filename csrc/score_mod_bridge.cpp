@@ -30,9 +30,8 @@ thread_local GraphPtr current_graph;
 thread_local TensorPtr current_input;
 // A zero of the score's shape for the callback running now, made on first use.
 thread_local TensorPtr current_zero;
-// Intermediates of this build's score_mod subgraphs (op outputs and the callbacks' inputs): all of
-// the score's full [B, H, Sq, Skv] shape.
-thread_local std::unordered_set<const fe::graph::Tensor_attributes*> score_shaped;
+// The callbacks' inputs (score or dP) in this build.
+thread_local std::unordered_set<const fe::graph::Tensor_attributes*> callback_inputs;
 // Each op output of this build -> (its inputs, its op name), and what the callbacks returned: to find
 // ops whose result is never used.
 struct OpRecord {
@@ -102,13 +101,16 @@ TensorPtr raw_pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, const std::
     default: out = g->pointwise(in[0], in[1], in[2], attrs); break;
   }
   out->set_data_type(output);
-  score_shaped.insert(out.get());
   OpRecord record{{}, nlohmann::json(mode).get<std::string>()};
   for (const auto& t : in) record.inputs.push_back(t.get());
+  op_log().push_back(record.op);
   op_inputs[out.get()] = std::move(record);
-  op_log().push_back(nlohmann::json(mode).get<std::string>());
   return out;
 }
+
+// An intermediate of this build's score_mod subgraphs: an op output or a callback's input. Each
+// has the score's full [B, H, Sq, Skv] shape (every op gets an intermediate first input).
+bool is_intermediate(const TensorPtr& t) { return op_inputs.count(t.get()) || callback_inputs.count(t.get()); }
 
 TensorPtr constant(float value) { return std::make_shared<fe::graph::Tensor_attributes>(value); }
 
@@ -149,7 +151,7 @@ BridgeTensor pointwise(const GraphPtr& g, fe::PointwiseMode_t mode, Kind kind, s
                             kNotSet, name);
     return pointwise(g, M::CMP_GT, Kind::Compare, {chosen.tensor, constant(0.5f)}, kNotSet, name);
   }
-  if (score_shaped.count(in[0].get()) == 0) in[0] = lift_to_score_shape(g, in[0]);
+  if (!is_intermediate(in[0])) in[0] = lift_to_score_shape(g, in[0]);
   fe::DataType_t output = fe::DataType_t::FLOAT;
   switch (kind) {
     case Kind::Index:
@@ -406,7 +408,7 @@ void begin_build() {
   static std::atomic<int64_t> builds{0};
   current_build = ++builds;
   op_log().clear();
-  score_shaped.clear();
+  callback_inputs.clear();
   op_inputs.clear();
   callback_results.clear();
 }
@@ -451,7 +453,7 @@ TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPt
       current_zero = saved_zero;
     }
   } scope(graph, input);
-  score_shaped.insert(input.get());
+  callback_inputs.insert(input.get());
   py::object result = (*dispatcher)(callable_id, BridgeGraph{graph}, BridgeTensor{input, current_build}, inputs);
   // The dispatcher has checked the type; the build is checked here, where it is known.
   TensorPtr out = operand(graph, result, "score_mod", "return value");

@@ -67,7 +67,7 @@ def bench_table():
     b, h, s, d = 2, 16, 4096, 128
     q, k, v = make_inputs(b=b, h=h, s_q=s, d=d)
     cap = mods.Softcap(30.0)
-    slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device="cuda").view(1, h, 1, 1)
+    slopes = mods.alibi_slopes(h, "cuda")
 
     def sdpa(causal):
         def run(q, k, v):

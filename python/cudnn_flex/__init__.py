@@ -21,7 +21,8 @@ set_cache_capacity = _C.set_cache_capacity
 versions = _C.versions
 
 __all__ = [
-    "BpropMismatchError", "FlexAttention", "Graph", "ReferencePathWarning", "check_score_mod_bprop", "Tensor", "cache_stats", "clear_cache", "data_type", "flex_attention",
-    "mods", "reference", "set_cache_capacity", "validate_graphs", "versions",
+    "BpropMismatchError", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
+    "check_score_mod_bprop", "clear_cache", "data_type", "flex_attention", "mods", "reference",
+    "set_cache_capacity", "validate_graphs", "versions",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ without one the reference path runs and the demo says so.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -18,7 +17,7 @@ from .api import flex_attention
 
 def _examples(h: int, device: str):
     cap = mods.Softcap(20.0)
-    slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=device).view(1, h, 1, 1)
+    slopes = mods.alibi_slopes(h, device)
     return [
         ("no score_mod", dict()),
         ("causal", dict(score_mod=mods.causal)),
@@ -82,6 +81,4 @@ def main() -> None:
 
 
 def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.3g}" if not math.isnan(x) else "nan"
-    return str(x)
+    return f"{x:.3g}" if isinstance(x, float) else str(x)

@@ -5,6 +5,8 @@ Module-level functions and keyed objects, so that their graphs are cached (see _
 
 from __future__ import annotations
 
+import torch
+
 
 def causal(graph, score, tensors):
     """Keeps key positions <= the query position (top-left aligned)."""
@@ -25,6 +27,12 @@ def alibi(graph, score, tensors):
     row = graph.gen_index(score, 2)
     col = graph.gen_index(score, 3)
     return graph.add(score, graph.mul(graph.sub(col, row), tensors["slopes"]))
+
+
+def alibi_slopes(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The standard ALiBi slopes 2^(-8 (h + 1) / H), shaped [1, H, 1, 1] for tensors['slopes']."""
+    exponents = torch.arange(1, heads + 1, dtype=torch.float64) * (-8.0 / heads)
+    return torch.pow(2.0, exponents).to(device=device, dtype=dtype).view(1, heads, 1, 1)
 
 
 def add_bias(graph, score, tensors):

@@ -80,7 +80,7 @@ def mod_args(name, h):
         cap = mods.Softcap(2.0)  # small cap so that the tanh really bends the scores
         return dict(score_mod=cap.forward, score_mod_bprop=cap.backward)
     if name == "alibi":
-        slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device="cuda").view(1, h, 1, 1)
+        slopes = mods.alibi_slopes(h, "cuda")
         return dict(score_mod=mods.alibi, tensors={"slopes": slopes})
     return dict(MODS[name])
 

@@ -24,7 +24,7 @@ def manual_attention(q, k, v, score_fn):
 
 
 H = 4
-SLOPES = torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)], dtype=torch.float64)
+SLOPES = mods.alibi_slopes(H, dtype=torch.float64).flatten()
 CASES = {
     "causal": (dict(score_mod=mods.causal),
                lambda s, b, h, q, kv: s.masked_fill(q < kv, float("-inf"))),

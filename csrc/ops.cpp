@@ -5,11 +5,16 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <mutex>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 
 #include "sdpa_graph.h"
@@ -129,7 +134,7 @@ TensorDesc lse_desc(const at::Tensor& q) {
 }
 
 SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, double scale, bool deterministic) {
+                         TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, std::optional<double> scale, bool deterministic) {
   SdpaProblem p;
   p.pass = pass;
   p.device = q.device().is_cuda() ? q.device().index() : -1;
@@ -140,7 +145,8 @@ SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, co
   p.lse = lse_desc(q);
   const std::vector<int64_t> scores{q.size(0), q.size(1), q.size(2), k.size(2)};
   p.mod_tensors = describe_mod_tensors(mod_tensors, "score_mod tensor", scores);
-  p.scale = scale;
+  // No scale: the usual 1/sqrt(head dim), decided here so that a traced head dim can stay symbolic.
+  p.scale = scale.value_or(1.0 / std::sqrt(double(q.size(3))));
   p.mod_id = mod_id;
   if (pass == Pass::Backward) {
     p.d_o = p.o;
@@ -152,6 +158,30 @@ SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, co
     p.deterministic = deterministic;
   }
   return p;
+}
+
+// Builds run one at a time. A stateful score_mod keeps graph tensors from its forward call for its
+// bprop (the softcap pattern); a build on another thread (autograd's backward thread, a data
+// loader thread) must not run the same object's score_mod in between. Builds are cache misses, so
+// serialising them costs nothing on the hot path. The GIL is released while waiting (the builder
+// holding the lock needs it for the score_mod) and while cuDNN compiles.
+std::shared_ptr<const BuiltGraph> build_serialized(const SdpaProblem& p, cudnnHandle_t handle) {
+  static std::mutex build_mutex;
+  std::optional<pybind11::gil_scoped_release> no_gil;
+  if (Py_IsInitialized() && PyGILState_Check()) no_gil.emplace();
+  std::lock_guard<std::mutex> lock(build_mutex);
+  return build_graph(p, handle);
+}
+
+// A graph build allocates and synchronises, which a CUDA graph capture forbids: say so instead of
+// failing inside cuDNN or recording garbage.
+void refuse_build_during_capture(const SdpaProblem& p) {
+  if (p.device < 0 || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return;
+  TORCH_CHECK(false, "cudnn_flex: a new cuDNN graph (", p.pass == Pass::Forward ? "forward" : "backward",
+              ") would be built while a CUDA graph is being captured. Run the same call once before "
+              "capture (a warm-up step builds and caches its graphs); a score_mod that cannot be "
+              "cached (a closure without score_mod_graph_cache_key()) is rebuilt on every call and "
+              "cannot be captured.");
 }
 
 // cuDNN's refusals of the user's problem come back as ValueError; Python errors from a score_mod
@@ -177,7 +207,10 @@ void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, vo
   TORCH_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()) == CUDNN_STATUS_SUCCESS,
               "cudnn_flex: cudnnSetStream failed");
   auto graph = translate_errors(
-      [&] { return graph_cache().get_or_build(p.key(), cacheable, [&] { return build_graph(p, handle); }); });
+      [&] { return graph_cache().get_or_build(p.key(), cacheable, [&] {
+        refuse_build_during_capture(p);
+        return build_serialized(p, handle);
+      }); });
   at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size(*graph), 1)}, like.options().dtype(at::kByte));
   execute(*graph, handle, pointers, workspace.data_ptr());
 }
@@ -187,12 +220,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
     TORCH_CHECK_VALUE(t->is_cuda() && t->dim() == 4 && t->stride(3) == 1,
                       "cudnn_flex: q, k, v must be 4-D CUDA tensors with a dense last dim "
                       "(use cudnn_flex.flex_attention, which checks and explains)");
+    // flex_attention checks this in eager mode; under torch.compile the inputs are only known here.
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                      "cudnn_flex: q, k and v must be 16-byte aligned for cuDNN (a slice at an odd "
+                      "offset?); pass a .clone()");
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                            double scale, bool deterministic) {
+                                            std::optional<double> scale, bool deterministic) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   SdpaProblem p = make_problem(Pass::Forward, q, k, v, mod_tensors, bprop_tensors, mod_id,
@@ -216,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         const at::Tensor& out, const at::Tensor& lse,
                                                         TensorList mod_tensors, TensorList bprop_tensors,
                                                         int64_t mod_id,
-                                                        int64_t bprop_id, bool cacheable, double scale,
+                                                        int64_t bprop_id, bool cacheable, std::optional<double> scale,
                                                         bool deterministic) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
@@ -256,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
 // and returns their printed form. The user's score_mod really runs through the bridge.
 std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, TensorList mod_tensors,
                      TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id,
-                     double scale, bool deterministic, int64_t sm_version) {
+                     std::optional<double> scale, bool deterministic, int64_t sm_version) {
   TORCH_CHECK_VALUE(sm_version > 0, "cudnn_flex: validate needs an SM version such as 90");
   std::string text;
   for (Pass pass : {Pass::Forward, Pass::Backward}) {
@@ -265,7 +302,7 @@ std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     p.sm_version = sm_version;
     // Counted like any other build, never stored: these graphs have no plans to run.
     auto graph = translate_errors(
-        [&] { return graph_cache().get_or_build(p.key(), false, [&] { return build_graph(p, nullptr); }); });
+        [&] { return graph_cache().get_or_build(p.key(), false, [&] { return build_serialized(p, nullptr); }); });
     text += describe(*graph);
     text += "\n";
   }
@@ -282,14 +319,14 @@ void set_broadcast_repr(int64_t repr) { broadcast_repr = repr; }
 TORCH_LIBRARY(cudnn_flex, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, bool cacheable, float scale, bool deterministic) -> (Tensor out, Tensor lse)");
+      "int bprop_id, bool cacheable, float? scale, bool deterministic) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] mod_tensors, "
       "Tensor[] bprop_tensors, int mod_id, int bprop_id, bool cacheable, "
-      "float scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float? scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "validate(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, float scale, bool deterministic, int sm_version) -> str");
+      "int bprop_id, float? scale, bool deterministic, int sm_version) -> str");
   m.impl("validate", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(validate));
 }
 

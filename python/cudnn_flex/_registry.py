@@ -12,6 +12,7 @@ Cache rules (DESIGN.md):
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import threading
 import types
@@ -57,12 +58,8 @@ def _reject_tensors(value: Any, owner: str) -> None:
             _reject_tensors(v, owner)
 
 
-def _explicit_key(owner: Any) -> Optional[Hashable]:
-    getter = getattr(owner, "score_mod_graph_cache_key", None)
-    if getter is None:
-        return None
-    name = type(owner).__qualname__
-    key = getter()
+def _checked_key(key: Any, owner_type: type) -> Hashable:
+    name = owner_type.__qualname__
     _reject_tensors(key, name)
     try:
         hash(key)
@@ -73,25 +70,37 @@ def _explicit_key(owner: Any) -> Optional[Hashable]:
     return key
 
 
+def _explicit_key(owner: Any) -> Optional[Hashable]:
+    getter = getattr(owner, "score_mod_graph_cache_key", None)
+    if getter is None:
+        return None
+    return _checked_key(getter(), type(owner))
+
+
+def _owner_key(owner_type: type, method_name: Optional[str], key: Hashable) -> Hashable:
+    """Key of a bound method (method_name) or a callable object (None) whose owner has `key`."""
+    if method_name is None:
+        return ("object", owner_type.__module__, owner_type.__qualname__, key)
+    return ("method", owner_type.__module__, owner_type.__qualname__, method_name, key)
+
+
+def _function_key(fn: types.FunctionType) -> Optional[Hashable]:
+    if fn.__closure__:
+        return None  # the closed-over values are not part of the code
+    if fn.__name__ == "<lambda>" or "<locals>" in fn.__qualname__:
+        # The key holds the code object itself, so its identity cannot be reused while cached.
+        return ("code", fn.__code__)
+    return ("function", fn.__module__, fn.__qualname__)
+
+
 def structural_key(fn: Callable) -> Optional[Hashable]:
     """The graph-cache key of fn, or None when its graph must be rebuilt on every call."""
-    if isinstance(fn, types.MethodType):
-        key = _explicit_key(fn.__self__)
-        if key is None:
-            return None
-        owner = type(fn.__self__)
-        return ("method", owner.__module__, owner.__qualname__, fn.__func__.__name__, key)
     if isinstance(fn, types.FunctionType):
-        if fn.__closure__:
-            return None  # the closed-over values are not part of the code
-        if fn.__name__ == "<lambda>" or "<locals>" in fn.__qualname__:
-            # The key holds the code object itself, so its identity cannot be reused while cached.
-            return ("code", fn.__code__)
-        return ("function", fn.__module__, fn.__qualname__)
-    key = _explicit_key(fn)
-    if key is None:
-        return None
-    return ("object", type(fn).__module__, type(fn).__qualname__, key)
+        return _function_key(fn)
+    method_name = fn.__func__.__name__ if isinstance(fn, types.MethodType) else None
+    owner = fn.__self__ if method_name else fn
+    key = _explicit_key(owner)
+    return None if key is None else _owner_key(type(owner), method_name, key)
 
 
 def _warn_uncached(fn: Callable, role: str) -> None:
@@ -132,6 +141,70 @@ def resolve(fn: Optional[Callable], role: str, names: Sequence[str] = ()) -> tup
         # score_mod and its bprop must be bound to the same object to share state).
         _callable_by_id[fid] = (fn, names)
         return fid, True
+
+
+def resolve_pair(score_mod: Optional[Callable], score_mod_bprop: Optional[Callable],
+                 mod_names: tuple, bprop_names: tuple) -> tuple[int, int, bool]:
+    """(score_mod id, bprop id, cacheable) for one call.
+
+    Under torch.compile the ids are resolved while dynamo traces and become constants of the
+    graph; dynamo guards on what the structural keys read (the function, a key's attributes)."""
+    if torch.compiler.is_compiling():
+        return (_resolve_traced(score_mod, "score_mod", mod_names),
+                _resolve_traced(score_mod_bprop, "score_mod_bprop", bprop_names), True)
+    mod_id, mod_cacheable = resolve(score_mod, "score_mod", mod_names)
+    bprop_id, bprop_cacheable = resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
+    return mod_id, bprop_id, mod_cacheable and bprop_cacheable
+
+
+def _uncacheable_under_compile(name: str, role: str) -> TypeError:
+    return TypeError(
+        f"cudnn_flex: under torch.compile the {role} must have a cacheable graph, but {name} is a "
+        "closure, or a bound method or object without score_mod_graph_cache_key(). Define it at "
+        "module level, or give its object a score_mod_graph_cache_key() method.")
+
+
+@torch._dynamo.assume_constant_result
+def _traced_id(fn: Optional[types.FunctionType], owner_type: Optional[type], method_name: Optional[str],
+               owner_id: int, names: tuple, role: str) -> int:
+    """Runs in plain Python while dynamo traces; its result is a constant of the graph.
+
+    Dynamo passes only constants here: functions, classes, strings and id(owner) (dynamo guards
+    the owner's identity). The owner is found from its id: it is alive, since the traced frame
+    holds it. Its key is read here, in plain Python, because dynamo would turn the floats of a key
+    into symbolic values (dynamic=True, or after a change) that cannot be hashed."""
+    if owner_type is None:
+        key = _function_key(fn)
+        if key is None:
+            raise _uncacheable_under_compile(describe(fn), role)
+    else:
+        owner = ctypes.cast(owner_id, ctypes.py_object).value
+        assert type(owner) is owner_type
+        key = _owner_key(owner_type, method_name, _explicit_key(owner))
+    with _lock:
+        fid = _id_by_key.get((key, names))
+        if fid is None:
+            fid = _id_by_key[(key, names)] = next(_next_id)
+        return fid
+
+
+def _resolve_traced(fn: Optional[Callable], role: str, names: tuple) -> int:
+    """resolve() for dynamo. The id is a trace-time constant; the callable is registered by a
+    store that dynamo replays on every call of the compiled code. An object's key is read when
+    dynamo traces: to change it under torch.compile, use a new object (dynamo then recompiles)."""
+    if fn is None:
+        return 0
+    if isinstance(fn, types.FunctionType):
+        fid = _traced_id(fn, None, None, 0, names, role)
+    else:
+        is_method = isinstance(fn, types.MethodType)
+        owner = fn.__self__ if is_method else fn
+        if not hasattr(owner, "score_mod_graph_cache_key"):
+            raise _uncacheable_under_compile(type(owner).__name__, role)
+        fid = _traced_id(None, type(owner), fn.__func__.__name__ if is_method else None, id(owner),
+                         names, role)
+    _callable_by_id[fid] = (fn, names)
+    return fid
 
 
 def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any]) -> Any:

@@ -56,6 +56,9 @@ def _check_shapes(q, k, v, layout: str) -> None:
         raise ValueError("cudnn_flex: k and v must have the same sequence length" + where)
     if d != d_k:
         raise ValueError("cudnn_flex: q and k must have the same head dim" + where)
+    if d == 0:
+        raise ValueError("cudnn_flex: q and k have head dim 0; attention needs at least one "
+                         "feature per head" + where)
 
 
 def _check_dense_last_dim(q, k, v) -> None:
@@ -63,7 +66,7 @@ def _check_dense_last_dim(q, k, v) -> None:
         if t.stride(3) != 1 and t.shape[3] > 1:
             raise ValueError(f"cudnn_flex: {name}'s head dim is not contiguous (stride {t.stride(3)}); "
                              f"cuDNN needs a dense last dim: pass {name}.contiguous()")
-        if t.data_ptr() % 16:
+        if not torch.compiler.is_compiling() and t.data_ptr() % 16:
             raise ValueError(f"cudnn_flex: {name}'s data is not 16-byte aligned (a slice at an odd "
                              f"offset?); cuDNN needs aligned inputs: pass {name}.clone()")
 
@@ -100,7 +103,7 @@ def _check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int
                 raise ValueError(f"cudnn_flex: {label} has shape {tuple(t.shape)}, which does not "
                                  f"broadcast against the scores [B, H, Sq, Skv] = {list(full)}; each "
                                  "dim must be 1 or match")
-            if t.is_cuda and t.data_ptr() % 16:
+            if t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16:
                 raise ValueError(f"cudnn_flex: {label} is not 16-byte aligned; pass a .clone()")
         names.append(name)
         values.append(t)
@@ -112,8 +115,9 @@ def _bhsd_views(q, k, v, layout: str):
     if layout not in _TO_BHSD:
         raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
     _check_qkv(q, k, v, layout)
-    perm = _TO_BHSD[layout]
-    q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
+    if layout != "bhsd":
+        perm = _TO_BHSD[layout]
+        q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     _check_shapes(q, k, v, layout)
     return q, k, v
 
@@ -157,9 +161,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     and with return_lse=True also the float32 log-sum-exp [B, H, Sq].
     """
     q, k, v = _bhsd_views(q, k, v, layout)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)
+    # the head dim can stay symbolic here.
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         raise ValueError(f"cudnn_flex: scale must be a finite number, got {scale!r}")
     for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
         if fn is not None and not callable(fn):
@@ -184,17 +189,20 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if t.dtype == torch.float64:
                 raise ValueError(f"cudnn_flex: score_mod tensor {name!r} is float64, which cuDNN's fused "
                                  "attention does not read; pass it as float32")
-        mod_id, mod_cacheable = _registry.resolve(score_mod, "score_mod", mod_names)
-        bprop_id, bprop_cacheable = _registry.resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
+        mod_id, bprop_id, cacheable = _registry.resolve_pair(score_mod, score_mod_bprop,
+                                                             tuple(mod_names), tuple(bprop_names))
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
-                                            mod_cacheable and bprop_cacheable, float(scale),
+                                            cacheable, None if scale is None else float(scale),
                                             bool(deterministic))
     else:
         _warn_reference(q)
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
         out, lse = reference.attention(q, k, v, score_mod, dict(zip(mod_names, mod_tensors)), scale,
                                        torch.float64 if q.dtype == torch.float64 else torch.float32)
         out = out.to(q.dtype)
-    out = out.permute(_FROM_BHSD[layout])
+    if layout != "bhsd":
+        out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
 
 

@@ -338,6 +338,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             "return the graph tensor it computed from its input")
         scores = result.value.to(float_dtype).expand(scores.shape)
     lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse).unsqueeze(-1)
-    probs = torch.where(finite, torch.exp(scores - torch.where(finite, lse.unsqueeze(-1), 0.0)), 0.0)
+    # Fully masked rows (lse = -inf) give 0 as cuDNN does; NaN or inf in the inputs propagate.
+    empty_row = (lse == float("-inf")).unsqueeze(-1)
+    probs = torch.where(empty_row, 0.0, torch.exp(scores - torch.where(empty_row, 0.0, lse.unsqueeze(-1))))
     return probs @ vf, lse

@@ -1,0 +1,190 @@
+"""torch.compile and opcheck without a GPU.
+
+Dynamo traces flex_attention on fake CUDA tensors (FakeTensorMode needs no GPU), so the cuDNN
+path is what gets traced; the fake kernels stand in for the CUDA ones. opcheck runs the ops on meta
+tensors: schema, fake kernels, autograd registration and AOT dispatch (static and dynamic).
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cudnn_flex
+from cudnn_flex import _registry, mods
+
+FWD = torch.ops.cudnn_flex.fwd.default
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def fake_qkv(mode, s=128, b=2, h=4, d=64):
+    with mode:
+        return tuple(torch.empty(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+
+def compile_recording(fn, **kwargs):
+    """fn compiled with fullgraph=True; returns (compiled, the FX graphs dynamo produced)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    return torch.compile(fn, backend=backend, fullgraph=True, **kwargs), graphs
+
+
+def op_calls(gm):
+    return [n for n in gm.graph.nodes if n.target in (FWD, torch.ops.cudnn_flex.fwd)]
+
+
+SOFTCAP = mods.Softcap(30.0)
+
+
+def module_level_function(q, k, v, slopes):
+    return cudnn_flex.flex_attention(q, k, v, mods.causal)
+
+
+def keyed_stateful_softcap(q, k, v, slopes):
+    return cudnn_flex.flex_attention(q, k, v, SOFTCAP.forward, SOFTCAP.backward)
+
+
+def with_score_mod_tensors(q, k, v, slopes):
+    return cudnn_flex.flex_attention(q, k, v, mods.alibi, score_mod_tensors={"slopes": slopes})
+
+
+def lambda_score_mod(q, k, v, slopes):
+    return cudnn_flex.flex_attention(q, k, v, lambda graph, score, tensors: score * 0.5, layout="bshd")
+
+
+CASES = [module_level_function, keyed_stateful_softcap, with_score_mod_tensors, lambda_score_mod]
+
+
+@pytest.mark.parametrize("fn", CASES, ids=lambda f: f.__name__)
+def test_dynamo_traces_one_op_with_no_graph_break(fn):
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    with mode:
+        slopes = torch.empty(1, 4, 1, 1, device="cuda")
+    # fullgraph=True: any graph break raises.
+    compiled, graphs = compile_recording(fn)
+    with mode:
+        out = compiled(q, k, v, slopes)
+    assert out.shape == q.shape and out.device.type == "cuda"
+    assert len(graphs) == 1
+    calls = op_calls(graphs[0])
+    assert len(calls) == 1
+    mod_id = calls[0].args[5]
+    # The id is a constant of the graph and names the user's callable in the registry.
+    assert isinstance(mod_id, int) and mod_id > 0
+    assert mod_id in _registry._callable_by_id
+
+
+@pytest.mark.parametrize("fn", CASES, ids=lambda f: f.__name__)
+def test_dynamic_shapes_compile_once_for_three_sequence_lengths(fn):
+    mode = FakeTensorMode()
+    compiled, graphs = compile_recording(fn, dynamic=True)
+    with mode:
+        slopes = torch.empty(1, 4, 1, 1, device="cuda")
+    for s in (128, 256, 384):
+        q, k, v = fake_qkv(mode, s=s)
+        with mode:
+            out = compiled(q, k, v, slopes)
+        assert out.shape == q.shape
+    assert len(graphs) == 1
+
+
+def test_compiled_id_matches_eager_id():
+    """A compiled call and an eager call of the same score_mod share one registry id, so they
+    share the cached cuDNN graphs."""
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, graphs = compile_recording(module_level_function)
+    with mode:
+        compiled(q, k, v, None)
+    eager_id, _ = _registry.resolve(mods.causal, "score_mod", ())
+    assert op_calls(graphs[0])[0].args[5] == eager_id
+
+
+def test_another_keyed_object_gets_its_own_id():
+    """Dynamo guards the object's identity: a new object with another key recompiles."""
+    caps = [mods.Softcap(30.0)]
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, caps[0].forward, caps[0].backward)
+
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, graphs = compile_recording(fn)
+    with mode:
+        compiled(q, k, v)
+        compiled(q, k, v)
+    assert len(graphs) == 1
+    caps[0] = mods.Softcap(20.0)
+    with mode:
+        compiled(q, k, v)
+    assert len(graphs) == 2
+    first, second = (op_calls(g)[0].args[5] for g in graphs)
+    assert first != second
+    assert _registry._callable_by_id[second][0].__self__ is caps[0]
+
+
+def test_uncacheable_score_mod_under_compile_is_explained():
+    factor = 0.5
+
+    def closure(graph, score, tensors):
+        return score * factor
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, closure)
+
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, _ = compile_recording(fn)
+    with mode, pytest.raises(Exception, match="must have a cacheable graph"):
+        compiled(q, k, v)
+
+
+def test_aot_autograd_traces_the_op_for_inference():
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled = torch.compile(module_level_function, backend="aot_eager", fullgraph=True)
+    with mode:
+        out = compiled(q, k, v, None)
+    assert out.shape == q.shape
+
+
+def meta_args(requires_grad, s_q=128, s_kv=96, h_q=4, h_kv=2, mod=mods.causal):
+    def t(*shape, **kw):
+        return torch.randn(*shape, device="meta", **kw).requires_grad_(requires_grad)
+
+    q, k, v = t(2, h_q, s_q, 64, dtype=torch.bfloat16), t(2, h_kv, s_kv, 64, dtype=torch.bfloat16), \
+        t(2, h_kv, s_kv, 32, dtype=torch.bfloat16)
+    mod_id, bprop_id, cacheable = _registry.resolve_pair(mod, None, (), ())
+    return q, k, v, mod_id, bprop_id, cacheable
+
+
+UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+         "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_opcheck_fwd(requires_grad, scale):
+    q, k, v, mod_id, bprop_id, cacheable = meta_args(requires_grad)
+    with torch.device("meta"):
+        bias = torch.randn(1, 4, 1, 96)
+    args = (q, k, v, [bias], [], mod_id, bprop_id, cacheable, scale, False)
+    torch.library.opcheck(FWD, args, test_utils=UTILS)
+
+
+def test_opcheck_bwd():
+    q, k, v, mod_id, bprop_id, cacheable = meta_args(False)
+    out, lse = FWD(q, k, v, [], [], mod_id, bprop_id, cacheable, None, False)
+    grad_out = torch.randn_like(out)
+    args = (grad_out, q, k, v, out, lse, [], [], mod_id, bprop_id, cacheable, None, True)
+    torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, args, test_utils=UTILS)

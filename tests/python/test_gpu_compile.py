@@ -1,0 +1,195 @@
+"""torch.compile, CUDA graphs and opcheck on the GPU: flex_attention inside a small model."""
+
+import copy
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import _registry, mods
+
+pytestmark = pytest.mark.gpu
+
+SOFTCAP = mods.Softcap(20.0)
+
+
+class Block(torch.nn.Module):
+    """Attention + ReLU MLP with residuals: bf16 ops whose compiled and eager forms round the same
+    way (matmuls go to cuBLAS either way; add and ReLU round once), so only the attention op
+    could make compiled and eager differ."""
+
+    def __init__(self, dim, heads, score_mod, score_mod_bprop=None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.up = torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.down = torch.nn.Linear(2 * dim, dim, bias=False)
+        self.attention = cudnn_flex.FlexAttention(score_mod, score_mod_bprop, layout="bshd")
+
+    def forward(self, x, slopes):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        tensors = {"slopes": slopes} if slopes is not None else None
+        x = x + self.proj(self.attention(q, k, v, tensors).reshape(b, s, d))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def make_model(score_mod=mods.causal, bprop=None, dim=256, heads=4, layers=2):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[Block(dim, heads, score_mod, bprop) for _ in range(layers)])
+    return model.cuda().to(torch.bfloat16)
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.layers = model
+
+    def forward(self, x, slopes=None):
+        for layer in self.layers:
+            x = layer(x, slopes)
+        return x
+
+
+def run_step(model, x, slopes=None):
+    out = model(x, slopes)
+    loss = out.float().square().mean()
+    loss.backward()
+    return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def assert_within_one_bf16_ulp(got, want):
+    # One bf16 ulp at |want| is 2^(exponent - 7).
+    ulp = torch.pow(2.0, torch.floor(torch.log2(want.float().abs().clamp_min(1e-30))) - 7)
+    excess = ((got.float() - want.float()).abs() - ulp).max().item()
+    assert excess <= 0, f"differs by more than one bf16 ulp (excess {excess})"
+
+
+CASES = {
+    "causal": (mods.causal, None, False),
+    "softcap": (SOFTCAP.forward, SOFTCAP.backward, False),
+    "alibi": (mods.alibi, None, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_two_layer_block_matches_eager(case):
+    score_mod, bprop, with_slopes = CASES[case]
+    eager = TwoLayer(make_model(score_mod, bprop))
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+    slopes = mods.alibi_slopes(4, device="cuda") if with_slopes else None
+    out_e, grads_e = run_step(eager, x, slopes)
+    out_c, grads_c = run_step(compiled, x, slopes)
+    assert_within_one_bf16_ulp(out_c, out_e)
+    for g_c, g_e in zip(grads_c, grads_e):
+        assert_within_one_bf16_ulp(g_c, g_e)
+
+
+def test_dynamic_sequence_lengths_compile_once():
+    torch._dynamo.reset()
+    frames = []
+
+    def counting_inductor(gm, example_inputs):
+        frames.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    model = TwoLayer(make_model())
+    compiled = torch.compile(model, backend=counting_inductor, dynamic=True, fullgraph=True)
+    for s in (128, 192, 320):
+        x = torch.randn(2, s, 256, device="cuda", dtype=torch.bfloat16)
+        out_c, grads_c = run_step(compiled, x)
+        model.zero_grad(set_to_none=True)
+        out_e, grads_e = run_step(model, x)
+        model.zero_grad(set_to_none=True)
+        assert_within_one_bf16_ulp(out_c, out_e)
+    assert len(frames) == 1
+
+
+def test_training_step_in_a_cuda_graph_replays_like_eager():
+    eager = TwoLayer(make_model(SOFTCAP.forward, SOFTCAP.backward))
+    captured = copy.deepcopy(eager)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(captured.parameters(), lr=0.1)
+    static_x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step(model, opt, x):
+        opt.zero_grad(set_to_none=False)
+        loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    # Warm-up on a side stream builds and caches the cuDNN graphs (no parameter update: lr 0).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for group in opt_c.param_groups:
+            group["lr"] = 0.0
+        step(captured, opt_c, static_x)
+        for group in opt_c.param_groups:
+            group["lr"] = 0.1
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(captured, opt_c, static_x)
+
+    builds = cudnn_flex._C.cache_stats()["builds"]
+    for i in range(10):
+        x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+        static_x.copy_(x)
+        graph.replay()
+        loss_e = step(eager, opt_e, x)
+        assert torch.equal(static_loss, loss_e), f"step {i}"
+    for p_c, p_e in zip(captured.parameters(), eager.parameters()):
+        assert torch.equal(p_c, p_e)
+    assert cudnn_flex._C.cache_stats()["builds"] == builds
+
+
+def test_reduce_overhead_mode_matches_eager():
+    model = TwoLayer(make_model())
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, recording, then replays
+        x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+        out_c, grads_c = run_step(compiled, x)
+        model.zero_grad(set_to_none=True)
+        out_e, grads_e = run_step(model, x)
+        model.zero_grad(set_to_none=True)
+        assert_within_one_bf16_ulp(out_c, out_e)
+        for g_c, g_e in zip(grads_c, grads_e):
+            assert_within_one_bf16_ulp(g_c, g_e)
+
+
+def scaled_by_three(graph, score, tensors):
+    return score * 3.0
+
+
+def test_building_during_capture_is_a_clear_error():
+    q = torch.randn(1, 2, 136, 64, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        with torch.cuda.graph(graph):
+            cudnn_flex.flex_attention(q, q, q, scaled_by_three)  # never built for this shape
+    # The process and the cache are fine: the same call works outside capture.
+    out = cudnn_flex.flex_attention(q, q, q, scaled_by_three)
+    want = cudnn_flex.flex_attention(q.float(), q.float(), q.float(), scaled_by_three, backend="reference")
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_on_cuda(requires_grad):
+    def t(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16).requires_grad_(requires_grad)
+
+    q, k, v = t(2, 4, 128, 64), t(2, 2, 96, 64), t(2, 2, 96, 64)
+    slopes = mods.alibi_slopes(4, device="cuda")
+    mod_id, bprop_id, cacheable = _registry.resolve_pair(mods.alibi, None, ("slopes",), ())
+    args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True)
+    torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args)
+    out, lse = torch.ops.cudnn_flex.fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, [slopes], [],
+                mod_id, bprop_id, cacheable, None, True)
+    torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, bwd_args)

@@ -74,7 +74,8 @@ def _explicit_key(owner: Any) -> Optional[Hashable]:
     getter = getattr(owner, "score_mod_graph_cache_key", None)
     if getter is None:
         return None
-    return _checked_key(getter(), type(owner))
+    key = getter()
+    return None if key is None else _checked_key(key, type(owner))
 
 
 def _owner_key(owner_type: type, method_name: Optional[str], key: Hashable) -> Hashable:
@@ -144,17 +145,53 @@ def resolve(fn: Optional[Callable], role: str, names: Sequence[str] = ()) -> tup
 
 
 def resolve_pair(score_mod: Optional[Callable], score_mod_bprop: Optional[Callable],
-                 mod_names: tuple, bprop_names: tuple) -> tuple[int, int, bool]:
-    """(score_mod id, bprop id, cacheable) for one call.
+                 mod_names: tuple, bprop_names: tuple, mod_dtypes: tuple = ()) -> tuple[int, int, bool]:
+    """(score_mod id, bprop id, cacheable) for one call. Without a bprop, one is derived from the
+    score_mod's ops (auto_bprop), or none is used when the derivative is dP itself.
 
-    Under torch.compile the ids are resolved while dynamo traces and become constants of the
-    graph; dynamo guards on what the structural keys read (the function, a key's attributes)."""
+    Under torch.compile this runs once, while dynamo traces, and its result is a constant of the
+    graph: the callables reach it in a form dynamo can pass as constants (see _constant_form)."""
     if torch.compiler.is_compiling():
-        return (_resolve_traced(score_mod, "score_mod", mod_names),
-                _resolve_traced(score_mod_bprop, "score_mod_bprop", bprop_names), True)
+        return _traced_pair(_constant_form(score_mod, "score_mod"),
+                            _constant_form(score_mod_bprop, "score_mod_bprop"),
+                            mod_names, bprop_names, mod_dtypes)
+    return _resolve_pair_eager(score_mod, score_mod_bprop, mod_names, bprop_names, mod_dtypes)
+
+
+def _resolve_pair_eager(score_mod, score_mod_bprop, mod_names, bprop_names, mod_dtypes):
+    if score_mod is not None and score_mod_bprop is None:
+        score_mod, score_mod_bprop = _with_derived_bprop(score_mod, mod_names, mod_dtypes)
     mod_id, mod_cacheable = resolve(score_mod, "score_mod", mod_names)
     bprop_id, bprop_cacheable = resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
     return mod_id, bprop_id, mod_cacheable and bprop_cacheable
+
+
+# structural key of a score_mod (+ its tensors) -> whether its derivative is dP itself
+_passes_through: dict[Hashable, bool] = {}
+
+
+def _with_derived_bprop(score_mod: Callable, names: tuple, dtypes: tuple):
+    """(score_mod, bprop) with the bprop derived from score_mod's ops, or (score_mod, None)."""
+    from . import auto_bprop
+    from .reference import ReferenceGraph, RefTensor
+
+    key = structural_key(score_mod)
+    analysis_key = None if key is None else (key, names, dtypes)
+    through = _passes_through.get(analysis_key) if analysis_key is not None else None
+    if through is None:
+        graph = ReferenceGraph((1, 1, 1, 1), torch.device("cpu"))
+        tensors = {n: RefTensor(torch.ones(1, 1, 1, 1, dtype=d or torch.float32), graph)
+                   for n, d in zip(names, dtypes or (None,) * len(names))}
+        through = auto_bprop.passes_through(score_mod, graph, RefTensor(torch.ones(1, 1, 1, 1), graph), tensors)
+        if through is None:
+            return score_mod, None  # the score_mod fails: its build will say how
+        if analysis_key is not None:
+            with _lock:
+                _passes_through[analysis_key] = through
+    if through:
+        return score_mod, None
+    auto = auto_bprop.AutoBprop(score_mod, None if key is None else ("auto", key))
+    return auto.forward, auto.backward
 
 
 def _uncacheable_under_compile(name: str, role: str) -> TypeError:
@@ -164,47 +201,39 @@ def _uncacheable_under_compile(name: str, role: str) -> TypeError:
         "module level, or give its object a score_mod_graph_cache_key() method.")
 
 
+def _constant_form(fn: Optional[Callable], role: str):
+    """fn as values dynamo can pass as constants: a plain function as itself; a bound method or
+    callable object as (class, method name, id(owner)); dynamo guards the owner's identity."""
+    if fn is None or isinstance(fn, types.FunctionType):
+        return fn
+    is_method = isinstance(fn, types.MethodType)
+    owner = fn.__self__ if is_method else fn
+    if not hasattr(owner, "score_mod_graph_cache_key"):
+        raise _uncacheable_under_compile(type(owner).__name__, role)
+    return (type(owner), fn.__func__.__name__ if is_method else None, id(owner))
+
+
+def _from_constant_form(form, role: str) -> Optional[Callable]:
+    if form is None or isinstance(form, types.FunctionType):
+        if form is not None and _function_key(form) is None:
+            raise _uncacheable_under_compile(describe(form), role)
+        return form
+    owner_type, method_name, owner_id = form
+    # The owner is alive: the frame dynamo is tracing holds it.
+    owner = ctypes.cast(owner_id, ctypes.py_object).value
+    assert type(owner) is owner_type
+    if _explicit_key(owner) is None:
+        raise _uncacheable_under_compile(owner_type.__name__, role)
+    return getattr(owner, method_name) if method_name else owner
+
+
 @torch._dynamo.assume_constant_result
-def _traced_id(fn: Optional[types.FunctionType], owner_type: Optional[type], method_name: Optional[str],
-               owner_id: int, names: tuple, role: str) -> int:
-    """Runs in plain Python while dynamo traces; its result is a constant of the graph.
-
-    Dynamo passes only constants here: functions, classes, strings and id(owner) (dynamo guards
-    the owner's identity). The owner is found from its id: it is alive, since the traced frame
-    holds it. Its key is read here, in plain Python, because dynamo would turn the floats of a key
-    into symbolic values (dynamic=True, or after a change) that cannot be hashed."""
-    if owner_type is None:
-        key = _function_key(fn)
-        if key is None:
-            raise _uncacheable_under_compile(describe(fn), role)
-    else:
-        owner = ctypes.cast(owner_id, ctypes.py_object).value
-        assert type(owner) is owner_type
-        key = _owner_key(owner_type, method_name, _explicit_key(owner))
-    with _lock:
-        fid = _id_by_key.get((key, names))
-        if fid is None:
-            fid = _id_by_key[(key, names)] = next(_next_id)
-        return fid
-
-
-def _resolve_traced(fn: Optional[Callable], role: str, names: tuple) -> int:
-    """resolve() for dynamo. The id is a trace-time constant; the callable is registered by a
-    store that dynamo replays on every call of the compiled code. An object's key is read when
-    dynamo traces: to change it under torch.compile, use a new object (dynamo then recompiles)."""
-    if fn is None:
-        return 0
-    if isinstance(fn, types.FunctionType):
-        fid = _traced_id(fn, None, None, 0, names, role)
-    else:
-        is_method = isinstance(fn, types.MethodType)
-        owner = fn.__self__ if is_method else fn
-        if not hasattr(owner, "score_mod_graph_cache_key"):
-            raise _uncacheable_under_compile(type(owner).__name__, role)
-        fid = _traced_id(None, type(owner), fn.__func__.__name__ if is_method else None, id(owner),
-                         names, role)
-    _callable_by_id[fid] = (fn, names)
-    return fid
+def _traced_pair(mod_form, bprop_form, mod_names: tuple, bprop_names: tuple, mod_dtypes: tuple):
+    """Runs in plain Python while dynamo traces. Keys are read here rather than traced, because
+    dynamo would turn a key's floats into symbolic values (dynamic=True, or after a change)."""
+    return _resolve_pair_eager(_from_constant_form(mod_form, "score_mod"),
+                        _from_constant_form(bprop_form, "score_mod_bprop"),
+                        mod_names, bprop_names, mod_dtypes)
 
 
 def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any]) -> Any:

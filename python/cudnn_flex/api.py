@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from . import _ops  # noqa: F401  (registers fake kernels and autograd)
-from . import _registry, reference
+from . import _registry, reference, torch_style
 
 # Permutation that turns a tensor in the user's layout into a BHSD view.
 _TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
@@ -149,13 +149,15 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    score_mod_bprop_tensors: TensorDict = None,
                    *, scale: Optional[float] = None, layout: str = "bhsd",
                    return_lse: bool = False, deterministic: bool = False,
-                   backend: str = "auto",
+                   backend: str = "auto", mask_mod: Optional[Callable] = None,
                    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention softmax(score_mod(scale * Q K^T)) V as one fused cuDNN kernel, forward and backward.
 
     score_mod(graph, score, tensors) -> score rewrites the scores with the graph's ops (a mask, a
-    bias, a softcap...). score_mod_bprop(graph, dP, tensors) -> dP maps the gradient back through
-    it; without one, dP passes through unchanged, which is right for additive biases and masks.
+    bias, a softcap...); a torch-style score_mod(score, b, h, q_idx, kv_idx) and a
+    mask_mod(b, h, q_idx, kv_idx) -> bool, as written for torch's flex_attention, work too.
+    score_mod_bprop(graph, dP, tensors) -> dP maps the gradient back through the score_mod;
+    without one it is derived from the score_mod's ops (none is needed for biases and masks).
     Tensors in score_mod_tensors broadcast against [B, H, Sq, Skv]; one-element CPU tensors are
     passed by value, so changing their value does not rebuild the graph. Returns out in `layout`,
     and with return_lse=True also the float32 log-sum-exp [B, H, Sq].
@@ -179,6 +181,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
                          "they are inputs of score_mod_bprop only")
     s_kv = k.shape[2]
+    score_mod, score_mod_tensors = torch_style.prepare(score_mod, mask_mod, score_mod_tensors,
+                                                       (q.shape[0], q.shape[1], q.shape[2], s_kv))
     mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, s_kv)
     bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
                                                     q, s_kv)
@@ -189,8 +193,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if t.dtype == torch.float64:
                 raise ValueError(f"cudnn_flex: score_mod tensor {name!r} is float64, which cuDNN's fused "
                                  "attention does not read; pass it as float32")
-        mod_id, bprop_id, cacheable = _registry.resolve_pair(score_mod, score_mod_bprop,
-                                                             tuple(mod_names), tuple(bprop_names))
+        mod_id, bprop_id, cacheable = _registry.resolve_pair(
+            score_mod, score_mod_bprop, tuple(mod_names), tuple(bprop_names),
+            tuple(t.dtype for t in mod_tensors))
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                             cacheable, None if scale is None else float(scale),
                                             bool(deterministic))
@@ -211,12 +216,13 @@ class FlexAttention(torch.nn.Module):
 
     def __init__(self, score_mod: Optional[Callable] = None, score_mod_bprop: Optional[Callable] = None,
                  *, scale: Optional[float] = None, layout: str = "bhsd", deterministic: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", mask_mod: Optional[Callable] = None):
         super().__init__()
         if layout not in _TO_BHSD:
             raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
         self.score_mod = score_mod
         self.score_mod_bprop = score_mod_bprop
+        self.mask_mod = mask_mod
         self.scale = scale
         self.layout = layout
         self.deterministic = deterministic
@@ -227,7 +233,7 @@ class FlexAttention(torch.nn.Module):
         return flex_attention(q, k, v, self.score_mod, self.score_mod_bprop, score_mod_tensors,
                               score_mod_bprop_tensors, scale=self.scale, layout=self.layout,
                               return_lse=return_lse, deterministic=self.deterministic,
-                              backend=self.backend)
+                              backend=self.backend, mask_mod=self.mask_mod)
 
     def extra_repr(self) -> str:
         name = _registry.describe(self.score_mod) if self.score_mod is not None else None
@@ -238,7 +244,7 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     score_mod: Optional[Callable] = None, score_mod_bprop: Optional[Callable] = None,
                     score_mod_tensors: TensorDict = None, score_mod_bprop_tensors: TensorDict = None,
                     *, scale: Optional[float] = None, layout: str = "bhsd", deterministic: bool = False,
-                    sm_version: int = 90) -> str:
+                    sm_version: int = 90, mask_mod: Optional[Callable] = None) -> str:
     """Builds the forward and backward cuDNN graphs for these arguments up to cuDNN's operation
     graph, for `sm_version`, without a GPU (q, k, v may be CPU or meta tensors of any float dtype:
     they are described as float16 unless bfloat16). Runs the score_mods through the bridge.
@@ -248,10 +254,12 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    score_mod, score_mod_tensors = torch_style.prepare(score_mod, mask_mod, score_mod_tensors,
+                                                       (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, k.shape[2])
     bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
                                                     q, k.shape[2])
-    mod_id, _ = _registry.resolve(score_mod, "score_mod", mod_names)
-    bprop_id, _ = _registry.resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
+    mod_id, bprop_id, _ = _registry.resolve_pair(score_mod, score_mod_bprop, tuple(mod_names),
+                                                 tuple(bprop_names), tuple(t.dtype for t in mod_tensors))
     return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                          float(scale), bool(deterministic), sm_version)

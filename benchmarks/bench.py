@@ -708,16 +708,16 @@ class ColdMod:
 
 def ours_mod(case: str, inputs: dict):
     """(score_mod, score_mod_bprop, score_mod_tensors) for cudnn_flex.flex_attention."""
-    from cudnn_flex import mods
+    from cudnn_flex import dsl_mods, mods
     if case == "nomod":
         return None, None, None
     if case == "causal":
-        return mods.causal, None, None
+        return dsl_mods.causal, None, None
     if case == "softcap":
-        cap = mods.Softcap(SOFTCAP)
+        cap = dsl_mods.Softcap(SOFTCAP)
         return cap.forward, cap.backward, None
     if case == "alibi":
-        return mods.alibi, None, {"slopes": inputs["slopes"]}
+        return dsl_mods.alibi, None, {"slopes": inputs["slopes"]}
     if case == "relbias":
         return RelativeBias(REL_C), None, None
     if case == "docmask":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cudnn_flex
-from cudnn_flex import mods
+from cudnn_flex import dsl_mods, mods
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
 from gpu_cases import ALL_PATTERNS, bias_pattern, errors, make_inputs, pattern_name, run_both  # noqa: E402
@@ -32,7 +32,7 @@ def broadcast_table():
                 q, k, v = make_inputs(b=b, h=h, s_q=s_q, s_kv=s_kv)
                 bias = bias_pattern(mask, b, h, s_q, s_kv).to(dtype)
                 try:
-                    got, want = run_both(q, k, v, mods.add_bias, tensors={"bias": bias})
+                    got, want = run_both(q, k, v, dsl_mods.add_bias, tensors={"bias": bias})
                     e = errors(got, want)
                     cells = " ".join(f"{e[k]:8.1e}" for k in ("out", "lse", "dq", "dk", "dv"))
                 except Exception as ex:  # noqa: BLE001  (a report: show what cuDNN said)
@@ -66,7 +66,7 @@ def fwd_bwd(run, q, k, v):
 def bench_table():
     b, h, s, d = 2, 16, 4096, 128
     q, k, v = make_inputs(b=b, h=h, s_q=s, d=d)
-    cap = mods.Softcap(30.0)
+    cap = dsl_mods.Softcap(30.0)
     slopes = mods.alibi_slopes(h, "cuda")
 
     def sdpa(causal):
@@ -82,10 +82,10 @@ def bench_table():
         "sdpa cudnn, no mask": sdpa(False),
         "sdpa cudnn, causal": sdpa(True),
         "cudnn_flex, no mod": flex(),
-        "cudnn_flex, causal mod": flex(score_mod=mods.causal),
+        "cudnn_flex, causal mod": flex(score_mod=dsl_mods.causal),
         "cudnn_flex, softcap": flex(score_mod=cap.forward, score_mod_bprop=cap.backward),
-        "cudnn_flex, alibi": flex(score_mod=mods.alibi, score_mod_tensors={"slopes": slopes}),
-        "cudnn_flex, rel. bias": flex(score_mod=mods.relative_bias),
+        "cudnn_flex, alibi": flex(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes}),
+        "cudnn_flex, rel. bias": flex(score_mod=dsl_mods.relative_bias),
     }
     rows = []
     for name, run in cases.items():
@@ -117,7 +117,7 @@ def bench_table():
 
     with torch.no_grad():
         sdpa_us = host_us(lambda: sdpa(False)(tq, tk, tv))
-        flex_us = host_us(lambda: cudnn_flex.flex_attention(tq, tk, tv, mods.causal))
+        flex_us = host_us(lambda: cudnn_flex.flex_attention(tq, tk, tv, dsl_mods.causal))
     print(f"\nhost time per cached forward call at B=1 H=1 S=64 D=64: cudnn_flex {flex_us:.1f} us, "
           f"torch sdpa {sdpa_us:.1f} us")
 

@@ -11,7 +11,9 @@ from . import _registry
 from ._C import Graph, Tensor, data_type
 from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
-from . import mods, reference
+from .torch_style import UnsupportedConstruct, torch_score_mod
+from .auto_bprop import BpropNotDerivable
+from . import dsl_mods, mods, reference
 
 _C._set_dispatcher(_registry.dispatch)
 
@@ -21,8 +23,9 @@ set_cache_capacity = _C.set_cache_capacity
 versions = _C.versions
 
 __all__ = [
-    "BpropMismatchError", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
-    "check_score_mod_bprop", "clear_cache", "data_type", "flex_attention", "mods", "reference",
+    "BpropMismatchError", "BpropNotDerivable", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
+    "UnsupportedConstruct", "check_score_mod_bprop", "clear_cache", "data_type", "dsl_mods",
+    "flex_attention", "mods", "reference", "torch_score_mod",
     "set_cache_capacity", "validate_graphs", "versions",
 ]
 __version__ = "0.1.0"

@@ -156,11 +156,13 @@ class _Trace:
         if i is None:
             raise UnsupportedConstruct(
                 f"cudnn_flex: {what} uses a tensor the score_mod does not capture in a closure, "
-                "default or global; cudnn_flex cannot pass it to cuDNN")
+                "default or global (one made or computed inside it, e.g. slopes[0]): its values "
+                "would be frozen into a cached graph. Use a Python number, or capture the tensor "
+                "and index it by index variables")
         positions = tuple(range(t.dim()))
         name = f"{_CAPTURE_PREFIX}{i}_" + "".join(_AXES[a] for a in axes)
         self.views[name] = (i, axes, positions)
-        return Proxy(self, node=self.tensors[name])
+        return Proxy(self, node=self.tensors[name], is_input=True)
 
 
 def _unsupported(what: str) -> UnsupportedConstruct:
@@ -170,10 +172,12 @@ def _unsupported(what: str) -> UnsupportedConstruct:
 class Proxy:
     """A value of the score_mod: an index variable (axis) or a graph tensor (node)."""
 
-    __slots__ = ("trace", "axis", "_node", "is_bool")
+    __slots__ = ("trace", "axis", "_node", "is_bool", "is_input")
 
-    def __init__(self, trace: _Trace, node=None, axis: Optional[int] = None, is_bool: bool = False):
+    def __init__(self, trace: _Trace, node=None, axis: Optional[int] = None, is_bool: bool = False,
+                 is_input: bool = False):
         self.trace, self._node, self.axis, self.is_bool = trace, node, axis, is_bool
+        self.is_input = is_input  # a captured tensor as it enters the graph
 
     @property
     def node(self):
@@ -207,7 +211,7 @@ class Proxy:
         trace = next(a.trace for a in _flat(args, kwargs) if isinstance(a, Proxy))
         handler = _TORCH_FUNCTIONS.get(func)
         if handler is None:
-            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            name = getattr(func, "__name__", None) or repr(func)
             raise _unsupported(f"torch function {name}")
         return handler(trace, *args, **kwargs)
 
@@ -248,11 +252,26 @@ def _operand(trace: _Trace, x, what: str):
     raise _unsupported(f"a {type(x).__name__} in {what}")
 
 
+# Ops whose operands may be swapped (to the mirrored op): cuDNN refuses an op whose first input
+# is a constant or a score_mod tensor (the bridge then lifts it with an extra add), so a computed
+# value goes first where it can.
+_SWAPPED = {"add": "add", "mul": "mul", "max": "max", "min": "min", "logical_and": "logical_and",
+            "logical_or": "logical_or", "cmp_eq": "cmp_eq", "cmp_neq": "cmp_neq",
+            "cmp_gt": "cmp_lt", "cmp_lt": "cmp_gt", "cmp_ge": "cmp_le", "cmp_le": "cmp_ge"}
+
+
+def _computed(x) -> bool:
+    return isinstance(x, Proxy) and not x.is_input
+
+
 def _binary(op: str, is_bool: bool = False):
     def handler(trace, a, b, **kwargs):
         if kwargs:
             raise _unsupported(f"keyword arguments {sorted(kwargs)} of {op}")
-        graph_op = getattr(trace.graph, op)
+        name = op
+        if op in _SWAPPED and not _computed(a) and _computed(b):
+            a, b, name = b, a, _SWAPPED[op]
+        graph_op = getattr(trace.graph, name)
         return Proxy(trace, graph_op(_operand(trace, a, op), _operand(trace, b, op)), is_bool=is_bool)
     return handler
 
@@ -447,9 +466,8 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
                              f"have {full[axis]}")
         sizes[axis], strides[axis] = full[axis], t.stride(dim)
     view = t.as_strided(sizes, strides, t.storage_offset())
-    if view.dtype == torch.int64:
-        view = view.to(torch.int32)
-    elif view.dtype == torch.float64:
+    if view.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
+        # The score_mod's arithmetic is float32 (integers are exact up to 2^24): a small copy.
         view = view.to(torch.float32)
     if view.is_cuda and view.data_ptr() % 16:
         view = view.clone()
@@ -485,6 +503,9 @@ def prepare(score_mod: Optional[Callable], mask_mod: Optional[Callable], score_m
                             "graph.binary_select(score, float('-inf'), mask)")
         score_mod = mask_to_score_mod(mask_mod, score_mod)
     elif score_mod is None or not is_torch_style(score_mod):
+        if score_mod is not None and _positional_count(score_mod) == 4:
+            raise TypeError("cudnn_flex: score_mod takes 4 arguments, like a mask_mod(b, h, q_idx, "
+                            "kv_idx); pass it as mask_mod=, or write score_mod(score, b, h, q_idx, kv_idx)")
         return score_mod, score_mod_tensors
     if score_mod_tensors:
         raise TypeError("cudnn_flex: a torch-style score_mod gets its tensors by capturing them "

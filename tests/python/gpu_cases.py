@@ -5,7 +5,7 @@ import math
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods, reference
+from cudnn_flex import dsl_mods, mods, reference
 
 TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
 
@@ -68,20 +68,20 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 MODS = {
     "none": dict(),
     "identity": dict(score_mod=identity),
-    "causal": dict(score_mod=mods.causal),
+    "causal": dict(score_mod=dsl_mods.causal),
     "softcap": "softcap",
-    "relative_bias": dict(score_mod=mods.relative_bias),
+    "relative_bias": dict(score_mod=dsl_mods.relative_bias),
     "alibi": "alibi",
 }
 
 
 def mod_args(name, h):
     if name == "softcap":
-        cap = mods.Softcap(2.0)  # small cap so that the tanh really bends the scores
+        cap = dsl_mods.Softcap(2.0)  # small cap so that the tanh really bends the scores
         return dict(score_mod=cap.forward, score_mod_bprop=cap.backward)
     if name == "alibi":
         slopes = mods.alibi_slopes(h, "cuda")
-        return dict(score_mod=mods.alibi, tensors={"slopes": slopes})
+        return dict(score_mod=dsl_mods.alibi, tensors={"slopes": slopes})
     return dict(MODS[name])
 
 

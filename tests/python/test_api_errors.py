@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods
+from cudnn_flex import dsl_mods, mods
 
 
 def qkv(shape=(1, 2, 8, 16), dtype=torch.float32, device="cpu"):
@@ -69,32 +69,32 @@ def test_bad_scale(scale):
 
 def test_bprop_tensors_without_bprop():
     with pytest.raises(ValueError, match="score_mod_bprop_tensors were given without score_mod_bprop"):
-        cudnn_flex.flex_attention(*qkv(), mods.causal, score_mod_bprop_tensors={"x": torch.ones(1)})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.causal, score_mod_bprop_tensors={"x": torch.ones(1)})
 
 
 def test_bprop_without_score_mod():
     with pytest.raises(ValueError, match="score_mod_bprop was given without score_mod"):
-        cudnn_flex.flex_attention(*qkv(), None, mods.causal)
+        cudnn_flex.flex_attention(*qkv(), None, dsl_mods.causal)
 
 
 def test_score_mod_tensor_not_broadcastable():
     with pytest.raises(ValueError, match=r"score_mod_tensors\['bias'\] has shape \(3, 8\)"):
-        cudnn_flex.flex_attention(*qkv(), mods.add_bias, score_mod_tensors={"bias": torch.zeros(3, 8)})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.add_bias, score_mod_tensors={"bias": torch.zeros(3, 8)})
 
 
 def test_score_mod_tensor_requires_grad():
     with pytest.raises(ValueError, match=r"requires grad.*detach"):
-        cudnn_flex.flex_attention(*qkv(), mods.add_bias, score_mod_tensors={"bias": torch.zeros(8, 8, requires_grad=True)})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.add_bias, score_mod_tensors={"bias": torch.zeros(8, 8, requires_grad=True)})
 
 
 def test_score_mod_tensor_not_a_tensor():
     with pytest.raises(TypeError, match="wrap numbers as torch.tensor"):
-        cudnn_flex.flex_attention(*qkv(), mods.add_bias, score_mod_tensors={"bias": 1.0})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.add_bias, score_mod_tensors={"bias": 1.0})
 
 
 def test_score_mod_tensor_on_another_device():
     with pytest.raises(ValueError, match="is on meta but q is on cpu"):
-        cudnn_flex.flex_attention(*qkv(), mods.add_bias, score_mod_tensors={"bias": torch.zeros(8, 8, device="meta")})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.add_bias, score_mod_tensors={"bias": torch.zeros(8, 8, device="meta")})
 
 
 def test_cudnn_backend_on_cpu_is_refused():
@@ -109,7 +109,7 @@ def test_module_rejects_bad_layout_at_construction():
 
 def test_dict_in_the_bprop_position_is_explained():
     with pytest.raises(TypeError, match="score_mod_bprop must be a callable.*by keyword"):
-        cudnn_flex.flex_attention(*qkv(), mods.add_bias, {"bias": torch.zeros(8, 8)})
+        cudnn_flex.flex_attention(*qkv(), dsl_mods.add_bias, {"bias": torch.zeros(8, 8)})
 
 
 def test_non_contiguous_head_dim_is_refused_for_cudnn():

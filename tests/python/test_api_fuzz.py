@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods
+from cudnn_flex import dsl_mods, mods
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 LAYOUTS = ["bhsd", "bshd", "sbhd", "bad"]
-MODS = [None, mods.causal, mods.relative_bias, mods.sliding_window(2)]
+MODS = [None, dsl_mods.causal, dsl_mods.relative_bias, dsl_mods.SlidingWindow(2)]
 
 
 @settings(max_examples=150, deadline=None)

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cudnn_flex
-from cudnn_flex import _registry, mods
+from cudnn_flex import _registry, dsl_mods, mods
 
 FWD = torch.ops.cudnn_flex.fwd.default
 
@@ -42,11 +42,11 @@ def op_calls(gm):
     return [n for n in gm.graph.nodes if n.target in (FWD, torch.ops.cudnn_flex.fwd)]
 
 
-SOFTCAP = mods.Softcap(30.0)
+SOFTCAP = dsl_mods.Softcap(30.0)
 
 
 def module_level_function(q, k, v, slopes):
-    return cudnn_flex.flex_attention(q, k, v, mods.causal)
+    return cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
 
 
 def keyed_stateful_softcap(q, k, v, slopes):
@@ -54,7 +54,7 @@ def keyed_stateful_softcap(q, k, v, slopes):
 
 
 def with_score_mod_tensors(q, k, v, slopes):
-    return cudnn_flex.flex_attention(q, k, v, mods.alibi, score_mod_tensors={"slopes": slopes})
+    return cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
 
 
 def lambda_score_mod(q, k, v, slopes):
@@ -106,13 +106,13 @@ def test_compiled_id_matches_eager_id():
     compiled, graphs = compile_recording(module_level_function)
     with mode:
         compiled(q, k, v, None)
-    eager_id, _ = _registry.resolve(mods.causal, "score_mod", ())
+    eager_id, _ = _registry.resolve(dsl_mods.causal, "score_mod", ())
     assert op_calls(graphs[0])[0].args[5] == eager_id
 
 
 def test_another_keyed_object_gets_its_own_id():
     """Dynamo guards the object's identity: a new object with another key recompiles."""
-    caps = [mods.Softcap(30.0)]
+    caps = [dsl_mods.Softcap(30.0)]
 
     def fn(q, k, v):
         return cudnn_flex.flex_attention(q, k, v, caps[0].forward, caps[0].backward)
@@ -124,7 +124,7 @@ def test_another_keyed_object_gets_its_own_id():
         compiled(q, k, v)
         compiled(q, k, v)
     assert len(graphs) == 1
-    caps[0] = mods.Softcap(20.0)
+    caps[0] = dsl_mods.Softcap(20.0)
     with mode:
         compiled(q, k, v)
     assert len(graphs) == 2
@@ -158,7 +158,7 @@ def test_aot_autograd_traces_the_op_for_inference():
     assert out.shape == q.shape
 
 
-def meta_args(requires_grad, s_q=128, s_kv=96, h_q=4, h_kv=2, mod=mods.causal):
+def meta_args(requires_grad, s_q=128, s_kv=96, h_q=4, h_kv=2, mod=dsl_mods.causal):
     def t(*shape, **kw):
         return torch.randn(*shape, device="meta", **kw).requires_grad_(requires_grad)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods
+from cudnn_flex import dsl_mods, mods
 
 from gpu_cases import (ALL_PATTERNS, TOL, bias_pattern, errors, make_inputs, mod_args, pattern_name,
                        run_both)
@@ -42,7 +42,7 @@ def test_deterministic_backward_is_bitwise_repeatable():
     q, k, v = make_inputs(h=8, h_kv=2, s_q=512, d=128)
     results = []
     for _ in range(2):
-        out = cudnn_flex.flex_attention(q, k, v, mods.causal, deterministic=True)
+        out = cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, deterministic=True)
         results.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -50,10 +50,10 @@ def test_deterministic_backward_is_bitwise_repeatable():
 
 def test_second_identical_call_builds_nothing():
     q, k, v = make_inputs()
-    out = cudnn_flex.flex_attention(q, k, v, mods.relative_bias)
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias)
     out.sum().backward()
     before = cudnn_flex.cache_stats()
-    out = cudnn_flex.flex_attention(q, k, v, mods.relative_bias)
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias)
     out.sum().backward()
     after = cudnn_flex.cache_stats()
     assert after["builds"] == before["builds"]
@@ -91,7 +91,7 @@ def test_bias_of_every_broadcast_pattern(mask):
     b, h, s_q, s_kv = 2, 4, 128, 192
     q, k, v = make_inputs(b=b, h=h, s_q=s_q, s_kv=s_kv)
     bias = bias_pattern(mask, b, h, s_q, s_kv)
-    check(torch.bfloat16, q=q, k=k, v=v, score_mod=mods.add_bias, tensors={"bias": bias})
+    check(torch.bfloat16, q=q, k=k, v=v, score_mod=dsl_mods.add_bias, tensors={"bias": bias})
 
 
 def test_score_mod_error_leaves_cache_clean_and_next_call_works():
@@ -103,7 +103,7 @@ def test_score_mod_error_leaves_cache_clean_and_next_call_works():
     with pytest.raises(KeyError):
         cudnn_flex.flex_attention(q, k, v, broken)
     assert cudnn_flex.cache_stats()["size"] == size
-    check(torch.bfloat16, q=q, k=k, v=v, score_mod=mods.causal)
+    check(torch.bfloat16, q=q, k=k, v=v, score_mod=dsl_mods.causal)
 
 
 def test_refused_head_dim_names_the_problem():
@@ -115,5 +115,5 @@ def test_refused_head_dim_names_the_problem():
 
 def test_module_wrapper_matches_function():
     q, k, v = make_inputs(layout="bshd")
-    module = cudnn_flex.FlexAttention(mods.causal, layout="bshd")
-    assert torch.equal(module(q, k, v), cudnn_flex.flex_attention(q, k, v, mods.causal, layout="bshd"))
+    module = cudnn_flex.FlexAttention(dsl_mods.causal, layout="bshd")
+    assert torch.equal(module(q, k, v), cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, layout="bshd"))

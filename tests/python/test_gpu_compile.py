@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import _registry, mods
+from cudnn_flex import _registry, dsl_mods, mods
 
 pytestmark = pytest.mark.gpu
 
-SOFTCAP = mods.Softcap(20.0)
+SOFTCAP = dsl_mods.Softcap(20.0)
 
 
 class Block(torch.nn.Module):
@@ -35,7 +35,7 @@ class Block(torch.nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
-def make_model(score_mod=mods.causal, bprop=None, dim=256, heads=4, layers=2):
+def make_model(score_mod=dsl_mods.causal, bprop=None, dim=256, heads=4, layers=2):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[Block(dim, heads, score_mod, bprop) for _ in range(layers)])
     return model.cuda().to(torch.bfloat16)
@@ -67,9 +67,9 @@ def assert_within_one_bf16_ulp(got, want):
 
 
 CASES = {
-    "causal": (mods.causal, None, False),
+    "causal": (dsl_mods.causal, None, False),
     "softcap": (SOFTCAP.forward, SOFTCAP.backward, False),
-    "alibi": (mods.alibi, None, True),
+    "alibi": (dsl_mods.alibi, None, True),
 }
 
 
@@ -186,7 +186,7 @@ def test_opcheck_on_cuda(requires_grad):
 
     q, k, v = t(2, 4, 128, 64), t(2, 2, 96, 64), t(2, 2, 96, 64)
     slopes = mods.alibi_slopes(4, device="cuda")
-    mod_id, bprop_id, cacheable = _registry.resolve_pair(mods.alibi, None, ("slopes",), ())
+    mod_id, bprop_id, cacheable = _registry.resolve_pair(dsl_mods.alibi, None, ("slopes",), ())
     args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True)
     torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args)
     out, lse = torch.ops.cudnn_flex.fwd(*args)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods, reference
+from cudnn_flex import dsl_mods, mods, reference
 
 from gpu_cases import TO_BHSD, TOL, errors, make_inputs, run_both
 
@@ -69,14 +69,14 @@ def cache_capacity(n: int):
 def check_valid_call_works() -> None:
     """A fresh, valid fwd+bwd call agrees with the float32 reference."""
     q, k, v = make_inputs(seed=99)
-    got, want = run_both(q, k, v, mods.causal)
+    got, want = run_both(q, k, v, dsl_mods.causal)
     errs = errors(got, want)
     assert max(errs.values()) <= TOL[torch.bfloat16], errs
 
 
 # --- Concurrency -----------------------------------------------------------------------------
 
-SOFTCAP = mods.Softcap(2.0)  # one stateful object shared by every thread, as a model would have it
+SOFTCAP = dsl_mods.Softcap(2.0)  # one stateful object shared by every thread, as a model would have it
 
 
 class Spec:
@@ -90,15 +90,15 @@ class Spec:
         s_kv = s_kv or s_q
         self.kwargs = {}
         if mod == "causal":
-            self.kwargs = dict(score_mod=mods.causal)
+            self.kwargs = dict(score_mod=dsl_mods.causal)
         elif mod == "softcap":
             self.kwargs = dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward)
         elif mod == "alibi":
-            self.kwargs = dict(score_mod=mods.alibi, score_mod_tensors={"slopes": mods.alibi_slopes(h, "cuda")})
+            self.kwargs = dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": mods.alibi_slopes(h, "cuda")})
         elif mod == "bias":
             g = torch.Generator(device="cuda").manual_seed(seed + 1000)
             bias = torch.randn(1, h, s_q, s_kv, device="cuda", generator=g)
-            self.kwargs = dict(score_mod=mods.add_bias, score_mod_tensors={"bias": bias})
+            self.kwargs = dict(score_mod=dsl_mods.add_bias, score_mod_tensors={"bias": bias})
         else:
             assert mod == "none"
         g = torch.Generator(device="cuda").manual_seed(seed + 2000)
@@ -209,7 +209,7 @@ def test_ten_thousand_cached_calls_hold_host_and_cuda_memory_flat():
     calls = 10_000
 
     def call():
-        return cudnn_flex.flex_attention(q, k, v, mods.alibi, score_mod_tensors={"slopes": slopes})
+        return cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
 
     with torch.no_grad():
         for _ in range(200):  # the first call builds; the rest warm up allocators and caches
@@ -267,7 +267,7 @@ def test_evicted_graphs_release_their_memory():
     q, k, v = (t.detach() for t in make_inputs(b=1, h=2, s_q=128, d=64))
 
     def build(scale):
-        cudnn_flex.flex_attention(q, k, v, mods.causal, scale=scale)
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, scale=scale)
 
     with torch.no_grad(), cache_capacity(2):
         build(0.5)  # compiles the kernel once; later scales rebuild the same structure
@@ -346,14 +346,14 @@ def fwd_bwd(q, k, v, *args, **kwargs):
 def in_place_change_before_backward():
     q, k, v = make_inputs()
     bias = torch.zeros(1, 4, 128, 128, device="cuda")
-    out = cudnn_flex.flex_attention(q, k, v, mods.add_bias, score_mod_tensors={"bias": bias})
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors={"bias": bias})
     bias.add_(1.0)
     out.float().sum().backward()
 
 
 def backward_twice():
     q, k, v = make_inputs()
-    out = cudnn_flex.flex_attention(q, k, v, mods.causal)
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
     loss = out.float().sum()
     loss.backward()
     loss.backward()
@@ -370,7 +370,7 @@ BAD_CALLS = {
     "refused_head_dim_60": (lambda: fwd_bwd(*make_inputs(d=60)), ValueError, r"cuDNN refused .*cuDNN says"),
     "refused_head_dim_1024": (lambda: fwd_bwd(*make_inputs(s_q=64, d=1024)), ValueError,
                               r"cuDNN refused .*cuDNN says"),
-    "score_mod_tensor_on_cpu": (lambda: fwd_bwd(*make_inputs(), mods.add_bias,
+    "score_mod_tensor_on_cpu": (lambda: fwd_bwd(*make_inputs(), dsl_mods.add_bias,
                                                 score_mod_tensors={"bias": torch.zeros(1, 4, 128, 128)}),
                                 ValueError, "is on cpu but q is on cuda"),
     "in_place_change_before_backward": (in_place_change_before_backward, RuntimeError,
@@ -427,7 +427,7 @@ def test_empty_batch_or_sequence_gives_a_defined_result(empty, mod, layout):
     q, k, v = qkv_of(b, h, s_q, s_kv, layout=layout)
     perm = TO_BHSD[layout]
     tensors = {"slopes": mods.alibi_slopes(h, "cuda")} if mod == "alibi" else None
-    score_mod = {"none": None, "causal": mods.causal, "alibi": mods.alibi}[mod]
+    score_mod = {"none": None, "causal": dsl_mods.causal, "alibi": dsl_mods.alibi}[mod]
     builds = cudnn_flex.cache_stats()["builds"]
 
     out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_tensors=tensors, layout=layout,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import _registry, mods
+from cudnn_flex import _registry, dsl_mods, mods
 
 B, H, S, D = 2, 4, 128, 64
 
@@ -32,31 +32,31 @@ def test_no_score_mod_builds_both_graphs():
 
 
 def test_causal_runs_the_score_mod_in_fwd_and_bwd():
-    text, calls = validate(*qkv(), mods.causal)
+    text, calls = validate(*qkv(), dsl_mods.causal)
     assert calls >= 2, "score_mod called for the forward and again for the backward graph"
     assert "GEN_INDEX" in text and "BINARY_SELECT" in text and "CMP_GE" in text
 
 
 def test_softcap_with_stateful_bprop():
-    cap = mods.Softcap(30.0)
+    cap = dsl_mods.Softcap(30.0)
     text, calls = validate(*qkv(), cap.forward, cap.backward)
     assert calls >= 3, "fwd score_mod, bwd recompute, bwd bprop"
     assert "TANH_FWD" in text and "TANH_BWD" in text
 
 
 def test_post_scale_relative_bias():
-    text, calls = validate(*qkv(), mods.relative_bias)
+    text, calls = validate(*qkv(), dsl_mods.relative_bias)
     assert calls >= 2 and "SUB" in text and "ADD" in text
 
 
 def test_alibi_with_a_cuda_shaped_slopes_tensor():
     slopes = torch.empty(1, H, 1, 1, dtype=torch.float32, device="meta")
-    text, calls = validate(*qkv(), mods.alibi, score_mod_tensors={"slopes": slopes})
+    text, calls = validate(*qkv(), dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
     assert calls >= 2 and text.count("score_mod ops: GEN_INDEX GEN_INDEX SUB MUL ADD") == 2
 
 
 def test_gqa_and_different_kv_length():
-    text, _ = validate(*qkv(h_kv=2, s_kv=256), mods.causal)
+    text, _ = validate(*qkv(h_kv=2, s_kv=256), dsl_mods.causal)
     assert "GEN_INDEX" in text
 
 
@@ -74,7 +74,7 @@ def test_operators_and_numbers_build_the_same_ops():
 
 def test_layouts_are_views_and_validate():
     q, k, v = (torch.empty(B, S, H, D, dtype=torch.bfloat16, device="meta") for _ in range(3))
-    text, _ = validate(q, k, v, mods.causal, layout="bshd")
+    text, _ = validate(q, k, v, dsl_mods.causal, layout="bshd")
     assert "GEN_INDEX" in text
 
 
@@ -97,7 +97,7 @@ def test_score_mod_exception_propagates_and_next_call_works():
     with pytest.raises(Boom, match="inside the score_mod"):
         cudnn_flex.validate_graphs(*qkv(), raises)
     assert cudnn_flex.cache_stats()["size"] == before
-    text, calls = validate(*qkv(), mods.causal)
+    text, calls = validate(*qkv(), dsl_mods.causal)
     assert calls >= 2
 
 
@@ -122,7 +122,7 @@ def test_tensor_of_another_graph_is_an_error():
     with pytest.raises((ValueError, TypeError), match="tensor of another graph|must be a cudnn_flex graph tensor"):
         cudnn_flex.validate_graphs(*qkv(), keeps)
     # ... and the next valid call works.
-    assert "score_mod ops: GEN_INDEX GEN_INDEX SUB ADD" in cudnn_flex.validate_graphs(*qkv(), mods.relative_bias)
+    assert "score_mod ops: GEN_INDEX GEN_INDEX SUB ADD" in cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias)
 
 
 def test_torch_tensor_inside_score_mod_is_explained():

@@ -203,14 +203,20 @@ void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, vo
   for (size_t i = 0; i < bprop_tensors.size(); ++i) {
     pointers.emplace_back(kBpropTensorUid + int64_t(i), bprop_tensors[i].data_ptr());
   }
-  cudnnHandle_t handle = at::native::getCudnnHandle();
-  TORCH_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()) == CUDNN_STATUS_SUCCESS,
-              "cudnn_flex: cudnnSetStream failed");
+  // The graph is looked up before the handle is taken: a thread's first handle is created with
+  // allocations, which would invalidate a CUDA graph capture before the build could be refused.
+  auto handle_on_stream = [] {
+    cudnnHandle_t handle = at::native::getCudnnHandle();
+    TORCH_CHECK(cudnnSetStream(handle, at::cuda::getCurrentCUDAStream()) == CUDNN_STATUS_SUCCESS,
+                "cudnn_flex: cudnnSetStream failed");
+    return handle;
+  };
   auto graph = translate_errors(
       [&] { return graph_cache().get_or_build(p.key(), cacheable, [&] {
         refuse_build_during_capture(p);
-        return build_serialized(p, handle);
+        return build_serialized(p, handle_on_stream());
       }); });
+  cudnnHandle_t handle = handle_on_stream();
   at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size(*graph), 1)}, like.options().dtype(at::kByte));
   execute(*graph, handle, pointers, workspace.data_ptr());
 }

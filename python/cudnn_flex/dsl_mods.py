@@ -59,6 +59,10 @@ class Softcap:
         # d/ds cap*tanh(s/cap) = 1 - tanh^2(s/cap)
         return graph.tanh_backward(d_p, self._before_tanh)
 
+    def __getstate__(self):
+        # The kept graph tensor belongs to a graph being built: not part of a copy or a pickle.
+        return {**self.__dict__, "_before_tanh": None}
+
 
 class SlidingWindow:
     """Causal sliding window: keeps keys with 0 <= q_idx - kv_idx < window.

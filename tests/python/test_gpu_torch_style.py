@@ -73,6 +73,9 @@ CASES = [
 
 
 def torch_flex(q, k, v, score_mod, mask_mod):
+    # torch's eager flex_attention compiles its HOP per mod; a fresh dynamo keeps the many mods of
+    # this file (and compile tests on the same worker) under its recompile limit.
+    torch._dynamo.reset()
     block_mask = create_block_mask(mask_mod, B, H, S, S, device="cuda") if mask_mod else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

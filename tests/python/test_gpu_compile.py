@@ -195,6 +195,6 @@ def test_opcheck_on_cuda(requires_grad):
          "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args, test_utils=utils)
     out, lse = torch.ops.cudnn_flex.fwd(*args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, [slopes], [],
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), [slopes], [],
                 mod_id, bprop_id, cacheable, None, True)
     torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, bwd_args)

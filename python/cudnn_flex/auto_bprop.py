@@ -13,6 +13,8 @@ import math
 import threading
 from typing import Any, Callable, Hashable, Optional
 
+from .reference import add_dsl_operators
+
 # Input names of every DSL op, in positional order (mirrors the bridge and the reference graph).
 _BINARY_NAMES = {"add": ("a", "b"), "sub": ("a", "b"), "mul": ("a", "b"), "div": ("a", "b"),
                  "add_square": ("a", "b"), "bias": ("input", "bias"), "scale": ("input", "scale"),
@@ -74,26 +76,7 @@ class TapeTensor:
         return id(self)
 
 
-def _tape_op(name: str, swap: bool = False):
-    def method(self, other):
-        op = getattr(self.tape.graph, name)
-        return op(other, self) if swap else op(self, other)
-    return method
-
-
-for _dunder, _name, _swap in [
-        ("__add__", "add", False), ("__radd__", "add", True), ("__sub__", "sub", False),
-        ("__rsub__", "sub", True), ("__mul__", "mul", False), ("__rmul__", "mul", True),
-        ("__truediv__", "div", False), ("__rtruediv__", "div", True), ("__pow__", "pow", False),
-        ("__rpow__", "pow", True), ("__mod__", "mod", False), ("__rmod__", "mod", True),
-        ("__lt__", "cmp_lt", False), ("__le__", "cmp_le", False), ("__gt__", "cmp_gt", False),
-        ("__ge__", "cmp_ge", False), ("__eq__", "cmp_eq", False), ("__ne__", "cmp_neq", False),
-        ("__and__", "logical_and", False), ("__rand__", "logical_and", True),
-        ("__or__", "logical_or", False), ("__ror__", "logical_or", True)]:
-    setattr(TapeTensor, _dunder, _tape_op(_name, _swap))
-TapeTensor.__neg__ = lambda self: self.tape.graph.neg(self)
-TapeTensor.__abs__ = lambda self: self.tape.graph.abs(self)
-TapeTensor.__invert__ = lambda self: self.tape.graph.logical_not(self)
+add_dsl_operators(TapeTensor, lambda t: t.tape.graph)
 
 
 class _RecordingGraph:

@@ -57,26 +57,31 @@ class RefTensor:
                         "graph.binary_select(a, b, mask) instead of Python if/and/or on tensors")
 
 
-def _op(name: str, swap: bool = False):
-    def method(self, other):
-        fn = getattr(self.graph, name)
-        return fn(other, self) if swap else fn(self, other)
-    return method
+def add_dsl_operators(cls, graph_of) -> None:
+    """Gives cls (a graph tensor type) the DSL's Python operators: `a + b` calls
+    graph_of(a).add(a, b), `~m` graph_of(m).logical_not(m), and so on (as the C++ bridge does)."""
+    def binary(name: str, swap: bool):
+        def method(self, other):
+            op = getattr(graph_of(self), name)
+            return op(other, self) if swap else op(self, other)
+        return method
+
+    for dunder, name, swap in [
+            ("__add__", "add", False), ("__radd__", "add", True), ("__sub__", "sub", False),
+            ("__rsub__", "sub", True), ("__mul__", "mul", False), ("__rmul__", "mul", True),
+            ("__truediv__", "div", False), ("__rtruediv__", "div", True), ("__pow__", "pow", False),
+            ("__rpow__", "pow", True), ("__mod__", "mod", False), ("__rmod__", "mod", True),
+            ("__lt__", "cmp_lt", False), ("__le__", "cmp_le", False), ("__gt__", "cmp_gt", False),
+            ("__ge__", "cmp_ge", False), ("__eq__", "cmp_eq", False), ("__ne__", "cmp_neq", False),
+            ("__and__", "logical_and", False), ("__rand__", "logical_and", True),
+            ("__or__", "logical_or", False), ("__ror__", "logical_or", True)]:
+        setattr(cls, dunder, binary(name, swap))
+    cls.__neg__ = lambda self: graph_of(self).neg(self)
+    cls.__abs__ = lambda self: graph_of(self).abs(self)
+    cls.__invert__ = lambda self: graph_of(self).logical_not(self)
 
 
-for _dunder, _name, _swap in [
-        ("__add__", "add", False), ("__radd__", "add", True), ("__sub__", "sub", False),
-        ("__rsub__", "sub", True), ("__mul__", "mul", False), ("__rmul__", "mul", True),
-        ("__truediv__", "div", False), ("__rtruediv__", "div", True), ("__pow__", "pow", False),
-        ("__rpow__", "pow", True), ("__mod__", "mod", False), ("__rmod__", "mod", True),
-        ("__lt__", "cmp_lt", False), ("__le__", "cmp_le", False), ("__gt__", "cmp_gt", False),
-        ("__ge__", "cmp_ge", False), ("__eq__", "cmp_eq", False), ("__ne__", "cmp_neq", False),
-        ("__and__", "logical_and", False), ("__rand__", "logical_and", True),
-        ("__or__", "logical_or", False), ("__ror__", "logical_or", True)]:
-    setattr(RefTensor, _dunder, _op(_name, _swap))
-RefTensor.__neg__ = lambda self: self.graph.neg(self)
-RefTensor.__abs__ = lambda self: self.graph.abs(self)
-RefTensor.__invert__ = lambda self: self.graph.logical_not(self)
+add_dsl_operators(RefTensor, lambda t: t.graph)
 
 
 class ReferenceGraph:

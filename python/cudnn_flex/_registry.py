@@ -232,8 +232,8 @@ def _traced_pair(mod_form, bprop_form, mod_names: tuple, bprop_names: tuple, mod
     """Runs in plain Python while dynamo traces. Keys are read here rather than traced, because
     dynamo would turn a key's floats into symbolic values (dynamic=True, or after a change)."""
     return _resolve_pair_eager(_from_constant_form(mod_form, "score_mod"),
-                        _from_constant_form(bprop_form, "score_mod_bprop"),
-                        mod_names, bprop_names, mod_dtypes)
+                               _from_constant_form(bprop_form, "score_mod_bprop"),
+                               mod_names, bprop_names, mod_dtypes)
 
 
 def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any]) -> Any:

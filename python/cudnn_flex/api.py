@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference, torch_style
 
 # Permutation that turns a tensor in the user's layout into a BHSD view.

@@ -117,14 +117,20 @@ def _warn_uncached(fn: Callable, role: str) -> None:
         "changes the graph.", stacklevel=4)
 
 
-def resolve(fn: Optional[Callable], role: str, names: Sequence[str] = ()) -> tuple[int, bool]:
-    """(id, cacheable) for fn called with tensors named `names`; id 0 means no callable."""
+_KEY_NOT_COMPUTED = object()
+
+
+def resolve(fn: Optional[Callable], role: str, names: Sequence[str] = (),
+            key: Any = _KEY_NOT_COMPUTED) -> tuple[int, bool]:
+    """(id, cacheable) for fn called with tensors named `names`; id 0 means no callable. `key` is
+    structural_key(fn) when the caller has already computed it (it runs on every call)."""
     if fn is None:
         return 0, True
     if not callable(fn):
         raise TypeError(f"cudnn_flex: {role} must be a callable (graph, score, tensors) -> score, "
                         f"got {type(fn).__name__}")
-    key = structural_key(fn)
+    if key is _KEY_NOT_COMPUTED:
+        key = structural_key(fn)
     names = tuple(names)
     with _lock:
         if key is None:
@@ -159,9 +165,10 @@ def resolve_pair(score_mod: Optional[Callable], score_mod_bprop: Optional[Callab
 
 
 def _resolve_pair_eager(score_mod, score_mod_bprop, mod_names, bprop_names, mod_dtypes):
+    mod_key = _KEY_NOT_COMPUTED
     if score_mod is not None and score_mod_bprop is None:
-        score_mod, score_mod_bprop = _with_derived_bprop(score_mod, mod_names, mod_dtypes)
-    mod_id, mod_cacheable = resolve(score_mod, "score_mod", mod_names)
+        score_mod, score_mod_bprop, mod_key = _with_derived_bprop(score_mod, mod_names, mod_dtypes)
+    mod_id, mod_cacheable = resolve(score_mod, "score_mod", mod_names, mod_key)
     bprop_id, bprop_cacheable = resolve(score_mod_bprop, "score_mod_bprop", bprop_names)
     return mod_id, bprop_id, mod_cacheable and bprop_cacheable
 
@@ -171,7 +178,8 @@ _passes_through: dict[Hashable, bool] = {}
 
 
 def _with_derived_bprop(score_mod: Callable, names: tuple, dtypes: tuple):
-    """(score_mod, bprop) with the bprop derived from score_mod's ops, or (score_mod, None)."""
+    """(score_mod, bprop, key of the returned score_mod): the bprop derived from score_mod's ops,
+    or (score_mod, None, its structural key) when none is needed."""
     from . import auto_bprop
     from .reference import ReferenceGraph, RefTensor
 
@@ -184,14 +192,14 @@ def _with_derived_bprop(score_mod: Callable, names: tuple, dtypes: tuple):
                    for n, d in zip(names, dtypes or (None,) * len(names))}
         through = auto_bprop.passes_through(score_mod, graph, RefTensor(torch.ones(1, 1, 1, 1), graph), tensors)
         if through is None:
-            return score_mod, None  # the score_mod fails: its build will say how
+            return score_mod, None, key  # the score_mod fails: its build will say how
         if analysis_key is not None:
             with _lock:
                 _passes_through[analysis_key] = through
     if through:
-        return score_mod, None
+        return score_mod, None, key
     auto = auto_bprop.AutoBprop(score_mod, None if key is None else ("auto", key))
-    return auto.forward, auto.backward
+    return auto.forward, auto.backward, _KEY_NOT_COMPUTED
 
 
 def _uncacheable_under_compile(name: str, role: str) -> TypeError:

@@ -252,8 +252,6 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = _bhsd_views(q, k, v, layout)
     if q.dtype not in _CUDNN_DTYPES:
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
     score_mod, score_mod_tensors = torch_style.prepare(score_mod, mask_mod, score_mod_tensors,
                                                        (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, k.shape[2])
@@ -262,4 +260,5 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mod_id, bprop_id, _ = _registry.resolve_pair(score_mod, score_mod_bprop, tuple(mod_names),
                                                  tuple(bprop_names), tuple(t.dtype for t in mod_tensors))
     return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
-                                         float(scale), bool(deterministic), sm_version)
+                                         None if scale is None else float(scale), bool(deterministic),
+                                         sm_version)

@@ -79,6 +79,14 @@ class TapeTensor:
 add_dsl_operators(TapeTensor, lambda t: t.tape.graph)
 
 
+def _raw(x):
+    return x.tensor if isinstance(x, TapeTensor) else x
+
+
+def _depends(x) -> bool:
+    return isinstance(x, TapeTensor) and x.depends
+
+
 class _RecordingGraph:
     """The graph as the score_mod sees it: every op runs on the real graph and is recorded."""
 
@@ -104,9 +112,8 @@ class Tape:
     def record(self, name, real_op, args, kwargs):
         names = INPUT_NAMES[name]
         inputs = list(args[:len(names)]) + [kwargs.pop(n) for n in names[len(args):] if n in kwargs]
-        unwrapped = [x.tensor if isinstance(x, TapeTensor) else x for x in inputs]
-        out = real_op(*unwrapped, *args[len(names):], **kwargs)
-        depends = name not in _NO_GRADIENT and any(isinstance(x, TapeTensor) and x.depends for x in inputs)
+        out = real_op(*[_raw(x) for x in inputs], *args[len(names):], **kwargs)
+        depends = name not in _NO_GRADIENT and any(_depends(x) for x in inputs)
         wrapped = TapeTensor(out, self, depends)
         self.ops.append(_Op(name, inputs, wrapped))
         return wrapped
@@ -119,14 +126,6 @@ class _Symbolic:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: self.OTHER
-
-
-def _raw(x):
-    return x.tensor if isinstance(x, TapeTensor) else x
-
-
-def _depends(x) -> bool:
-    return isinstance(x, TapeTensor) and x.depends
 
 
 def _select_rules(emit, g, op):

@@ -143,7 +143,7 @@ class _Trace:
         self.score = score
         self.tensors = tensors  # name -> graph tensor
         self.captured = {id(t): i for i, t in enumerate(captured)}
-        self.views: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {}
+        self.views: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (capture, axes)
         self._index_cache: dict[int, Any] = {}
 
     def index(self, axis: int):
@@ -159,9 +159,8 @@ class _Trace:
                 "default or global (one made or computed inside it, e.g. slopes[0]): its values "
                 "would be frozen into a cached graph. Use a Python number, or capture the tensor "
                 "and index it by index variables")
-        positions = tuple(range(t.dim()))
         name = f"{_CAPTURE_PREFIX}{i}_" + "".join(_AXES[a] for a in axes)
-        self.views[name] = (i, axes, positions)
+        self.views[name] = (i, axes)
         return Proxy(self, node=self.tensors[name], is_input=True)
 
 
@@ -453,8 +452,8 @@ def plan_views(mod: TorchStyleScoreMod) -> dict[str, tuple]:
 
 
 def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
-    """t indexed by the index variables `axes` as a tensor broadcastable to `full` (a view where
-    possible: int64 and float64 are converted to the 32-bit types cuDNN reads)."""
+    """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
+    except that integer and float64 tensors become float32 copies (the score_mod's arithmetic)."""
     if not axes:
         return t.reshape(())
     sizes, strides = [1, 1, 1, 1], [0, 0, 0, 0]
@@ -521,5 +520,5 @@ def prepare(score_mod: Optional[Callable], mask_mod: Optional[Callable], score_m
         views = plan_views(mod)
         if key is not None:
             _plans[key] = views
-    tensors = {name: view_for(captured[i], axes, scores_shape, name) for name, (i, axes, _) in views.items()}
+    tensors = {name: view_for(captured[i], axes, scores_shape, name) for name, (i, axes) in views.items()}
     return mod, tensors

@@ -13,7 +13,7 @@ class BpropMismatchError(AssertionError):
     """Raised by check_score_mod_bprop when a bprop disagrees with autograd of its score_mod."""
 
 
-def check_score_mod_bprop(score_mod: Callable, score_mod_bprop: Callable,
+def check_score_mod_bprop(score_mod: Callable, score_mod_bprop: Optional[Callable] = None,
                           tensors: Optional[Mapping[str, torch.Tensor]] = None,
                           shape: Sequence[int] = (2, 3, 16, 24), *,
                           bprop_tensors: Optional[Mapping[str, torch.Tensor]] = None,
@@ -21,12 +21,19 @@ def check_score_mod_bprop(score_mod: Callable, score_mod_bprop: Callable,
                           seed: int = 0, show: int = 5) -> float:
     """Compares score_mod_bprop(graph, dP, tensors) with the true gradient of score_mod.
 
+    Without score_mod_bprop, checks the bprop that cudnn-flex derives from score_mod's ops (the
+    one cuDNN runs when no bprop is given).
+
     Both run on the reference graph in float64 on random scores (normal * score_scale) and a random
     dP of `shape` [B, H, Sq, Skv]; the score_mod runs first, so a stateful bprop sees what its
     forward kept. Returns the max absolute error; raises BpropMismatchError listing up to `show`
     positions (b, h, q, kv) with both values when any error exceeds atol + rtol * |expected|.
     Positions where the forward output is not finite (masked) are skipped.
     """
+    if score_mod_bprop is None:
+        from .auto_bprop import AutoBprop
+        derived = AutoBprop(score_mod, None)
+        score_mod, score_mod_bprop = derived.forward, derived.backward
     if len(shape) != 4:
         raise ValueError(f"cudnn_flex: shape must be [B, H, Sq, Skv], got {list(shape)}")
     g = torch.Generator().manual_seed(seed)

@@ -36,15 +36,6 @@ fe::DataType_t to_fe(DType dtype) {
   throw std::invalid_argument("cudnn_flex: unknown tensor dtype");
 }
 
-void add_desc(GraphKey& key, const TensorDesc& d) {
-  key.add(d.dims).add(d.strides).add(static_cast<int64_t>(d.dtype)).add(d.by_value);
-}
-
-void add_all(GraphKey& key, const std::vector<TensorDesc>& tensors) {
-  key.add(static_cast<int64_t>(tensors.size()));
-  for (const auto& t : tensors) add_desc(key, t);
-}
-
 // One helper describes every graph tensor, fwd and bwd alike.
 fe::graph::Tensor_attributes attributes(const std::string& name, int64_t uid, const TensorDesc& d) {
   auto a = fe::graph::Tensor_attributes()
@@ -105,20 +96,6 @@ void check(fe::error_t status, const char* step, const SdpaProblem& p) {
 }
 
 }  // namespace
-
-GraphKey SdpaProblem::key() const {
-  GraphKey key;
-  key.add(static_cast<int64_t>(pass)).add(device);
-  for (const TensorDesc* d : {&q, &k, &v, &o, &lse}) add_desc(key, *d);
-  if (pass == Pass::Backward) {
-    for (const TensorDesc* d : {&d_o, &dq, &dk, &dv}) add_desc(key, *d);
-    key.add(deterministic).add(bprop_id);
-    add_all(key, bprop_tensors);
-  }
-  add_all(key, mod_tensors);
-  key.add(scale).add(mod_id).add(sm_version);
-  return key;
-}
 
 std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_t handle) {
   bridge::begin_build();

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 
 #include "sdpa_graph.h"
@@ -221,11 +222,68 @@ void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, vo
   execute(*graph, handle, pointers, workspace.data_ptr());
 }
 
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+// The shapes of q, k, v as BHSD, checked here as well as in Python: models call the public ops
+// directly, and a zero head count reaches a division inside cuDNN (SIGFPE).
+void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    TORCH_CHECK_VALUE(t->dim() == 4, "cudnn_flex: ", name, " must be 4-D [B, H, S, D], got ", shape_of(*t));
+  }
+  TORCH_CHECK_VALUE(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "cudnn_flex: q, k and v must have one dtype, got ",
+                    q.dtype(), ", ", k.dtype(), ", ", v.dtype());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(),
+                    "cudnn_flex: q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), "cudnn_flex: q, k and v must have one batch size, got q ",
+                    shape_of(q), ", k ", shape_of(k), ", v ", shape_of(v));
+  TORCH_CHECK_VALUE(k.size(1) > 0 && k.size(1) == v.size(1) && q.size(1) % k.size(1) == 0,
+                    "cudnn_flex: k and v need the same number of heads (> 0), and q's head count a multiple of it; got q ",
+                    shape_of(q), ", k ", shape_of(k), ", v ", shape_of(v));
+  TORCH_CHECK_VALUE(k.size(2) == v.size(2), "cudnn_flex: k and v must have one sequence length, got k ", shape_of(k),
+                    ", v ", shape_of(v));
+  TORCH_CHECK_VALUE(k.size(3) == q.size(3) && q.size(3) > 0, "cudnn_flex: q and k need one head dim (> 0), got q ",
+                    shape_of(q), ", k ", shape_of(k));
+}
+
+// Score_mod tensors as cuDNN reads them, checked: on q's device (a one-element CPU tensor is
+// passed by value; any other host pointer would reach the kernel and lose the CUDA context),
+// at most 4-D and broadcastable against the scores. Bool becomes uint8 (cuDNN 9.19 crashes on
+// BOOLEAN inputs with SIGFPE); the recorded program compares it with 0.
+std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const at::Tensor& q, int64_t s_kv,
+                                     bool on_device) {
+  const std::vector<int64_t> full{q.size(0), q.size(1), q.size(2), s_kv};
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor t = tensors[i];
+    const bool host_scalar = t.device().is_cpu() && t.numel() == 1;
+    TORCH_CHECK_VALUE(!on_device || host_scalar || t.device() == q.device(), "cudnn_flex: ", role, " #", i,
+                      " is on ", t.device(), " but q is on ", q.device(),
+                      "; move it to q's device (only one-element CPU tensors are passed by value)");
+    TORCH_CHECK_VALUE(t.dim() <= 4, "cudnn_flex: ", role, " #", i, " has ", t.dim(),
+                      " dims; it must broadcast against [B, H, Sq, Skv]");
+    for (int64_t d = 0; d < t.dim() && !host_scalar; ++d) {
+      const int64_t n = t.size(t.dim() - 1 - d), f = full[3 - d];
+      TORCH_CHECK_VALUE(n == 1 || n == f, "cudnn_flex: ", role, " #", i, " has shape ", shape_of(t),
+                        ", which does not broadcast against the scores [B, H, Sq, Skv] = ", at::IntArrayRef(full));
+    }
+    if (t.scalar_type() == at::kBool) t = host_scalar ? t.to(at::kFloat) : t.view(at::kByte);
+    out.push_back(t);
+  }
+  return out;
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_shapes(q, k, v);
   for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK_VALUE(t->is_cuda() && t->dim() == 4 && t->stride(3) == 1,
-                      "cudnn_flex: q, k, v must be 4-D CUDA tensors with a dense last dim "
+    TORCH_CHECK_VALUE(t->is_cuda() && t->stride(3) == 1,
+                      "cudnn_flex: q, k, v must be CUDA tensors with a dense last dim "
                       "(use cudnn_flex.flex_attention, which checks and explains)");
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16,
+                      "cudnn_flex: q, k, v must be float16 or bfloat16 for cuDNN, got ", t->dtype());
     // flex_attention checks this in eager mode; under torch.compile the inputs are only known here.
     TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
                       "cudnn_flex: q, k and v must be 16-byte aligned for cuDNN (a slice at an odd "
@@ -238,7 +296,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             std::optional<double> scale, bool deterministic) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
-  SdpaProblem p = make_problem(Pass::Forward, q, k, v, mod_tensors, bprop_tensors, mod_id,
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
+  SdpaProblem p = make_problem(Pass::Forward, q, k, v, mods, bprop_mods, mod_id,
                                bprop_id, scale, deterministic);
   at::Tensor out = empty_from(p.o, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
@@ -250,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   }
   run(p, cacheable,
       {{kQ, q.data_ptr()}, {kK, k.data_ptr()}, {kV, v.data_ptr()}, {kO, out.data_ptr()}, {kLse, lse.data_ptr()}},
-      mod_tensors, {}, q);
+      mods, {}, q);
   return {out, lse};
 }
 
@@ -263,7 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         bool deterministic) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
-  SdpaProblem p = make_problem(Pass::Backward, q, k, v, mod_tensors, bprop_tensors, mod_id,
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
+  SdpaProblem p = make_problem(Pass::Backward, q, k, v, mods, bprop_mods, mod_id,
                                bprop_id, scale, deterministic);
   TORCH_CHECK(out.strides().vec() == p.o.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
   // The graph reads dO with O's layout; autograd may hand over another one (or an expanded zero).
@@ -291,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
        {kDQ, dq.data_ptr()},
        {kDK, dk.data_ptr()},
        {kDV, dv.data_ptr()}},
-      mod_tensors, bprop_tensors, q);
+      mods, bprop_mods, q);
   return {dq, dk, dv};
 }
 
@@ -301,9 +363,17 @@ std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id,
                      std::optional<double> scale, bool deterministic, int64_t sm_version) {
   TORCH_CHECK_VALUE(sm_version > 0, "cudnn_flex: validate needs an SM version such as 90");
+  check_shapes(q, k, v);
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), false);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), false);
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
+    // flex_attention returns a defined result without cuDNN for these; cuDNN itself divides by
+    // the empty dims (SIGFPE), so there is no graph to validate.
+    return "empty problem (a zero-size dim): no cuDNN graph is built\n";
+  }
   std::string text;
   for (Pass pass : {Pass::Forward, Pass::Backward}) {
-    SdpaProblem p = make_problem(pass, q, k, v, mod_tensors, bprop_tensors, mod_id,
+    SdpaProblem p = make_problem(pass, q, k, v, mods, bprop_mods, mod_id,
                                  bprop_id, scale, deterministic);
     p.sm_version = sm_version;
     // Counted like any other build, never stored: these graphs have no plans to run.

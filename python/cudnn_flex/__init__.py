@@ -12,13 +12,20 @@ from ._C import Graph, Tensor, data_type
 from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
 from .torch_style import UnsupportedConstruct, torch_score_mod
-from .auto_bprop import BpropNotDerivable
-from . import dsl_mods, mods, reference
+from .program import BpropNotDerivable
+from . import dsl_mods, mods, program, reference
 
 _C._set_dispatcher(_registry.dispatch)
 
 cache_stats = _C.cache_stats
-clear_cache = _C.clear_cache
+
+
+def clear_cache() -> None:
+    """Drops every cached graph and every recorded program, and zeroes the cache counters."""
+    _C.clear_cache()
+    _registry.clear()
+
+
 set_cache_capacity = _C.set_cache_capacity
 versions = _C.versions
 

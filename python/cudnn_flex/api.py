@@ -10,6 +10,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference, torch_style
+from .program.record import Recorder
 
 # Permutation that turns a tensor in the user's layout into a BHSD view.
 _TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
@@ -122,6 +123,63 @@ def _bhsd_views(q, k, v, layout: str):
     return q, k, v
 
 
+def _as_graph_input(t: torch.Tensor) -> torch.Tensor:
+    """A score_mod tensor as cuDNN reads it: bool as uint8 (cuDNN 9.19 crashes on BOOLEAN
+    inputs; the program compares it with 0), a bool host scalar as float32."""
+    if t.dtype != torch.bool:
+        return t
+    return t.to(torch.float32) if t.device.type == "cpu" and t.numel() == 1 else t.view(torch.uint8)
+
+
+def _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):
+    """(program, mod tensors, bprop tensors): the call's mods recorded into one program, and the
+    tensors of its input slots in order. Under torch.compile the program is replaced by the
+    arguments of _registry.traced_ids, which records it once while dynamo traces."""
+    shape = (q.shape[0], q.shape[1], q.shape[2], s_kv)
+    torch_fn = None
+    if mask_mod is not None:
+        torch_style.check_mask_mod(mask_mod, score_mod)
+        torch_fn = torch_style.mask_to_score_mod(mask_mod, score_mod)
+    elif score_mod is not None and torch_style.is_torch_style(score_mod):
+        torch_fn = score_mod
+    elif score_mod is not None and torch_style.positional_count(score_mod) == 4:
+        raise TypeError("cudnn_flex: score_mod takes 4 arguments, like a mask_mod(b, h, q_idx, "
+                        "kv_idx); pass it as mask_mod=, or write score_mod(score, b, h, q_idx, kv_idx)")
+    bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors", q, s_kv)
+    bprop_dtypes = tuple(t.dtype for t in bprop_tensors)
+    bprop_tensors = [_as_graph_input(t) for t in bprop_tensors]
+    compiling = torch.compiler.is_compiling()
+    if torch_fn is not None:
+        if score_mod_tensors:
+            raise TypeError("cudnn_flex: a torch-style score_mod gets its tensors by capturing them "
+                            "(closure, default argument or global), not through score_mod_tensors")
+        if compiling:
+            raise NotImplementedError(
+                "cudnn_flex: torch-style score_mods and mask_mods do not run under torch.compile yet; "
+                "write the score_mod in the graph DSL (graph, score, tensors) for compiled models")
+        recorder = Recorder(shape)
+        fwd_out, captures = torch_style.trace(torch_fn, recorder)
+        names = [f"capture {i}" for i in range(len(captures))]
+        views = [torch_style.view_for(t, axes, shape, name) for name, (t, axes) in zip(names, captures)]
+        for name, t in zip(names, views):
+            if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
+                raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({name}) but q "
+                                 f"is on {q.device}; move the captured tensor to q's device")
+        slots = (tuple((n, str(t.dtype)) for n, (t, _) in zip(names, captures)),
+                 tuple(zip(bprop_names, (str(d) for d in bprop_dtypes))))
+        program = _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
+        return program, views, bprop_tensors
+    names, tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, s_kv)
+    dtypes = tuple(t.dtype for t in tensors)
+    tensors = [_as_graph_input(t) for t in tensors]
+    if compiling:
+        forms = (_registry.constant_form(score_mod), _registry.constant_form(score_mod_bprop), tuple(names),
+                 dtypes, tuple(bprop_names), bprop_dtypes)
+        return forms, tensors, bprop_tensors
+    program = _registry.record(score_mod, score_mod_bprop, names, dtypes, bprop_names, bprop_dtypes, shape)
+    return program, tensors, bprop_tensors
+
+
 def _use_cudnn(q: torch.Tensor, backend: str) -> bool:
     if backend not in ("auto", "cudnn", "reference"):
         raise ValueError(f"cudnn_flex: backend must be 'auto', 'cudnn' or 'reference', got {backend!r}")
@@ -180,31 +238,30 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if score_mod_bprop_tensors is not None and score_mod_bprop is None:
         raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
                          "they are inputs of score_mod_bprop only")
-    s_kv = k.shape[2]
-    score_mod, score_mod_tensors = torch_style.prepare(score_mod, mask_mod, score_mod_tensors,
-                                                       (q.shape[0], q.shape[1], q.shape[2], s_kv))
-    mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, s_kv)
-    bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
-                                                    q, s_kv)
-
+    program, mod_tensors, bprop_tensors = _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
+                                                  score_mod_bprop_tensors, q, k.shape[2])
     if _use_cudnn(q, backend):
         _check_dense_last_dim(q, k, v)
-        for name, t in zip(mod_names + bprop_names, mod_tensors + bprop_tensors):
+        for i, t in enumerate(mod_tensors + bprop_tensors):
             if t.dtype == torch.float64:
-                raise ValueError(f"cudnn_flex: score_mod tensor {name!r} is float64, which cuDNN's fused "
+                raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
                                  "attention does not read; pass it as float32")
-        mod_id, bprop_id, cacheable = _registry.resolve_pair(
-            score_mod, score_mod_bprop, tuple(mod_names), tuple(bprop_names),
-            tuple(t.dtype for t in mod_tensors))
+        if torch.compiler.is_compiling():
+            mod_id, bprop_id = _registry.traced_ids(*program)
+        else:
+            mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
-                                            cacheable, None if scale is None else float(scale),
+                                            True, None if scale is None else float(scale),
                                             bool(deterministic))
+        if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
+            # The backward graph may be built long after: its program lives as long as the node.
+            out.grad_fn.metadata["cudnn_flex_program"] = program
     else:
         _warn_reference(q)
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = reference.attention(q, k, v, score_mod, dict(zip(mod_names, mod_tensors)), scale,
-                                       torch.float64 if q.dtype == torch.float64 else torch.float32)
+        out, lse = reference.attention_program(
+            q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32)
         out = out.to(q.dtype)
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
@@ -252,13 +309,9 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = _bhsd_views(q, k, v, layout)
     if q.dtype not in _CUDNN_DTYPES:
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
-    score_mod, score_mod_tensors = torch_style.prepare(score_mod, mask_mod, score_mod_tensors,
-                                                       (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-    mod_names, mod_tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, k.shape[2])
-    bprop_names, bprop_tensors = _check_tensor_dict(score_mod_bprop_tensors, "score_mod_bprop_tensors",
-                                                    q, k.shape[2])
-    mod_id, bprop_id, _ = _registry.resolve_pair(score_mod, score_mod_bprop, tuple(mod_names),
-                                                 tuple(bprop_names), tuple(t.dtype for t in mod_tensors))
+    program, mod_tensors, bprop_tensors = _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
+                                                  score_mod_bprop_tensors, q, k.shape[2])
+    mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
     return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                          None if scale is None else float(scale), bool(deterministic),
                                          sm_version)

@@ -6,11 +6,44 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from . import _registry
+from .program.record import D_P, SCORE, mod_slot
+from .program.replay import Replay
 from .reference import RefTensor, ReferenceGraph
 
 
 class BpropMismatchError(AssertionError):
     """Raised by check_score_mod_bprop when a bprop disagrees with autograd of its score_mod."""
+
+
+def derived_pair(score_mod: Callable, tensors: Optional[Mapping[str, torch.Tensor]], shape):
+    """(score_mod, bprop) that evaluate the recorded program of score_mod and its derived bprop
+    (what cuDNN runs) on whatever graph they are given."""
+    names = list(tensors or {})
+    program = _registry.record(score_mod, None, names, [tensors[n].dtype for n in names], shape=shape)
+    return program_pair(program, names)
+
+
+def program_pair(program, names=()):
+    """(score_mod, bprop) in the DSL's signature that evaluate a recorded program; the tensors
+    dict they get names its input slots in order."""
+    state = {}
+
+    def forward(graph, score, ts):
+        slots = {SCORE: score}
+        slots.update((mod_slot(i), ts[n]) for i, n in enumerate(names))
+        state["replay"] = replay = Replay(program, graph, slots)
+        return replay.value(program.fwd_out)
+
+    def backward(graph, d_p, ts):
+        if program.bprop_error is not None:
+            raise program.bprop_error
+        if program.bwd_out is None:
+            return d_p  # dP passes through
+        replay = state.pop("replay")
+        replay.slots[D_P] = d_p
+        return replay.value(program.bwd_out)
+    return forward, backward
 
 
 def check_score_mod_bprop(score_mod: Callable, score_mod_bprop: Optional[Callable] = None,
@@ -31,9 +64,7 @@ def check_score_mod_bprop(score_mod: Callable, score_mod_bprop: Optional[Callabl
     Positions where the forward output is not finite (masked) are skipped.
     """
     if score_mod_bprop is None:
-        from .auto_bprop import AutoBprop
-        derived = AutoBprop(score_mod, None)
-        score_mod, score_mod_bprop = derived.forward, derived.backward
+        score_mod, score_mod_bprop = derived_pair(score_mod, tensors, shape)
     if len(shape) != 4:
         raise ValueError(f"cudnn_flex: shape must be [B, H, Sq, Skv], got {list(shape)}")
     g = torch.Generator().manual_seed(seed)

@@ -1,10 +1,13 @@
 """Torch-style score_mods and mask_mods, as written for torch.nn.attention.flex_attention.
 
-score_mod(score, b, h, q_idx, kv_idx) -> score and mask_mod(b, h, q_idx, kv_idx) -> bool run on
-proxy values that emit the score_mod DSL into whatever graph they are given (cuDNN's through the
-bridge, or the reference graph). Tensors the function captures (closure, defaults, globals) and
-indexes by index variables (`slopes[h]`, `doc[q_idx]`, `bias[b, h, q_idx, kv_idx]`) become score_mod
-tensors: strided views broadcast to [B, H, Sq, Skv], passed as runtime inputs on every call.
+score_mod(score, b, h, q_idx, kv_idx) -> score and mask_mod(b, h, q_idx, kv_idx) -> bool run once
+per call on proxy values that record the score_mod DSL into a program (cudnn_flex.program), with
+torch's meaning of every operator: integer index arithmetic stays integer, `//` floors, `%` takes
+the divisor's sign, `&`, `|`, `^`, `~`, `<<`, `>>` are bitwise on integers and logical on bools.
+Tensors the function indexes by index variables (`slopes[h]`, `doc[q_idx]`, `bias[b, h, q_idx,
+kv_idx]`) become input slots, found as the function touches them (no closure walking): each call
+passes strided views of whatever tensors it touched, so new values never rebuild a graph and two
+different tensors are never confused with one.
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+from .program.record import SCORE, Recorder, Value, mod_slot
+
 _AXES = "bhqk"  # index variable -> score axis: b 0, h 1, q_idx 2, kv_idx 3
-_CAPTURE_PREFIX = "__capture"
+# Integers are exact in the float32 arithmetic of the score_mod below this.
+_EXACT_INT = 1 << 24
 
 
 class UnsupportedConstruct(TypeError):
     """The torch-style score_mod used something that cannot become a cuDNN graph."""
+
+
+def _unsupported(what: str) -> UnsupportedConstruct:
+    return UnsupportedConstruct(f"cudnn_flex: a torch-style score_mod cannot use {what}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,13 +49,18 @@ def torch_score_mod(fn: Callable) -> Callable:
     return fn
 
 
-def _positional_count(fn: Callable) -> Optional[int]:
-    """How many positional parameters fn takes (None with *args); read from the code object when
-    there is one, since this runs on every call."""
+def positional_count(fn: Callable) -> Optional[int]:
+    """How many positional arguments fn is called with (None with *args): its required positional
+    parameters, or all of them when fewer than 3 are required (`lambda g, s, t, c=c:` is a DSL
+    mod of 3; `def mod(score, b, h, q, kv, cap=cap)` a torch-style one of 5). Read from the code
+    object when there is one, since this runs on every call."""
     func, bound = (fn.__func__, 1) if isinstance(fn, types.MethodType) else (fn, 0)
     if isinstance(func, types.FunctionType):
         code = func.__code__
-        return None if code.co_flags & inspect.CO_VARARGS else code.co_argcount - bound
+        if code.co_flags & inspect.CO_VARARGS:
+            return None
+        required = code.co_argcount - len(func.__defaults__ or ()) - bound
+        return required if required >= 3 else code.co_argcount - bound
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -57,78 +72,7 @@ def _positional_count(fn: Callable) -> Optional[int]:
 
 def is_torch_style(fn: Callable) -> bool:
     """score_mod(score, b, h, q_idx, kv_idx) rather than the DSL's (graph, score, tensors)."""
-    return getattr(fn, "_cudnn_flex_torch_style", False) or _positional_count(fn) == 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Captured tensors
-
-
-def _walk(value: Any, key: list, tensors: list, seen: set, depth: int = 0) -> bool:
-    """Appends the structure of value to key and its tensors to tensors; False if uncacheable."""
-    if depth > 8:
-        return False
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        key.append(("tensor", value.dtype, value.dim(), value.device.type))
-        return True
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
-        key.append(value)
-        return True
-    if isinstance(value, types.ModuleType):
-        key.append(("module", value.__name__))
-        return True
-    if id(value) in seen:
-        key.append(("seen",))
-        return True
-    seen.add(id(value))
-    if isinstance(value, (tuple, list)):
-        key.append((type(value).__name__, len(value)))
-        return all(_walk(v, key, tensors, seen, depth + 1) for v in value)
-    if isinstance(value, dict):
-        key.append(("dict", tuple(value.keys()) if all(isinstance(k, str) for k in value) else None))
-        return all(_walk(v, key, tensors, seen, depth + 1) for v in value.values())
-    if isinstance(value, types.FunctionType):
-        return _walk_function(value, key, tensors, seen, depth)
-    if isinstance(value, types.MethodType):
-        key.append(("method", value.__func__.__code__))
-        return _walk(value.__self__, key, tensors, seen, depth + 1)
-    if isinstance(value, functools.partial):
-        key.append(("partial",))
-        return all(_walk(v, key, tensors, seen, depth + 1)
-                   for v in (value.func, value.args, value.keywords))
-    if isinstance(value, (types.BuiltinFunctionType, type)):
-        key.append(value)  # builtins, classes: identified by themselves
-        return True
-    if callable(value) and hasattr(value, "__dict__"):
-        key.append(("object", type(value)))
-        return _walk(vars(value), key, tensors, seen, depth + 1)
-    return False
-
-
-def _walk_function(fn: types.FunctionType, key: list, tensors: list, seen: set, depth: int) -> bool:
-    code = fn.__code__
-    key.append(("function", code))
-    parts = [fn.__defaults__ or (), fn.__kwdefaults__ or {}]
-    parts += [cell.cell_contents for cell in fn.__closure__ or ()]
-    # Globals the code names (module-level tensors, helper functions, constants).
-    parts += [fn.__globals__[n] for n in code.co_names if n in fn.__globals__
-              and not isinstance(fn.__globals__[n], types.ModuleType)]
-    return all(_walk(p, key, tensors, seen, depth + 1) for p in parts)
-
-
-def captures(fn: Callable) -> tuple[Optional[Hashable], list[torch.Tensor]]:
-    """(structural key or None if uncacheable, captured tensors in a fixed order)."""
-    key: list = []
-    tensors: list = []
-    ok = _walk(fn, key, tensors, set())
-    if ok:
-        try:
-            frozen = tuple(key)
-            hash(frozen)
-        except TypeError:
-            ok = False
-    return (("torch-style", frozen) if ok else None), tensors
+    return getattr(fn, "_cudnn_flex_torch_style", False) or positional_count(fn) == 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,53 +80,56 @@ def captures(fn: Callable) -> tuple[Optional[Hashable], list[torch.Tensor]]:
 
 
 class _Trace:
-    """State of one run of a torch-style function on a graph."""
+    """One recording of a torch-style function: the recorder and the tensors it touched."""
 
-    def __init__(self, graph, score, tensors, captured: list[torch.Tensor]):
-        self.graph = graph
-        self.score = score
-        self.tensors = tensors  # name -> graph tensor
-        self.captured = {id(t): i for i, t in enumerate(captured)}
-        self.views: dict[str, tuple[int, tuple[int, ...]]] = {}  # name -> (capture, axes)
-        self._index_cache: dict[int, Any] = {}
+    def __init__(self, recorder: Recorder):
+        self.rec = recorder
+        self.score = recorder.input(SCORE)
+        self._index: dict[int, Value] = {}
+        # (id(tensor), axes) -> slot; the tensors are held by `captures` for this call only
+        self._slots: dict[tuple, int] = {}
+        self.captures: list[tuple[torch.Tensor, tuple[int, ...]]] = []
 
-    def index(self, axis: int):
-        if axis not in self._index_cache:
-            self._index_cache[axis] = self.graph.gen_index(self.score, axis)
-        return self._index_cache[axis]
+    def index(self, axis: int) -> Value:
+        if axis not in self._index:
+            self._index[axis] = self.rec.gen_index(self.score, axis)
+        return self._index[axis]
 
-    def capture(self, t: torch.Tensor, axes: tuple[int, ...], what: str) -> "Proxy":
-        i = self.captured.get(id(t))
-        if i is None:
-            raise UnsupportedConstruct(
-                f"cudnn_flex: {what} uses a tensor the score_mod does not capture in a closure, "
-                "default or global (one made or computed inside it, e.g. slopes[0]): its values "
-                "would be frozen into a cached graph. Use a Python number, or capture the tensor "
-                "and index it by index variables")
-        name = f"{_CAPTURE_PREFIX}{i}_" + "".join(_AXES[a] for a in axes)
-        self.views[name] = (i, axes)
-        return Proxy(self, node=self.tensors[name], is_input=True)
+    def capture(self, t: torch.Tensor, axes: tuple[int, ...]) -> "Proxy":
+        key = (id(t), axes)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = len(self.captures)
+            self.captures.append((t, axes))
+        kind = _kind_of_dtype(t.dtype)
+        value = self.rec.input(mod_slot(slot), kind)
+        if t.dtype == torch.bool:
+            value = self.rec.cmp_neq(value, 0.0)  # passed as uint8 (see view_for)
+        return Proxy(self, value, kind=kind, is_input=True)
 
 
-def _unsupported(what: str) -> UnsupportedConstruct:
-    return UnsupportedConstruct(f"cudnn_flex: a torch-style score_mod cannot use {what}")
+def _kind_of_dtype(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point else "int"
 
 
 class Proxy:
-    """A value of the score_mod: an index variable (axis) or a graph tensor (node)."""
+    """A value of the score_mod: an index variable (axis) or a recorded value, with the kind of
+    torch value it stands for ('int', 'bool' or 'float'), which decides what operators mean."""
 
-    __slots__ = ("trace", "axis", "_node", "is_bool", "is_input")
+    __slots__ = ("trace", "axis", "_value", "kind", "is_input")
 
-    def __init__(self, trace: _Trace, node=None, axis: Optional[int] = None, is_bool: bool = False,
-                 is_input: bool = False):
-        self.trace, self._node, self.axis, self.is_bool = trace, node, axis, is_bool
-        self.is_input = is_input  # a captured tensor as it enters the graph
+    def __init__(self, trace: _Trace, value: Optional[Value] = None, axis: Optional[int] = None,
+                 kind: str = "float", is_input: bool = False):
+        self.trace, self._value, self.axis, self.kind = trace, value, axis, kind
+        self.is_input = is_input  # a captured tensor as it enters the program
 
     @property
-    def node(self):
-        if self._node is None:
-            self._node = self.trace.index(self.axis)
-        return self._node
+    def value(self) -> Value:
+        if self._value is None:
+            self._value = self.trace.index(self.axis)
+        return self._value
 
     # Python control flow on a traced value has no single answer over the score matrix.
     def __bool__(self):
@@ -204,6 +151,9 @@ class Proxy:
     def __len__(self):
         raise _unsupported("len() of a traced value")
 
+    def item(self):
+        raise _unsupported(".item() of a traced value (its value differs at every score)")
+
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -214,14 +164,13 @@ class Proxy:
             raise _unsupported(f"torch function {name}")
         return handler(trace, *args, **kwargs)
 
-    def to(self, *args, **kwargs):
-        return _to(self.trace, self, *args, **kwargs)
-
-    def float(self):
-        return self.to(torch.float32)
-
-    def bool(self):
-        return self.to(torch.bool)
+    def __getattr__(self, name: str):
+        # Tensor methods (x.abs(), x.clamp(min=0), x.exp(), x.to(...)) as their torch functions.
+        method = getattr(torch.Tensor, name, None)
+        handler = _TORCH_FUNCTIONS.get(method) if method is not None else None
+        if handler is None:
+            raise _unsupported(f"the tensor method or attribute .{name}")
+        return lambda *args, **kwargs: handler(self.trace, self, *args, **kwargs)
 
     def __getitem__(self, item):
         raise _unsupported("indexing a traced value (index captured tensors with index variables instead)")
@@ -235,43 +184,85 @@ def _flat(args, kwargs):
             yield a
 
 
-def _operand(trace: _Trace, x, what: str):
-    """A graph operand for x: a graph tensor, or a Python number as a constant."""
+def _kind(x) -> str:
     if isinstance(x, Proxy):
-        return x.node
+        return x.kind
     if isinstance(x, bool):
-        return float(x)
-    if isinstance(x, (int, float)):
+        return "bool"
+    if isinstance(x, int):
+        return "int"
+    if isinstance(x, torch.Tensor):
+        return _kind_of_dtype(x.dtype)
+    return "float"
+
+
+def _promote(*xs) -> str:
+    kinds = [_kind(x) for x in xs]
+    if "float" in kinds:
+        return "float"
+    return "int" if "int" in kinds else "bool"
+
+
+def _operand(trace: _Trace, x, what: str):
+    """A graph operand for x: a recorded value, or a Python number as a constant."""
+    if isinstance(x, Proxy):
+        return x.value
+    if isinstance(x, (bool, int, float)):
         return float(x)
     if isinstance(x, torch.Tensor):
         if x.numel() == 1 and x.dim() <= 1:
-            return trace.capture(x, (), what).node
+            return trace.capture(x, ()).value
         raise _unsupported(f"a captured tensor of shape {tuple(x.shape)} without indexing it by "
                            "index variables (b, h, q_idx, kv_idx) in " + what)
     raise _unsupported(f"a {type(x).__name__} in {what}")
 
 
+def _mask(trace: _Trace, x, what: str):
+    """x as a boolean graph value (torch.where's condition: nonzero is true)."""
+    node = _operand(trace, x, what)
+    if _kind(x) == "bool" or not isinstance(node, Value):
+        return node
+    return trace.rec.cmp_neq(node, 0.0)
+
+
+def _p(trace: _Trace, value: Value, kind: str) -> Proxy:
+    return Proxy(trace, value, kind=kind)
+
+
 # Ops whose operands may be swapped (to the mirrored op): cuDNN refuses an op whose first input
 # is a constant or a score_mod tensor (the bridge then lifts it with an extra add), so a computed
 # value goes first where it can.
-_SWAPPED = {"add": "add", "mul": "mul", "max": "max", "min": "min", "logical_and": "logical_and",
-            "logical_or": "logical_or", "cmp_eq": "cmp_eq", "cmp_neq": "cmp_neq",
-            "cmp_gt": "cmp_lt", "cmp_lt": "cmp_gt", "cmp_ge": "cmp_le", "cmp_le": "cmp_ge"}
+_SWAPPED = {"add": "add", "mul": "mul", "max": "max", "min": "min", "cmp_eq": "cmp_eq",
+            "cmp_neq": "cmp_neq", "cmp_gt": "cmp_lt", "cmp_lt": "cmp_gt", "cmp_ge": "cmp_le",
+            "cmp_le": "cmp_ge"}
 
 
 def _computed(x) -> bool:
     return isinstance(x, Proxy) and not x.is_input
 
 
-def _binary(op: str, is_bool: bool = False):
+def _emit(trace: _Trace, op: str, a, b) -> Value:
+    if op in _SWAPPED and not _computed(a) and _computed(b):
+        a, b, op = b, a, _SWAPPED[op]
+    return getattr(trace.rec, op)(_operand(trace, a, op), _operand(trace, b, op))
+
+
+def _no_kwargs(op: str, kwargs: dict) -> None:
+    if kwargs:
+        raise _unsupported(f"keyword arguments {sorted(kwargs)} of {op}")
+
+
+def _arith(op: str):
     def handler(trace, a, b, **kwargs):
-        if kwargs:
-            raise _unsupported(f"keyword arguments {sorted(kwargs)} of {op}")
-        name = op
-        if op in _SWAPPED and not _computed(a) and _computed(b):
-            a, b, name = b, a, _SWAPPED[op]
-        graph_op = getattr(trace.graph, name)
-        return Proxy(trace, graph_op(_operand(trace, a, op), _operand(trace, b, op)), is_bool=is_bool)
+        _no_kwargs(op, kwargs)
+        return _p(trace, _emit(trace, op, a, b), _promote(a, b) if op != "div" else "float")
+    return handler
+
+
+def _compare(op: str):
+    def handler(trace, a, b, **kwargs):
+        _no_kwargs(op, kwargs)
+        return _p(trace, _emit(trace, op, a, b), "bool")
     return handler
 
 
@@ -279,31 +270,183 @@ def _reversed(handler):
     return lambda trace, a, b, **kw: handler(trace, b, a, **kw)
 
 
-def _unary(op: str):
+def _float_unary(op: str):
     def handler(trace, x, **kwargs):
-        if kwargs:
-            raise _unsupported(f"keyword arguments {sorted(kwargs)} of {op}")
-        return Proxy(trace, getattr(trace.graph, op)(_operand(trace, x, op)))
+        _no_kwargs(op, kwargs)
+        return _p(trace, getattr(trace.rec, op)(_operand(trace, x, op)), "float")
     return handler
 
 
+def _same_kind_unary(op: str):
+    def handler(trace, x, **kwargs):
+        _no_kwargs(op, kwargs)
+        return _p(trace, getattr(trace.rec, op)(_operand(trace, x, op)), _kind(x))
+    return handler
+
+
+def _remainder(trace, a, b, **kwargs):
+    """torch's `%` / torch.remainder: the sign of the divisor (Python's modulo). cuDNN's MOD is
+    C fmod (the sign of the dividend); fmod(fmod(a, b) + b, b) is exact and has b's sign."""
+    _no_kwargs("%", kwargs)
+    rec = trace.rec
+    r = rec.mod(rec.add(_emit(trace, "mod", a, b), _operand(trace, b, "%")), _operand(trace, b, "%"))
+    return _p(trace, r, _promote(a, b))
+
+
+def _fmod(trace, a, b, **kwargs):
+    _no_kwargs("fmod", kwargs)
+    return _p(trace, _emit(trace, "mod", a, b), _promote(a, b))
+
+
+def _floor_divide(trace, a, b, **kwargs):
+    """torch's `//`: floor(a / b). For integers (a - a % b) / b is an exact integer up to the
+    division's rounding, and rounding it (floor(x + 0.5)) gives it exactly."""
+    _no_kwargs("//", kwargs)
+    rec = trace.rec
+    kind = _promote(a, b)
+    if kind == "float":
+        return _p(trace, rec.floor(_emit(trace, "div", a, b)), "float")
+    rem = _remainder(trace, a, b).value
+    exact = rec.div(rec.sub(_operand(trace, a, "//"), rem), _operand(trace, b, "//"))
+    return _p(trace, rec.floor(rec.add(exact, 0.5)), "int")
+
+
+def _pow(trace, a, b, **kwargs):
+    _no_kwargs("pow", kwargs)
+    return _p(trace, _emit(trace, "pow", a, b), _promote(a, b))
+
+
+def _true_divide(trace, a, b, **kwargs):
+    _no_kwargs("/", kwargs)
+    return _p(trace, _emit(trace, "div", a, b), "float")
+
+
+# -- bitwise and logical --------------------------------------------------------------------------
+
+def _int_constant(x) -> Optional[int]:
+    if isinstance(x, bool) or not isinstance(x, int):
+        return None
+    return x
+
+
+def _bits_and(trace, x, c: int) -> Value:
+    """x & c for an integer value x and a constant c >= 0, in float arithmetic: c = 2^k - 1 is
+    x mod 2^k (Python modulo, right for negative x in two's complement); otherwise the sum over
+    c's set bits i of 2^i * (floor(x / 2^i) mod 2)."""
+    rec = trace.rec
+    xv = _operand(trace, x, "&")
+
+    def floor_mod(v, m):
+        return rec.mod(rec.add(rec.mod(v, float(m)), float(m)), float(m))
+    if c == 0:
+        return rec.mul(xv, 0.0)
+    if c & (c + 1) == 0:
+        return floor_mod(xv, c + 1)
+    total = None
+    for i in range(c.bit_length()):
+        if c >> i & 1:
+            shifted = rec.floor(rec.mul(xv, 1.0 / (1 << i))) if i else xv
+            bit = floor_mod(shifted, 2)
+            term = rec.mul(bit, float(1 << i)) if i else bit
+            total = term if total is None else rec.add(total, term)
+    return total
+
+
+def _bitwise(op: str):
+    """&, |, ^ with torch's meaning: logical on bools, bitwise on integers."""
+    def handler(trace, a, b, **kwargs):
+        _no_kwargs(op, kwargs)
+        kinds = {_kind(a), _kind(b)}
+        rec = trace.rec
+        if "float" in kinds:
+            raise _unsupported(f"{op} on a floating-point value (torch refuses it too)")
+        if kinds == {"bool"}:
+            ma, mb = _mask(trace, a, op), _mask(trace, b, op)
+            if op == "&":
+                return _p(trace, rec.logical_and(ma, mb), "bool")
+            if op == "|":
+                return _p(trace, rec.logical_or(ma, mb), "bool")
+            return _p(trace, rec.cmp_neq(rec.binary_select(1.0, 0.0, ma), rec.binary_select(1.0, 0.0, mb)), "bool")
+        # Integers: one side must be a constant (cuDNN has no bitwise ops; a constant's bits
+        # unroll into a few float ops).
+        c, x = _int_constant(b), a
+        if c is None:
+            c, x = _int_constant(a), b
+        if c is None or not isinstance(x, Proxy):
+            raise _unsupported(f"{op} between two computed integer values (only with a constant, "
+                               "e.g. (kv_idx & 3) or (q_idx | 1))")
+        if abs(c) >= _EXACT_INT:
+            raise _unsupported(f"{op} with a constant beyond 2^24 (float32 arithmetic is exact below it)")
+        xv = _operand(trace, x, op)
+        if c < 0:  # x & c = x - (x & ~c), ~c >= 0
+            both = rec.sub(xv, _bits_and(trace, x, ~c))
+        else:
+            both = _bits_and(trace, x, c)
+        if op == "&":
+            return _p(trace, both, "int")
+        if op == "|":  # x | c = x + c - (x & c)
+            return _p(trace, rec.sub(rec.add(xv, float(c)), both), "int")
+        return _p(trace, rec.sub(rec.add(xv, float(c)), rec.mul(both, 2.0)), "int")  # x ^ c
+    return handler
+
+
+def _invert(trace, x, **kwargs):
+    """~: logical not of a bool, -x - 1 of an integer (two's complement)."""
+    if _kind(x) == "bool":
+        return _p(trace, trace.rec.logical_not(_mask(trace, x, "~")), "bool")
+    if _kind(x) == "float":
+        raise _unsupported("~ on a floating-point value (torch refuses it too)")
+    return _p(trace, trace.rec.sub(trace.rec.neg(_operand(trace, x, "~")), 1.0), "int")
+
+
+def _shift(left: bool):
+    op = "<<" if left else ">>"
+
+    def handler(trace, x, n, **kwargs):
+        _no_kwargs(op, kwargs)
+        c = _int_constant(n)
+        if c is None or c < 0 or _kind(x) != "int":
+            raise _unsupported(f"{op} other than an integer value shifted by a constant >= 0")
+        xv = _operand(trace, x, op)
+        if left:
+            return _p(trace, trace.rec.mul(xv, float(1 << c)), "int")
+        return _p(trace, trace.rec.floor(trace.rec.mul(xv, 1.0 / (1 << c))), "int")
+    return handler
+
+
+def _logical(op: str):
+    def handler(trace, a, b, **kwargs):
+        _no_kwargs(op, kwargs)
+        return _p(trace, getattr(trace.rec, op)(_mask(trace, a, op), _mask(trace, b, op)), "bool")
+    return handler
+
+
+def _logical_not(trace, x, **kwargs):
+    return _p(trace, trace.rec.logical_not(_mask(trace, x, "logical_not")), "bool")
+
+
 def _where(trace, cond, a, b):
-    mask = _operand(trace, cond, "torch.where")
-    return Proxy(trace, trace.graph.binary_select(_operand(trace, a, "torch.where"),
-                                                  _operand(trace, b, "torch.where"), mask))
-
-
-def _logical_not(trace, x):
-    return Proxy(trace, trace.graph.logical_not(_operand(trace, x, "~")), is_bool=True)
+    mask = _mask(trace, cond, "torch.where")
+    return _p(trace, trace.rec.binary_select(_operand(trace, a, "torch.where"),
+                                             _operand(trace, b, "torch.where"), mask), _promote(a, b))
 
 
 def _clamp(trace, x, min=None, max=None):
     out = _operand(trace, x, "clamp")
     if min is not None:
-        out = trace.graph.max(out, _operand(trace, min, "clamp"))
+        out = trace.rec.max(out, _operand(trace, min, "clamp"))
     if max is not None:
-        out = trace.graph.min(out, _operand(trace, max, "clamp"))
-    return Proxy(trace, out)
+        out = trace.rec.min(out, _operand(trace, max, "clamp"))
+    if not isinstance(out, Value):
+        raise _unsupported("clamp of a constant")
+    return _p(trace, out, _promote(*(v for v in (x, min, max) if v is not None)))
+
+
+def _minmax(op: str):
+    def handler(trace, a, b, **kwargs):
+        _no_kwargs(op, kwargs)
+        return _p(trace, _emit(trace, op, a, b), _promote(a, b))
+    return handler
 
 
 def _to(trace, x, *args, **kwargs):
@@ -313,23 +456,29 @@ def _to(trace, x, *args, **kwargs):
             dtype = a
     if dtype is None:
         return x  # a device move: the value stays where it is
+    rec = trace.rec
     node = _operand(trace, x, ".to")
     if dtype == torch.bool:
-        return Proxy(trace, trace.graph.cmp_neq(node, 0.0), is_bool=True)
+        return _p(trace, rec.cmp_neq(node, 0.0), "bool")
     if dtype.is_floating_point:
         # Arithmetic in the graph is float32; casting to a float type keeps the value.
-        if isinstance(x, Proxy) and not x.is_bool and x.axis is None:
+        if isinstance(x, Proxy) and x.kind == "float":
             return x
-        return Proxy(trace, trace.graph.identity(node))
-    if dtype in (torch.int32, torch.int64):
-        if isinstance(x, Proxy) and x.axis is not None:
+        if isinstance(x, Proxy) and x.kind == "int" and x.axis is None:
+            return _p(trace, node, "float")  # computed integers are float32 values already
+        return _p(trace, rec.binary_select(1.0, 0.0, node) if _kind(x) == "bool" else rec.identity(node), "float")
+    if dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
+        if _kind(x) == "int":
             return x
-        raise _unsupported(f".to({dtype}) of a computed value (rounding is not part of the DSL)")
+        if _kind(x) == "bool":
+            return _p(trace, rec.binary_select(1.0, 0.0, node), "int")
+        # torch truncates toward zero
+        return _p(trace, rec.binary_select(rec.floor(node), rec.ceil(node), rec.cmp_ge(node, 0.0)), "int")
     raise _unsupported(f".to({dtype})")
 
 
 def _getitem(trace, t, index):
-    """captured_tensor[index variables...] -> a broadcast score_mod tensor."""
+    """captured_tensor[index variables...] -> an input slot (a strided view of t)."""
     if not isinstance(t, torch.Tensor):
         raise _unsupported("indexing a traced value")
     index = index if isinstance(index, tuple) else (index,)
@@ -345,49 +494,64 @@ def _getitem(trace, t, index):
                            "variables; index every dim")
     if len(set(axes)) != len(axes):
         raise _unsupported("a captured tensor indexed twice by the same index variable")
-    return trace.capture(t, tuple(axes), "indexing")
+    return trace.capture(t, tuple(axes))
 
 
 def _build_table():
     T = torch.Tensor
-    add, sub, mul, div = _binary("add"), _binary("sub"), _binary("mul"), _binary("div")
+    F = torch.nn.functional
+    add, sub, mul = _arith("add"), _arith("sub"), _arith("mul")
     table = {
         # Commutative ops keep the traced value first: cuDNN refuses a constant as first input.
-        T.__add__: add, T.__radd__: add, torch.add: add,
-        T.__sub__: sub, T.__rsub__: _reversed(sub), torch.sub: sub,
-        T.__mul__: mul, T.__rmul__: mul, torch.mul: mul,
-        T.__truediv__: div, T.__rtruediv__: _reversed(div), torch.div: div, torch.true_divide: div,
-        T.__pow__: _binary("pow"), T.__rpow__: _reversed(_binary("pow")), torch.pow: _binary("pow"),
-        T.__mod__: _binary("mod"), torch.fmod: _binary("mod"), torch.remainder: _binary("mod"),
-        torch.maximum: _binary("max"), torch.minimum: _binary("min"),
-        T.__neg__: _unary("neg"), torch.neg: _unary("neg"), T.__abs__: _unary("abs"), torch.abs: _unary("abs"),
+        T.__add__: add, T.__radd__: add, torch.add: add, T.add: add,
+        T.__sub__: sub, T.__rsub__: _reversed(sub), torch.sub: sub, T.sub: sub,
+        T.__mul__: mul, T.__rmul__: mul, torch.mul: mul, T.mul: mul,
+        T.__truediv__: _true_divide, T.__rtruediv__: _reversed(_true_divide), torch.div: _true_divide,
+        torch.true_divide: _true_divide, T.div: _true_divide,
+        T.__floordiv__: _floor_divide, T.__rfloordiv__: _reversed(_floor_divide),
+        torch.floor_divide: _floor_divide,
+        T.__pow__: _pow, T.__rpow__: _reversed(_pow), torch.pow: _pow, T.pow: _pow,
+        T.__mod__: _remainder, T.__rmod__: _reversed(_remainder), torch.remainder: _remainder,
+        torch.fmod: _fmod, T.fmod: _fmod, T.remainder: _remainder,
+        torch.maximum: _minmax("max"), torch.minimum: _minmax("min"),
+        T.maximum: _minmax("max"), T.minimum: _minmax("min"),
+        T.__neg__: _same_kind_unary("neg"), torch.neg: _same_kind_unary("neg"), T.neg: _same_kind_unary("neg"),
+        T.__abs__: _same_kind_unary("abs"), torch.abs: _same_kind_unary("abs"), T.abs: _same_kind_unary("abs"),
         torch.where: _where, torch.clamp: _clamp, T.clamp: _clamp,
         T.__getitem__: _getitem, T.to: _to, T.float: lambda tr, x: _to(tr, x, torch.float32),
-        T.__and__: _binary("logical_and", True), T.__rand__: _binary("logical_and", True),
-        torch.logical_and: _binary("logical_and", True),
-        T.__or__: _binary("logical_or", True), T.__ror__: _binary("logical_or", True),
-        torch.logical_or: _binary("logical_or", True),
-        T.__invert__: _logical_not, torch.logical_not: _logical_not,
+        T.int: lambda tr, x: _to(tr, x, torch.int32), T.long: lambda tr, x: _to(tr, x, torch.int64),
+        T.bool: lambda tr, x: _to(tr, x, torch.bool),
+        T.__and__: _bitwise("&"), T.__rand__: _bitwise("&"), torch.bitwise_and: _bitwise("&"),
+        T.__or__: _bitwise("|"), T.__ror__: _bitwise("|"), torch.bitwise_or: _bitwise("|"),
+        T.__xor__: _bitwise("^"), T.__rxor__: _bitwise("^"), torch.bitwise_xor: _bitwise("^"),
+        T.__invert__: _invert, torch.bitwise_not: _invert,
+        T.__lshift__: _shift(True), T.__rshift__: _shift(False),
+        torch.logical_and: _logical("logical_and"), torch.logical_or: _logical("logical_or"),
+        torch.logical_not: _logical_not, T.logical_not: _logical_not,
+        torch.exp2: lambda tr, x: _p(tr, tr.rec.pow(2.0, _operand(tr, x, "exp2")), "float"),
+        F.relu: _float_unary("relu"), torch.relu: _float_unary("relu"), F.gelu: _float_unary("gelu"),
+        F.silu: _float_unary("swish"), F.softplus: _float_unary("softplus"), F.elu: _float_unary("elu"),
     }
     for name, op in (("__eq__", "cmp_eq"), ("__ne__", "cmp_neq"), ("__gt__", "cmp_gt"),
                      ("__ge__", "cmp_ge"), ("__lt__", "cmp_lt"), ("__le__", "cmp_le")):
-        table[getattr(T, name)] = _binary(op, True)
+        table[getattr(T, name)] = _compare(op)
     for name, op in (("eq", "cmp_eq"), ("ne", "cmp_neq"), ("gt", "cmp_gt"), ("ge", "cmp_ge"),
                      ("lt", "cmp_lt"), ("le", "cmp_le")):
-        table[getattr(torch, name)] = _binary(op, True)
-    for name, op in (("tanh", "tanh"), ("exp", "exp"), ("log", "log"), ("sigmoid", "sigmoid"),
-                     ("sqrt", "sqrt"), ("rsqrt", "rsqrt"), ("sin", "sin"), ("cos", "cos"),
-                     ("tan", "tan"), ("erf", "erf"), ("floor", "floor"), ("ceil", "ceil"),
-                     ("reciprocal", "reciprocal")):
-        table[getattr(torch, name)] = _unary(op)
-        table[getattr(T, name)] = _unary(op)
+        table[getattr(torch, name)] = _compare(op)
+        table[getattr(T, name)] = _compare(op)
+    for name in ("tanh", "exp", "log", "sigmoid", "sqrt", "rsqrt", "sin", "cos", "tan", "erf", "reciprocal"):
+        table[getattr(torch, name)] = _float_unary(name)
+        table[getattr(T, name)] = _float_unary(name)
+    for name in ("floor", "ceil"):
+        table[getattr(torch, name)] = _same_kind_unary(name)
+        table[getattr(T, name)] = _same_kind_unary(name)
     return table
 
 
 # Python operators on proxies go through the same table as torch functions.
-for _dunder in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "pow", "rpow",
-                "mod", "eq", "ne", "gt", "ge", "lt", "le", "and", "rand", "or", "ror", "neg",
-                "abs", "invert"):
+for _dunder in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "floordiv",
+                "rfloordiv", "pow", "rpow", "mod", "rmod", "eq", "ne", "gt", "ge", "lt", "le", "and",
+                "rand", "or", "ror", "xor", "rxor", "lshift", "rshift", "neg", "abs", "invert"):
     def _method(self, *args, _f=getattr(torch.Tensor, f"__{_dunder}__")):
         return Proxy.__torch_function__(_f, (Proxy,), (self, *args))
     setattr(Proxy, f"__{_dunder}__", _method)
@@ -397,80 +561,7 @@ _TORCH_FUNCTIONS = _build_table()
 
 
 # ---------------------------------------------------------------------------------------------
-# From a torch-style function to a DSL score_mod
-
-
-class TorchStyleScoreMod:
-    """A torch-style score_mod (and/or mask_mod) as a DSL score_mod for the registry.
-
-    Keyed by the function's structure (its code and the non-tensor values it captures, plus the
-    dtype and rank of captured tensors): the captured tensors' values are runtime inputs."""
-
-    def __init__(self, fn: Callable, key: Optional[Hashable], captured: list[torch.Tensor]):
-        self.fn = fn
-        self.key = key
-        self.captured = captured
-        self.views: dict[str, tuple] = {}
-
-    def score_mod_graph_cache_key(self):
-        return self.key
-
-    def __call__(self, graph, score, tensors):
-        trace = _Trace(graph, score, tensors, self.captured)
-        args = [Proxy(trace, node=score)] + [Proxy(trace, axis=a) for a in range(4)]
-        result = self.fn(*args)
-        if not isinstance(result, Proxy):
-            if isinstance(result, (int, float, torch.Tensor)):
-                return graph.add(graph.mul(score, 0.0), _operand(trace, result, "the result"))
-            raise TypeError(f"cudnn_flex: the torch-style score_mod returned {type(result).__name__}; "
-                            "it must return the modified score")
-        self.views = trace.views
-        return result.node
-
-
-class _LazyCaptureTensors(dict):
-    """Tensors dict for the planning run: any capture view gets a small stand-in graph tensor."""
-
-    def __init__(self, graph, base):
-        super().__init__(base)
-        self._graph = graph
-
-    def __missing__(self, name):
-        from .reference import RefTensor
-        value = RefTensor(torch.zeros(1, 1, 1, 1), self._graph)
-        self[name] = value
-        return value
-
-
-def plan_views(mod: TorchStyleScoreMod) -> dict[str, tuple]:
-    """Runs mod once on a 1x1x1x1 reference graph to learn which captured tensors it indexes, and
-    how (cheap; cached per structural key by the caller)."""
-    from .reference import ReferenceGraph, RefTensor
-    graph = ReferenceGraph((1, 1, 1, 1), torch.device("cpu"))
-    mod(graph, RefTensor(torch.zeros(1, 1, 1, 1), graph), _LazyCaptureTensors(graph, {}))
-    return mod.views
-
-
-def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
-    """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
-    except that integer and float64 tensors become float32 copies (the score_mod's arithmetic)."""
-    if not axes:
-        return t.reshape(())
-    sizes, strides = [1, 1, 1, 1], [0, 0, 0, 0]
-    for dim, axis in enumerate(axes):
-        n = t.shape[dim]
-        if n < full[axis]:
-            raise ValueError(f"cudnn_flex: the captured tensor indexed as {name} has {n} entries "
-                             f"along the {'batch head query key'.split()[axis]} axis, but the scores "
-                             f"have {full[axis]}")
-        sizes[axis], strides[axis] = full[axis], t.stride(dim)
-    view = t.as_strided(sizes, strides, t.storage_offset())
-    if view.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
-        # The score_mod's arithmetic is float32 (integers are exact up to 2^24): a small copy.
-        view = view.to(torch.float32)
-    if view.is_cuda and view.data_ptr() % 16:
-        view = view.clone()
-    return view
+# From a torch-style function to a program
 
 
 def mask_to_score_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> Callable:
@@ -481,44 +572,57 @@ def mask_to_score_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> Call
     return masked
 
 
-# structural key -> the capture views its function makes (learned once by plan_views)
-_plans: dict[Hashable, dict[str, tuple]] = {}
+def trace(fn: Callable, recorder: Recorder) -> tuple[int, list[tuple[torch.Tensor, tuple[int, ...]]]]:
+    """Records torch-style fn; returns (its result node, the (tensor, axes) of each input slot)."""
+    tr = _Trace(recorder)
+    args = [Proxy(tr, tr.score)] + [Proxy(tr, axis=a, kind="int") for a in range(4)]
+    result = fn(*args)
+    if isinstance(result, Proxy):
+        value = result.value
+        if result.kind == "bool":  # a mask_mod passed as score_mod: keep the bool as 0/1
+            value = recorder.binary_select(1.0, 0.0, value)
+    elif isinstance(result, (bool, int, float)) or isinstance(result, torch.Tensor):
+        # A constant score: constant + 0 * score keeps the program on the score's shape.
+        value = recorder.add(recorder.mul(tr.score, 0.0), _operand(tr, result, "the result"))
+    else:
+        raise TypeError(f"cudnn_flex: the torch-style score_mod returned {type(result).__name__}; "
+                        "it must return the modified score")
+    return value.index, tr.captures
 
 
-def prepare(score_mod: Optional[Callable], mask_mod: Optional[Callable], score_mod_tensors,
-            scores_shape: tuple[int, int, int, int]):
-    """(DSL score_mod, score_mod_tensors) for what the user passed: torch-style score_mods and
-    mask_mods become a TorchStyleScoreMod whose captured tensors are passed as views."""
-    if mask_mod is not None:
-        if not callable(mask_mod):
-            raise TypeError(f"cudnn_flex: mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool, "
-                            f"got {type(mask_mod).__name__}")
-        if _positional_count(mask_mod) not in (None, 4):
-            raise TypeError("cudnn_flex: mask_mod must take (b, h, q_idx, kv_idx) as in "
-                            "torch.nn.attention.flex_attention")
-        if score_mod is not None and not is_torch_style(score_mod):
-            raise TypeError("cudnn_flex: mask_mod combines with a torch-style score_mod(score, b, h, "
-                            "q_idx, kv_idx) only; with a DSL score_mod, mask inside it with "
-                            "graph.binary_select(score, float('-inf'), mask)")
-        score_mod = mask_to_score_mod(mask_mod, score_mod)
-    elif score_mod is None or not is_torch_style(score_mod):
-        if score_mod is not None and _positional_count(score_mod) == 4:
-            raise TypeError("cudnn_flex: score_mod takes 4 arguments, like a mask_mod(b, h, q_idx, "
-                            "kv_idx); pass it as mask_mod=, or write score_mod(score, b, h, q_idx, kv_idx)")
-        return score_mod, score_mod_tensors
-    if score_mod_tensors:
-        raise TypeError("cudnn_flex: a torch-style score_mod gets its tensors by capturing them "
-                        "(closure, default argument or global), not through score_mod_tensors")
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "cudnn_flex: torch-style score_mods and mask_mods do not run under torch.compile yet; "
-            "write the score_mod in the graph DSL (graph, score, tensors) for compiled models")
-    key, captured = captures(score_mod)
-    mod = TorchStyleScoreMod(score_mod, key, captured)
-    views = _plans.get(key) if key is not None else None
-    if views is None:
-        views = plan_views(mod)
-        if key is not None:
-            _plans[key] = views
-    tensors = {name: view_for(captured[i], axes, scores_shape, name) for name, (i, axes) in views.items()}
-    return mod, tensors
+def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
+    """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
+    except that integer and float64 tensors become float32 copies of the view (the score_mod's
+    arithmetic; small, since broadcast dims stay size 1) and bool tensors are read as uint8."""
+    if not axes:
+        view = t.reshape(())
+    else:
+        sizes, strides = [1, 1, 1, 1], [0, 0, 0, 0]
+        for dim, axis in enumerate(axes):
+            n = t.shape[dim]
+            if n < full[axis]:
+                raise ValueError(f"cudnn_flex: the captured tensor indexed as {name} has {n} entries "
+                                 f"along the {'batch head query key'.split()[axis]} axis, but the scores "
+                                 f"have {full[axis]}")
+            sizes[axis], strides[axis] = full[axis], t.stride(dim)
+        view = t.as_strided(sizes, strides, t.storage_offset())
+    if view.dtype == torch.bool:
+        view = view.view(torch.uint8)  # cuDNN 9.19 crashes on BOOLEAN inputs; uint8 is read right
+    elif view.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
+        view = view.to(torch.float32)
+    if view.is_cuda and view.data_ptr() % 16:
+        view = view.clone()
+    return view
+
+
+def check_mask_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> None:
+    if not callable(mask_mod):
+        raise TypeError(f"cudnn_flex: mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool, "
+                        f"got {type(mask_mod).__name__}")
+    if positional_count(mask_mod) not in (None, 4):
+        raise TypeError("cudnn_flex: mask_mod must take (b, h, q_idx, kv_idx) as in "
+                        "torch.nn.attention.flex_attention")
+    if score_mod is not None and not is_torch_style(score_mod):
+        raise TypeError("cudnn_flex: mask_mod combines with a torch-style score_mod(score, b, h, "
+                        "q_idx, kv_idx) only; with a DSL score_mod, mask inside it with "
+                        "graph.binary_select(score, float('-inf'), mask)")

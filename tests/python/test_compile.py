@@ -79,9 +79,9 @@ def test_dynamo_traces_one_op_with_no_graph_break(fn):
     calls = op_calls(graphs[0])
     assert len(calls) == 1
     mod_id = calls[0].args[5]
-    # The id is a constant of the graph and names the user's callable in the registry.
+    # The id is a constant of the graph and names the program recorded while dynamo traced.
     assert isinstance(mod_id, int) and mod_id > 0
-    assert mod_id in _registry._callable_by_id
+    assert _registry.lookup(mod_id).mod_id == mod_id
 
 
 @pytest.mark.parametrize("fn", CASES, ids=lambda f: f.__name__)
@@ -106,7 +106,7 @@ def test_compiled_id_matches_eager_id():
     compiled, graphs = compile_recording(module_level_function)
     with mode:
         compiled(q, k, v, None)
-    eager_id, _ = _registry.resolve(dsl_mods.causal, "score_mod", ())
+    eager_id = _registry.record(dsl_mods.causal, None, (), ()).mod_id
     assert op_calls(graphs[0])[0].args[5] == eager_id
 
 
@@ -130,10 +130,11 @@ def test_another_keyed_object_gets_its_own_id():
     assert len(graphs) == 2
     first, second = (op_calls(g)[0].args[5] for g in graphs)
     assert first != second
-    assert _registry._callable_by_id[second][0].__self__ is caps[0]
+    assert second == _registry.record(caps[0].forward, caps[0].backward, (), ()).mod_id
 
 
-def test_uncacheable_score_mod_under_compile_is_explained():
+def test_closure_under_compile_records_its_program():
+    """A closure is no longer refused: its program is recorded while dynamo traces."""
     factor = 0.5
 
     def closure(graph, score, tensors):
@@ -144,9 +145,10 @@ def test_uncacheable_score_mod_under_compile_is_explained():
 
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
-    compiled, _ = compile_recording(fn)
-    with mode, pytest.raises(Exception, match="must have a cacheable graph"):
+    compiled, graphs = compile_recording(fn)
+    with mode:
         compiled(q, k, v)
+    assert op_calls(graphs[0])[0].args[5] == _registry.record(closure, None, (), ()).mod_id
 
 
 def test_aot_autograd_traces_the_op_for_inference():
@@ -164,8 +166,8 @@ def meta_args(requires_grad, s_q=128, s_kv=96, h_q=4, h_kv=2, mod=dsl_mods.causa
 
     q, k, v = t(2, h_q, s_q, 64, dtype=torch.bfloat16), t(2, h_kv, s_kv, 64, dtype=torch.bfloat16), \
         t(2, h_kv, s_kv, 32, dtype=torch.bfloat16)
-    mod_id, bprop_id, cacheable = _registry.resolve_pair(mod, None, (), ())
-    return q, k, v, mod_id, bprop_id, cacheable
+    program = _registry.record(mod, None, (), ())
+    return q, k, v, program.mod_id, program.bprop_id, True
 
 
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",

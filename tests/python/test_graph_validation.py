@@ -3,6 +3,8 @@ the user's Python score_mod really runs and its ops land in the cuDNN graph."""
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -117,9 +119,9 @@ def test_tensor_of_another_graph_is_an_error():
             kept["t"] = graph.mul(score, 1.0)
         return graph.add(score, kept["t"])
 
-    # A tensor kept from an earlier run (the bprop analysis on the reference graph, or the
-    # forward build) must not be used in a later graph.
-    with pytest.raises((ValueError, TypeError), match="tensor of another graph|must be a cudnn_flex graph tensor"):
+    # A tensor kept from an earlier call's recording must not be used in a later one.
+    cudnn_flex.validate_graphs(*qkv(), keeps)
+    with pytest.raises(ValueError, match="tensor of another graph"):
         cudnn_flex.validate_graphs(*qkv(), keeps)
     # ... and the next valid call works.
     assert "score_mod ops: GEN_INDEX GEN_INDEX SUB ADD" in cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias)
@@ -179,13 +181,15 @@ def test_every_unary_op_is_in_the_dsl(op):
         assert "cuDNN says" in str(e)
 
 
-def test_unused_ops_are_refused():
+def test_unused_ops_never_reach_cudnn():
+    """cuDNN 9.19 returns wrong dV for graphs with dangling ops: the lowering emits only what the
+    result reads."""
     def dangling(graph, score, tensors):
         graph.exp(graph.gen_index(score, 2))  # computed, never used
         return graph.add(score, 1.0)
 
-    with pytest.raises(ValueError, match=r"computed values it never used \(ops: .*EXP"):
-        cudnn_flex.validate_graphs(*qkv(), dangling)
+    text = cudnn_flex.validate_graphs(*qkv(), dangling)
+    assert re.findall(r"score_mod ops: (.*)", text) == ["ADD", "ADD"]
 
 
 def test_logical_ops_are_lowered_to_selects():

@@ -13,7 +13,9 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
 import cudnn_flex
-from cudnn_flex import _registry, auto_bprop, dsl_mods, mods, torch_style
+from cudnn_flex import dsl_mods, mods, torch_style
+from cudnn_flex.api import _record
+from cudnn_flex.bprop_check import program_pair
 from cudnn_flex.reference import RefTensor, ReferenceGraph
 
 B, H, S, D = 2, 4, 48, 16
@@ -26,6 +28,13 @@ DOC = torch.tensor([0] * 20 + [1] * 16 + [2] * 12)
 def qkv(dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(B, H, S, D, generator=g, dtype=dtype) for _ in range(3))
+
+
+def record(fn=None, mask=None, shape=(B, H, S, S)):
+    """(program, slot tensors) of a call with these mods (what flex_attention records)."""
+    q = torch.empty(shape[0], shape[1], shape[2], 8)
+    program, tensors, _ = _record(fn, None, mask, None, None, q, shape[3])
+    return program, tensors
 
 
 def ops_of(text: str, which: int = 0) -> str:
@@ -91,28 +100,20 @@ def test_tracing_emits_the_expected_program(fn, mask, expected_fwd):
 
 
 def test_captured_tensors_become_strided_views_without_copies():
-    score_mod, tensors = torch_style.prepare(None, None, None, (B, H, S, S))
-    assert score_mod is None
-    mod, tensors = torch_style.prepare(table_bias, None, None, (B, H, S, S))
-    (view,) = tensors.values()
+    assert record() == (None, [])
+    _, (view,) = record(table_bias)
     assert view.shape == (1, H, S, S) and view.data_ptr() == TABLE.data_ptr()
-    mod, tensors = torch_style.prepare(alibi, None, None, (B, H, S, S))
-    (view,) = tensors.values()
+    _, (view,) = record(alibi)
     assert view.shape == (1, H, 1, 1) and view.data_ptr() == SLOPES.data_ptr()
-    mod, tensors = torch_style.prepare(None, document, None, (B, H, S, S))
-    assert sorted(tuple(t.shape) for t in tensors.values()) == [(1, 1, 1, S), (1, 1, S, 1)]
+    _, tensors = record(None, document)
+    assert sorted(tuple(t.shape) for t in tensors) == [(1, 1, 1, S), (1, 1, S, 1)]
 
 
 def test_captured_tensor_values_are_inputs_not_keys():
     a, b = mods.alibi(torch.rand(H)), mods.alibi(torch.rand(H))
-    mod_a, _ = torch_style.prepare(a, None, None, (B, H, S, S))
-    mod_b, _ = torch_style.prepare(b, None, None, (B, H, S, S))
-    assert mod_a.score_mod_graph_cache_key() == mod_b.score_mod_graph_cache_key()
+    assert record(a)[0].mod_id == record(b)[0].mod_id
     c, d = mods.softcap(20.0), mods.softcap(30.0)
-    mod_c, _ = torch_style.prepare(c, None, None, (B, H, S, S))
-    mod_d, _ = torch_style.prepare(d, None, None, (B, H, S, S))
-    assert mod_c.score_mod_graph_cache_key() != mod_d.score_mod_graph_cache_key()
-    assert _registry.resolve(mod_a, "score_mod")[0] == _registry.resolve(mod_b, "score_mod")[0]
+    assert record(c)[0].mod_id != record(d)[0].mod_id
 
 
 # --- unsupported constructs: named errors -------------------------------------------------------
@@ -127,10 +128,6 @@ def computed_index(score, b, h, q_idx, kv_idx):
     return score + SLOPES[h + 1]
 
 
-def number_index(score, b, h, q_idx, kv_idx):
-    return score + SLOPES[0]
-
-
 def unsupported_function(score, b, h, q_idx, kv_idx):
     return torch.matmul(score, score)
 
@@ -139,17 +136,11 @@ def float_of_value(score, b, h, q_idx, kv_idx):
     return score * float(q_idx)
 
 
-def uncaptured_tensor(score, b, h, q_idx, kv_idx):
-    return score + torch.ones(H)[h]
-
-
 @pytest.mark.parametrize("fn,message", [
     (python_if, "Python control flow"),
     (computed_index, "other than the index variables"),
-    (number_index, "does not capture"),
     (unsupported_function, "torch function matmul"),
     (float_of_value, r"float\(\) of a traced value"),
-    (uncaptured_tensor, "does not capture"),
 ])
 def test_unsupported_constructs_name_themselves(fn, message):
     with pytest.raises(torch_style.UnsupportedConstruct, match=message):
@@ -170,10 +161,10 @@ def test_mask_mod_with_a_dsl_score_mod_is_explained():
 
 def derived(fn):
     """The (forward, derived bprop) pair the library uses for a torch-style or DSL score_mod."""
-    mod, tensors = torch_style.prepare(fn, None, None, (2, 3, 16, 24)) if torch_style.is_torch_style(fn) \
-        else (fn, {})
-    auto = auto_bprop.AutoBprop(mod, None)
-    return auto.forward, auto.backward, tensors
+    program, tensors = record(fn, shape=(2, 3, 16, 24))
+    names = [f"t{i}" for i in range(len(tensors))]
+    forward, backward = program_pair(program, names)
+    return forward, backward, dict(zip(names, tensors))
 
 
 def scale_times_score(graph, score, tensors):

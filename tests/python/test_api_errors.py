@@ -122,3 +122,85 @@ def test_non_contiguous_head_dim_is_refused_for_cudnn():
     misaligned = torch.randn(1 * 2 * 8 * 16 + 1)[1:].view(1, 2, 8, 16)
     with pytest.raises(ValueError, match="not 16-byte aligned"):
         _check_dense_last_dim(k, misaligned, k)
+
+
+# --- every other refusal of flex_attention's checks: its type, and a message naming the argument ---
+
+def _q_k_v(b=1, h_q=2, h_k=2, h_v=2, s_q=8, s_k=8, s_v=8, d=16, d_k=16, d_v=16):
+    return (torch.randn(b, h_q, s_q, d), torch.randn(b, h_k, s_k, d_k), torch.randn(b, h_v, s_v, d_v))
+
+
+def _ignore_self(score, b, h, q_idx, kv_idx):
+    return score
+
+
+BIAS = torch.zeros(8, 8)
+
+
+@pytest.mark.parametrize("args,kwargs,error,message", [
+    (_q_k_v(h_k=2, h_v=1), {}, ValueError, r"k and v must have the same number of heads .*k \(1, 2, 8, 16\), v \(1, 1, 8, 16\)"),
+    (_q_k_v(h_k=0, h_v=0), {}, ValueError, r"the number of query heads \(2\) must be a multiple of the number of key/value heads \(0\)"),
+    (_q_k_v(s_k=8, s_v=7), {}, ValueError, r"k and v must have the same sequence length .*v \(1, 2, 7, 16\)"),
+    (_q_k_v(d=0, d_k=0), {}, ValueError, r"q and k have head dim 0"),
+    (qkv() + [3], {}, TypeError, r"score_mod must be a callable .*got int"),
+    (qkv(), dict(score_mod_tensors={"bias": BIAS}), ValueError, r"score_mod_tensors were given without score_mod"),
+    (qkv() + [dsl_mods.add_bias, None, [BIAS]], {}, TypeError, r"score_mod_tensors must be a dict .*got list"),
+    (qkv() + [dsl_mods.add_bias, None, {1: BIAS}], {}, TypeError, r"the keys of score_mod_tensors must be str, got int"),
+    (qkv() + [dsl_mods.add_bias, None, {"bias": BIAS.to(torch.complex64)}], {}, ValueError,
+     r"score_mod_tensors\['bias'\] has dtype torch.complex64"),
+    (qkv() + [dsl_mods.add_bias, None, {"bias": BIAS.to(torch.int16)}], {}, ValueError,
+     r"score_mod_tensors\['bias'\] has dtype torch.int16"),
+    (qkv() + [dsl_mods.add_bias, None, {"bias": torch.zeros(1, 1, 1, 8, 8)}], {}, ValueError,
+     r"score_mod_tensors\['bias'\] has shape \(1, 1, 1, 8, 8\), which does not broadcast"),
+    (qkv() + [dsl_mods.add_bias, None, {"bias": torch.zeros(8, 7)}], {}, ValueError,
+     r"score_mod_tensors\['bias'\] has shape \(8, 7\), which does not broadcast .*\[1, 2, 8, 8\]"),
+    (qkv() + [dsl_mods.Softcap(2.0).forward, dsl_mods.Softcap(2.0).backward, None, {"x": torch.zeros(8, 8, requires_grad=True)}],
+     {}, ValueError, r"score_mod_bprop_tensors\['x'\] requires grad"),
+    (qkv(), dict(mask_mod=3), TypeError, r"mask_mod must be a callable .*got int"),
+    (qkv(), dict(mask_mod=lambda b, h, q_idx: q_idx >= 0), TypeError, r"mask_mod must take \(b, h, q_idx, kv_idx\)"),
+    (qkv() + [_ignore_self, None, {"bias": BIAS}], {}, TypeError,
+     r"a torch-style score_mod gets its tensors by capturing them .*not through score_mod_tensors"),
+    (qkv(), dict(backend="cuda"), ValueError, r"backend must be 'auto', 'cudnn' or 'reference', got 'cuda'"),
+])
+def test_refusal_names_the_argument(args, kwargs, error, message):
+    with pytest.raises(error, match=r"^cudnn_flex: " + message):
+        cudnn_flex.flex_attention(*args, **kwargs)
+
+
+def test_validate_graphs_runs_the_same_checks():
+    with pytest.raises(ValueError, match=r"^cudnn_flex: k and v must have the same sequence length"):
+        cudnn_flex.validate_graphs(*_q_k_v(s_k=8, s_v=7))
+    with pytest.raises(ValueError, match=r"^cudnn_flex: layout must be one of"):
+        cudnn_flex.validate_graphs(*qkv(), layout="hsbd")
+    with pytest.raises(TypeError, match=r"^cudnn_flex: the keys of score_mod_tensors must be str"):
+        cudnn_flex.validate_graphs(*qkv(), dsl_mods.add_bias, None, {0: BIAS})
+
+
+def test_module_runs_the_same_checks_at_call_time():
+    module = cudnn_flex.FlexAttention(dsl_mods.add_bias, backend="reference")
+    with pytest.raises(ValueError, match=r"^cudnn_flex: score_mod_tensors\['bias'\] has shape \(3, 8\)"):
+        module(*qkv(), score_mod_tensors={"bias": torch.zeros(3, 8)})
+    with pytest.raises(ValueError, match=r"^cudnn_flex: backend must be"):
+        cudnn_flex.FlexAttention(backend="gpu")(*qkv())
+
+
+def test_captured_tensor_shorter_than_its_axis_names_the_axis():
+    short = torch.ones(5)
+
+    def keys_bias(score, b, h, q_idx, kv_idx):
+        return score + short[kv_idx]
+
+    with pytest.raises(ValueError, match=r"^cudnn_flex: the captured tensor indexed as .* has 5 entries along "
+                                         r"the key axis, but the scores have 8"):
+        cudnn_flex.flex_attention(*qkv(), keys_bias, backend="reference")
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: cudnn_flex.check_score_mod_bprop(dsl_mods.causal, None, shape=(2, 3, 4)), ValueError,
+     r"shape must be \[B, H, Sq, Skv\], got \[2, 3, 4\]"),
+    (lambda: cudnn_flex.check_score_mod_bprop(dsl_mods.relative_bias, lambda g, d_p, t: 1.0), TypeError,
+     r"score_mod_bprop returned float"),
+])
+def test_check_score_mod_bprop_refusals(call, error, message):
+    with pytest.raises(error, match=r"^cudnn_flex: " + message):
+        call()

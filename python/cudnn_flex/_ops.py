@@ -24,8 +24,26 @@ def _empty_like_layout(like: torch.Tensor, sizes, dtype=None) -> torch.Tensor:
     return like.new_empty_strided(tuple(sizes), strides_like(like, sizes), dtype=dtype or like.dtype)
 
 
+def _check(q, k, v, mod_tensors, bprop_tensors) -> None:
+    """The checks of the C++ kernels (ops.cpp), so that a compiled model fails while tracing."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check_value(t.dim() == 4, lambda: f"cudnn_flex: {name} must be 4-D [B, H, S, D]")
+    torch._check_value(q.dtype == k.dtype == v.dtype, lambda: "cudnn_flex: q, k and v must have one dtype")
+    torch._check_value(q.device == k.device == v.device, lambda: "cudnn_flex: q, k and v must be on one device")
+    torch._check_value(k.shape[1] > 0 and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0,
+                       lambda: "cudnn_flex: k and v need the same number of heads (> 0), and q's head "
+                               "count a multiple of it")
+    for role, tensors in (("score_mod tensor", mod_tensors), ("score_mod_bprop tensor", bprop_tensors)):
+        for i, t in enumerate(tensors):
+            host_scalar = t.device.type == "cpu" and t.numel() == 1
+            torch._check_value(host_scalar or t.device == q.device,
+                               lambda: f"cudnn_flex: {role} #{i} is on {t.device} but q is on {q.device}")
+            torch._check_value(t.dim() <= 4, lambda: f"cudnn_flex: {role} #{i} has more than 4 dims")
+
+
 @torch.library.register_fake("cudnn_flex::fwd")
 def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic):
+    _check(q, k, v, mod_tensors, bprop_tensors)
     out = _empty_like_layout(q, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
@@ -34,4 +52,5 @@ def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, 
 @torch.library.register_fake("cudnn_flex::bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
               deterministic):
+    _check(q, k, v, mod_tensors, bprop_tensors)
     return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape))

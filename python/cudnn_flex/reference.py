@@ -168,7 +168,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.logsumexp(scores, dim=-1)
     # Fully masked rows (lse = -inf) give 0 as cuDNN does; NaN or inf in the inputs propagate.
     empty_row = (lse == float("-inf")).unsqueeze(-1)
-    probs = torch.where(empty_row, 0.0, torch.exp(scores - torch.where(empty_row, 0.0, lse.unsqueeze(-1))))
+    # softmax, not exp(scores - lse): with huge finite fills (torch.finfo.min) lse absorbs
+    # log(row length) and exp(scores - lse) would not sum to 1.
+    probs = torch.where(empty_row, 0.0, torch.softmax(torch.where(empty_row, 0.0, scores), dim=-1))
     return probs @ vf, lse
 
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 import cudnn_flex
-from cudnn_flex import _registry, dsl_mods
+from cudnn_flex import _registry, dsl_mods, mods
 
 
 def per_call_us(fn, n=3000):
@@ -30,15 +30,25 @@ def per_call_us(fn, n=3000):
 def main():
     q = torch.randn(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16)
     qg = q.clone().requires_grad_()
-    mod_id, bprop_id, cacheable = _registry.resolve_pair(dsl_mods.causal, None, (), ())
+    program = _registry.record(dsl_mods.causal, None, (), ())
+    mod_id, bprop_id, cacheable = program.mod_id, program.bprop_id, True
     op = torch.ops.cudnn_flex.fwd.default
+    cap = dsl_mods.Softcap(20.0)
+    softcap = mods.softcap(20.0)
     rows = [
         ("torch SDPA (cuDNN backend)", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)),
         ("C++ op alone (torch.ops.cudnn_flex.fwd, no grad)", lambda: op(q, q, q, [], [], mod_id, bprop_id, cacheable, None, False)),
         ("C++ op through the autograd wrapper (inputs require grad)", lambda: op(qg, qg, qg, [], [], mod_id, bprop_id, cacheable, None, False)),
-        ("registry resolve_pair", lambda: _registry.resolve_pair(dsl_mods.causal, None, (), ())),
+        ("recording the program (DSL causal)", lambda: _registry.record(dsl_mods.causal, None, (), ())),
+        ("flex_attention, no score_mod", lambda: cudnn_flex.flex_attention(q, q, q)),
         ("flex_attention, no grad", lambda: cudnn_flex.flex_attention(q, q, q, dsl_mods.causal)),
         ("flex_attention, inputs require grad", lambda: cudnn_flex.flex_attention(qg, qg, qg, dsl_mods.causal)),
+        ("flex_attention, keyed Softcap + bprop (promise: no recording)",
+         lambda: cudnn_flex.flex_attention(qg, qg, qg, cap.forward, cap.backward)),
+        ("flex_attention, torch-style softcap (recorded every call)",
+         lambda: cudnn_flex.flex_attention(qg, qg, qg, softcap)),
+        ("flex_attention, mask_mod=mods.causal (recorded every call)",
+         lambda: cudnn_flex.flex_attention(qg, qg, qg, mask_mod=mods.causal)),
     ]
     print("\n== host time per cached call, B=1 H=1 S=64 D=64 bf16, causal score_mod ==")
     for name, fn in rows:

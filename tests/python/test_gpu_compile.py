@@ -186,7 +186,8 @@ def test_opcheck_on_cuda(requires_grad):
 
     q, k, v = t(2, 4, 128, 64), t(2, 2, 96, 64), t(2, 2, 96, 64)
     slopes = mods.alibi_slopes(4, device="cuda")
-    mod_id, bprop_id, cacheable = _registry.resolve_pair(dsl_mods.alibi, None, ("slopes",), ())
+    program = _registry.record(dsl_mods.alibi, None, ("slopes",), (slopes.dtype,))
+    mod_id, bprop_id, cacheable = program.mod_id, program.bprop_id, True
     args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True)
     # With gradients, opcheck's AOT tests backpropagate through every output, lse included, which
     # the op refuses by design (NotImplementedError naming lse.detach()); they run without.

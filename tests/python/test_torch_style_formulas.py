@@ -146,9 +146,6 @@ METHOD_FORMS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="Proxy has no Tensor methods: score.abs(), score.clamp(...), "
-                   "score.cos() raise AttributeError although torch_style's table maps torch.Tensor.abs, "
-                   ".clamp, .cos, ... and the README promises UnsupportedConstruct for anything unsupported")
 @pytest.mark.parametrize("name", METHOD_FORMS)
 def test_tensor_method_form_matches_plain_torch(name):
     score_mod, formula = METHOD_FORMS[name]

@@ -100,6 +100,8 @@ CASES = {
     "select_tensor_fill": lambda g, s, t: g.binary_select(g.mul(s, 2.0), t["bias"], causal_mask(g, s)),
     "select_minus_inf_fill": lambda g, s, t: g.binary_select(g.mul(s, 2.0), NEG_INF, causal_mask(g, s)),
     "select_minus_inf_first": lambda g, s, t: g.binary_select(NEG_INF, g.tanh(s), g.cmp_lt(g.gen_index(s, 2), g.gen_index(s, 3))),
+    "select_huge_finite_fill": lambda g, s, t: g.binary_select(g.mul(s, 2.0), -1e30, causal_mask(g, s)),
+    "select_float32_min_fill": lambda g, s, t: g.binary_select(g.mul(s, 2.0), -3.4028234663852886e38, causal_mask(g, s)),
     "select_both": lambda g, s, t: g.binary_select(g.tanh(s), g.mul(s, s), g.cmp_gt(s, 0.0)),
     "select_leaky": lambda g, s, t: g.binary_select(s, g.mul(s, 0.1), g.cmp_ge(s, 0.0)),
     # chains

@@ -18,6 +18,7 @@ class BuiltGraph {
   int64_t workspace = 0;
   bool has_plans = false;
   std::vector<std::string> score_mod_ops;  // what the score_mods added, for describe()
+  std::string score_mod_tensors;           // JSON of the score_mod tensors handed to cuDNN
 };
 
 namespace {
@@ -109,6 +110,7 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
   auto k = graph->tensor(attributes("K", kK, p.k));
   auto v = graph->tensor(attributes("V", kV, p.v));
   bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
+  bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
   auto score_mod = [&p, mod_inputs](bridge::GraphPtr g, bridge::TensorPtr score) {
     return bridge::call_python(p.mod_id, g, score, mod_inputs);
   };
@@ -126,7 +128,6 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     auto o = graph->tensor(attributes("O", kO, p.o));
     auto d_o = graph->tensor(attributes("dO", kDO, p.d_o));
     auto stats = graph->tensor(attributes("Stats", kLse, p.lse));
-    bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
     auto options = fe::graph::SDPA_backward_attributes()
                        .set_name("cudnn_flex_bwd")
                        .set_attn_scale(static_cast<float>(p.scale))
@@ -156,6 +157,12 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
   auto built = std::make_shared<BuiltGraph>();
   built->graph = graph;
   built->score_mod_ops = std::exchange(bridge::op_log(), {});
+  // The frontend's own JSON of each score_mod tensor as cuDNN got it (dims, strides, by value):
+  // the broadcast rule of ops.cpp is visible here without a GPU.
+  nlohmann::json tensors = nlohmann::json::array();
+  for (const auto& t : mod_inputs) tensors.push_back(*t);
+  for (const auto& t : bprop_inputs) tensors.push_back(*t);
+  built->score_mod_tensors = tensors.dump();
   if (handle != nullptr) {
     check(graph->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans", p);
     check(graph->check_support(handle), "check_support", p);
@@ -173,6 +180,7 @@ std::string describe(const BuiltGraph& graph) {
   s << "score_mod ops:";
   for (const auto& op : graph.score_mod_ops) s << " " << op;
   s << "\n" << *graph.graph;
+  s << "\nscore_mod tensors: " << graph.score_mod_tensors;
   return s.str();
 }
 

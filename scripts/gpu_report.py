@@ -1,13 +1,12 @@
 """GPU report: broadcast patterns of score_mod tensors and a few timings, as short tables.
 
 Run by scripts/gpu_check.sh on the H100; timings are ratios against torch SDPA (cuDNN backend)
-measured in the same run.
+measured in the same run. Self-contained (the tests' checks are in tests/python); the broadcast
+table's expected values come from cudnn-flex's float32 reference path.
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -16,13 +15,50 @@ import torch.nn.functional as F
 import cudnn_flex
 from cudnn_flex import dsl_mods, mods
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "python"))
-from gpu_cases import ALL_PATTERNS, bias_pattern, errors, make_inputs, pattern_name, run_both  # noqa: E402
+# Which of (B, H, Sq, Skv) a score_mod tensor has, for all 16 broadcast patterns.
+ALL_PATTERNS = [tuple(bool(i >> (3 - j) & 1) for j in range(4)) for i in range(16)]
+
+
+def pattern_name(mask):
+    return "".join(c if keep else "1" for c, keep in zip("BHQK", mask))
+
+
+def bias_pattern(mask, b, h, s_q, s_kv, seed=0):
+    shape = [n if keep else 1 for keep, n in zip(mask, (b, h, s_q, s_kv))]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def make_inputs(b=2, h=4, s_q=128, s_kv=None, d=64, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to("cuda", dtype).requires_grad_() for n in (s_q, s_kv or s_q, s_kv or s_q)]
+
+
+def run_both(q, k, v, score_mod, tensors):
+    """(cuDNN, float32 reference path): out, lse, dq, dk, dv of each."""
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(123)).to(q)
+    results = []
+    for qq, kk, vv in ((q, k, v), [t.detach().float().requires_grad_() for t in (q, k, v)]):
+        backend = "cudnn" if qq.dtype != torch.float32 else "reference"
+        out, lse = cudnn_flex.flex_attention(qq, kk, vv, score_mod, score_mod_tensors=tensors, return_lse=True,
+                                             backend=backend)
+        grads = torch.autograd.grad(out, (qq, kk, vv), d_out.to(out.dtype))
+        results.append({n: t.float() for n, t in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads))})
+    return results
+
+
+def errors(got, want):
+    """max |got - want| / max |want| per tensor (lse: absolute)."""
+    out = {}
+    for name in want:
+        diff = (got[name] - want[name]).abs().max()
+        out[name] = (diff if name == "lse" else diff / want[name].abs().max().clamp_min(1e-6)).item()
+    return out
 
 
 def broadcast_table():
     print("\n== score_mod tensor broadcast patterns: max relative error vs float32 reference ==")
-    print("repr 0: broadcast dims as size 1; repr 2: the library's rule (full size, stride 0 for the six bad patterns)")
+    print("repr 0: broadcast dims as size 1; repr 2: the library's rule (full size, stride 0 for the six bad patterns); "
+          "lse: absolute error")
     print(f"{'repr':<5} {'pattern':<8} {'bias':<9} " + " ".join(f"{k:>8}" for k in ("out", "lse", "dq", "dk", "dv")))
     b, h, s_q, s_kv = 2, 4, 128, 192
     for repr_ in (0, 2):

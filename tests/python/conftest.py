@@ -13,5 +13,5 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-# gpu_cases.py is shared by the GPU tests and scripts/gpu_report.py.
+# Test helpers (cases.py, gpu_cases.py, oracle.py, ...) are imported by name from this folder.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -7,6 +7,8 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import _registry, dsl_mods, mods
+from gpu_cases import check, compare, make_inputs
+from mod_cases import READY_MODS
 
 pytestmark = pytest.mark.gpu
 
@@ -173,10 +175,28 @@ def test_building_during_capture_is_a_clear_error():
     with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
         with torch.cuda.graph(graph):
             cudnn_flex.flex_attention(q, q, q, scaled_by_three)  # never built for this shape
-    # The process and the cache are fine: the same call works outside capture.
-    out = cudnn_flex.flex_attention(q, q, q, scaled_by_three)
-    want = cudnn_flex.flex_attention(q.float(), q.float(), q.float(), scaled_by_three, backend="reference")
-    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+    # The process and the cache are fine: the same call works outside capture, and is right.
+    q, k, v = (q.detach().clone().requires_grad_() for _ in range(3))
+    got, want = compare(q, k, v, lambda s, b, h, q_idx, kv_idx: s * 3.0, score_mod=scaled_by_three)
+    check(got, want, torch.float16, label="after a refused capture")
+
+
+@pytest.mark.parametrize("case", ["dsl_causal", "dsl_softcap", "dsl_alibi"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_flex_attention_matches_the_formula(case, dynamic):
+    """Compiled, the op's result is right (not only the same as eager): out, lse, dq, dk, dv."""
+    torch._dynamo.reset()
+    b, h, s = 2, 4, 160
+    kwargs, formula = READY_MODS[case](b, h, s, s)
+    score_mod, bprop = kwargs.pop("score_mod"), kwargs.pop("score_mod_bprop", None)
+
+    @torch.compile(fullgraph=True, dynamic=dynamic)
+    def attention(q, k, v, score_mod_tensors=None, **options):
+        return cudnn_flex.flex_attention(q, k, v, score_mod, bprop, score_mod_tensors, **options)
+
+    q, k, v = make_inputs(b=b, h=h, s_q=s, seed=3)
+    got, want = compare(q, k, v, formula, attention=attention, **kwargs)
+    check(got, want, label=f"compiled {case}")
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

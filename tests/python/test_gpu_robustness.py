@@ -23,9 +23,11 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import dsl_mods, mods, reference
-
-from gpu_cases import TO_BHSD, TOL, errors, make_inputs, run_both
+import oracle
+from cases import TO_BHSD
+from cudnn_flex import dsl_mods, mods
+from gpu_cases import LSE_ATOL, TOL, check, compare, make_inputs, on_device
+from mod_cases import READY_MODS
 
 pytestmark = pytest.mark.gpu
 
@@ -67,11 +69,10 @@ def cache_capacity(n: int):
 
 
 def check_valid_call_works() -> None:
-    """A fresh, valid fwd+bwd call agrees with the float32 reference."""
+    """A fresh, valid fwd+bwd call agrees with the formula (out, lse, dq, dk, dv)."""
     q, k, v = make_inputs(seed=99)
-    got, want = run_both(q, k, v, dsl_mods.causal)
-    errs = errors(got, want)
-    assert max(errs.values()) <= TOL[torch.bfloat16], errs
+    kwargs, formula = READY_MODS["dsl_causal"](*q.shape[:3], k.shape[2])
+    check(*compare(q, k, v, formula, **kwargs), label="valid call after the test")
 
 
 # --- Concurrency -----------------------------------------------------------------------------
@@ -407,33 +408,22 @@ def test_after_a_bad_call_no_broken_entry_is_cached_and_a_valid_call_works(case)
 
 # --- Empty input: a defined result on CUDA, no cuDNN launch ---------------------------------
 
-def qkv_of(b, h, s_q, s_kv, d=64, layout="bhsd", dtype=torch.bfloat16):
-    perm = TO_BHSD[layout]
-    inv = tuple(sorted(range(4), key=lambda i: perm[i]))
-
-    def one(s):
-        return torch.randn(b, h, s, d, device="cuda").permute(inv).contiguous().to(dtype).requires_grad_()
-
-    return one(s_q), one(s_kv), one(s_kv)
-
-
 EMPTY = {"batch": (0, 4, 32, 48), "query_sequence": (2, 4, 0, 48), "key_sequence": (2, 4, 32, 0),
          "both_sequences": (2, 4, 0, 0)}
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-@pytest.mark.parametrize("mod", ["none", "causal", "alibi"])
+@pytest.mark.parametrize("mod", ["none", "dsl_causal", "dsl_alibi"])
 @pytest.mark.parametrize("empty", list(EMPTY))
 def test_empty_batch_or_sequence_gives_a_defined_result(empty, mod, layout):
     b, h, s_q, s_kv = EMPTY[empty]
-    q, k, v = qkv_of(b, h, s_q, s_kv, layout=layout)
+    q, k, v = make_inputs(b=b, h=h, s_q=s_q, s_kv=s_kv, layout=layout)
     perm = TO_BHSD[layout]
-    tensors = {"slopes": mods.alibi_slopes(h, "cuda")} if mod == "alibi" else None
-    score_mod = {"none": None, "causal": dsl_mods.causal, "alibi": dsl_mods.alibi}[mod]
+    kwargs, formula = ({}, None) if mod == "none" else READY_MODS[mod](b, h, s_q, s_kv)
+    kwargs = on_device(kwargs)
     builds = cudnn_flex.cache_stats()["builds"]
 
-    out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_tensors=tensors, layout=layout,
-                                         return_lse=True)
+    out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, layout=layout, return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (b, h, s_q)
     assert lse.dtype == torch.float32
     assert torch.equal(out, torch.zeros_like(out))
@@ -445,10 +435,10 @@ def test_empty_batch_or_sequence_gives_a_defined_result(empty, mod, layout):
         assert torch.equal(grad, torch.zeros_like(grad))
     assert cudnn_flex.cache_stats()["builds"] == builds, "an empty input built a cuDNN graph"
 
-    # The float32 reference agrees (zeros; lse -inf).
-    qf, kf, vf = (t.detach().float().permute(perm).requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = reference.attention(qf, kf, vf, score_mod, tensors)
-    assert torch.equal(out.float().permute(perm), ref_out) and torch.equal(lse, ref_lse)
+    # The formula agrees (zeros; lse -inf).
+    qf, kf, vf = (t.detach().permute(perm).double().cpu() for t in (q, k, v))
+    ref_out, ref_lse = oracle.attention(qf, kf, vf, formula)
+    assert torch.equal(out.permute(perm).double().cpu(), ref_out) and torch.equal(lse.double().cpu(), ref_lse)
     check_valid_call_works()
 
 
@@ -472,7 +462,7 @@ def test_nan_and_inf_in_inputs_propagate_as_the_reference_does(where, value):
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
 
     out_t, lse = cudnn_flex.flex_attention(q, k, v, return_lse=True, deterministic=True)
-    ref_out, ref_lse = reference.attention(q.detach().float(), k.detach().float(), v.detach().float())
+    ref_out, ref_lse = (t.float().cuda() for t in oracle.attention(*(t.detach().double().cpu() for t in (q, k, v))))
     out = out_t.detach().float()
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # a second opinion, reported only
         sdpa = torch.nn.functional.scaled_dot_product_attention(q.detach().float(), k.detach().float(),
@@ -503,6 +493,9 @@ def test_nan_and_inf_in_inputs_propagate_as_the_reference_does(where, value):
     if finite.any():
         scale = ref_out[finite].abs().max().clamp_min(1e-6)
         assert ((out - ref_out)[finite].abs().max() / scale).item() <= TOL[torch.bfloat16]
+    finite_lse = torch.isfinite(ref_lse) & torch.isfinite(lse)
+    if finite_lse.any():
+        assert (lse - ref_lse)[finite_lse].abs().max().item() <= LSE_ATOL
 
     # The backward runs, and the (batch, head) pairs that never saw the value are untouched.
     grads = torch.autograd.grad(out_t, (q, k, v), torch.ones_like(out_t))

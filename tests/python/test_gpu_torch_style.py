@@ -1,141 +1,88 @@
-"""Torch-style mods on cuDNN against torch.nn.attention.flex_attention on the same mod (GPU).
+"""Torch-style mods and the ready mods on cuDNN against their formulas written out (GPU).
 
-Each case runs cudnn_flex in bf16 (automatic bprop: no score_mod_bprop is given) and torch's
-flex_attention in float32 on the same inputs and mod; out, dq, dk, dv must agree to bf16 accuracy.
+The cases are the CPU tests' own tables: every ready mod of mod_cases.READY_MODS (formulas
+written out, ALiBi slopes as literal numbers) and every torch-style construct of
+test_torch_style_formulas.CASES (the same expression in plain torch). cudnn-flex runs them in
+bf16 on cuDNN (automatic bprop unless the case gives one); the expected out, lse, dq, dk, dv come
+from oracle.attention in float64 on the same rounded inputs. Nothing of cudnn_flex (no mods.*
+callable, no alibi_slopes, no reference path) is on the expected side.
 """
-
-import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
-from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, mods
+from gpu_cases import check, compare, make_inputs
+from mod_cases import DOC, DOC_PER_BATCH, MAX_LEN, READY_MODS
+from oracle import NEG_INF
+from test_torch_style_formulas import CASES as CONSTRUCTS
+from test_torch_style_formulas import SHAPES as CONSTRUCT_SHAPES
 
 pytestmark = pytest.mark.gpu
 
-B, H, H_KV, S, D = 2, 4, 2, 256, 64
+# B, H_q, H_kv, Sq, Skv: GQA, Sq != Skv, lengths that fill no tile exactly (READY_MODS' document
+# ids cover MAX_LEN = 40 positions).
+B, H, H_KV, SQ, SKV, D = 2, 4, 2, 33, MAX_LEN, 64
+# The cases that index no document ids run at lengths of several cuDNN tiles too.
+LONG = ["causal", "sliding_window_3", "prefix_lm_3", "softcap", "alibi", "alibi_standard_slopes",
+        "relative_bias_scaled", "compose_bias_then_softcap", "compose_softcap_masked", "softcap_causal",
+        "alibi_sliding_window", "scale_relative_bias", "dsl_alibi", "dsl_softcap", "dsl_sliding_window_3"]
 
 
-def doc_ids(batched=False):
-    g = torch.Generator().manual_seed(3)
-    cuts = torch.sort(torch.randint(1, S, (3,), generator=g)).values
-    ids = torch.bucketize(torch.arange(S), cuts, right=True)
-    ids = torch.stack([ids, ids.flip(0).max() - ids.flip(0)]) if batched else ids
-    return ids.cuda()
+def run_case(kwargs, formula, b, h, h_kv, s_q, s_kv, d=D, d_v=None, seed=0, label=""):
+    q, k, v = make_inputs(b=b, h=h, h_kv=h_kv, s_q=s_q, s_kv=s_kv, d=d, d_v=d_v, seed=seed)
+    got, want = compare(q, k, v, formula, **kwargs)
+    return check(got, want, label=label)
 
 
-def torch_style_cases():
-    slopes = mods.alibi_slopes(H, device="cuda").reshape(H)
-    bias = torch.randn(B, H, device="cuda")
-    table = torch.randn(H, S, S, device="cuda") * 0.5
-    docs, docs_batched = doc_ids(), doc_ids(batched=True)
-
-    def bias_bh(score, b, h, q_idx, kv_idx):
-        return score + bias[b, h]
-
-    def table_bias(score, b, h, q_idx, kv_idx):
-        return score + table[h, q_idx, kv_idx]
-
-    def gemma2(score, b, h, q_idx, kv_idx):  # softcap then a sliding window, as in Gemma 2
-        score = torch.tanh(score / 10.0) * 10.0
-        return torch.where((q_idx - kv_idx < 64) & (q_idx >= kv_idx), score, -float("inf"))
-
-    def exp_log(score, b, h, q_idx, kv_idx):
-        return torch.log(torch.exp(score * 0.5) + 1.0) * 2.0
-
-    return {
-        "causal": (None, mods.causal),
-        "sliding_window": (None, mods.sliding_window(48)),
-        "prefix_lm": (None, mods.prefix_lm(40)),
-        "document_mask": (None, mods.document_mask(docs)),
-        "document_mask_per_batch": (None, mods.document_mask(docs_batched)),
-        "alibi": (mods.alibi(slopes), None),
-        "softcap": (mods.softcap(5.0), None),
-        "relative_bias": (mods.relative_bias(0.02), None),
-        "softcap_sliding_window": (mods.softcap(5.0), mods.sliding_window(64)),
-        "alibi_causal": (mods.alibi(slopes), mods.causal),
-        "document_causal": (None, mods.and_masks(mods.causal, mods.document_mask(docs))),
-        "prefix_or_window": (None, mods.or_masks(mods.prefix_lm(16), mods.sliding_window(32))),
-        "bias_per_batch_head": (bias_bh, None),
-        "table_bias": (table_bias, None),
-        "gemma2_inline": (gemma2, None),
-        "exp_log_chain": (exp_log, None),
-    }
+@pytest.mark.parametrize("name", READY_MODS)
+def test_ready_mod_matches_its_formula(name):
+    kwargs, formula = READY_MODS[name](B, H, SQ, SKV)
+    run_case(kwargs, formula, B, H, H_KV, SQ, SKV, seed=list(READY_MODS).index(name), label=name)
 
 
-CASES = [
-    "causal", "sliding_window", "prefix_lm", "document_mask", "document_mask_per_batch", "alibi",
-    "softcap", "relative_bias", "softcap_sliding_window", "alibi_causal", "document_causal",
-    "prefix_or_window", "bias_per_batch_head", "table_bias", "gemma2_inline", "exp_log_chain"]
+@pytest.mark.parametrize("name", LONG)
+def test_ready_mod_over_several_tiles(name):
+    b, h, s_q, s_kv = 1, 8, 200, 264
+    kwargs, formula = READY_MODS[name](b, h, s_q, s_kv)
+    run_case(kwargs, formula, b, h, 2, s_q, s_kv, d=128, label=name)
 
 
-def torch_flex(q, k, v, score_mod, mask_mod):
-    # torch's eager flex_attention compiles its HOP per mod; a fresh dynamo keeps the many mods of
-    # this file (and compile tests on the same worker) under its recompile limit.
-    torch._dynamo.reset()
-    block_mask = create_block_mask(mask_mod, B, H, S, S, device="cuda") if mask_mod else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch_flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True)
-
-
-def inputs(seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, S, D, device="cuda", generator=g)
-    k = torch.randn(B, H_KV, S, D, device="cuda", generator=g)
-    v = torch.randn(B, H_KV, S, D, device="cuda", generator=g)
-    d_out = torch.randn(B, H, S, D, device="cuda", generator=g)
-    return q, k, v, d_out
-
-
-def run(fn, q, k, v, d_out, dtype):
-    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    grads = torch.autograd.grad(out, (q, k, v), d_out.to(dtype))
-    return [out.float()] + [g.float() for g in grads]
-
-
-def assert_matches(got, want, label):
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        err = ((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
-        assert err < 2e-2, f"{label}: {name} relative error {err:.3g}"
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_torch_style_mod_matches_torch_flex_attention(case):
-    score_mod, mask_mod = torch_style_cases()[case]
-    q, k, v, d_out = inputs(seed=CASES.index(case))
-    got = run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, score_mod, mask_mod=mask_mod),
-              q, k, v, d_out, torch.bfloat16)
-    want = run(lambda q, k, v: torch_flex(q, k, v, score_mod, mask_mod), q, k, v, d_out, torch.float32)
-    assert_matches(got, want, case)
+@pytest.mark.parametrize("name", CONSTRUCTS)
+def test_torch_style_construct_matches_plain_torch(name):
+    score_mod, mask_mod, formula = CONSTRUCTS[name]
+    b, h_q, h_kv, s_q, s_kv, _, _ = CONSTRUCT_SHAPES["7x12_gqa_dv6"]
+    kwargs = {"score_mod": score_mod, "mask_mod": mask_mod}
+    run_case(kwargs, formula, b, h_q, h_kv, s_q, s_kv, d=64, d_v=32, label=name)
 
 
 def test_second_call_with_new_captured_values_builds_nothing():
-    q, k, v, d_out = inputs(seed=99)
-    first = mods.document_mask(doc_ids())
-    run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mask_mod=first), q, k, v, d_out, torch.bfloat16)
+    q, k, v = make_inputs(b=B, h=H, h_kv=H_KV, s_q=MAX_LEN, s_kv=MAX_LEN, seed=99)
+    first = compare(q, k, v, lambda s, b, h, q_, kv: torch.where(DOC[q_] == DOC[kv], s, NEG_INF),
+                    mask_mod=mods.document_mask(DOC))
+    check(*first, label="first doc ids")
     builds = cudnn_flex.cache_stats()["builds"]
-    other = doc_ids(batched=True)[1]
-    second = mods.document_mask(other)
-    got = run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mask_mod=second), q, k, v, d_out, torch.bfloat16)
+    other = DOC_PER_BATCH[1]
+    second = compare(q, k, v, lambda s, b, h, q_, kv: torch.where(other[q_] == other[kv], s, NEG_INF),
+                     mask_mod=mods.document_mask(other))
     assert cudnn_flex.cache_stats()["builds"] == builds
-    want = run(lambda q, k, v: torch_flex(q, k, v, None, second), q, k, v, d_out, torch.float32)
-    assert_matches(got, want, "new doc ids")
+    check(*second, label="new doc ids")
 
 
-def test_automatic_bprop_matches_the_hand_written_one():
-    q, k, v, d_out = inputs(seed=7)
-    cap = dsl_mods.Softcap(5.0)
-    hand = run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),
-               q, k, v, d_out, torch.bfloat16)
-    auto = run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, dsl_mods.Softcap(5.0).forward),
-               q, k, v, d_out, torch.bfloat16)
-    torch_style = run(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mods.softcap(5.0)),
-                      q, k, v, d_out, torch.bfloat16)
-    for a, b, c in zip(hand, auto, torch_style):
-        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-        torch.testing.assert_close(a, c, atol=2e-2, rtol=2e-2)
+def softcap_kwargs(variant, cap):
+    if variant == "hand_written_bprop":
+        softcap = dsl_mods.Softcap(cap)
+        return dict(score_mod=softcap.forward, score_mod_bprop=softcap.backward)
+    if variant == "derived_bprop":
+        return dict(score_mod=dsl_mods.Softcap(cap).forward)
+    return dict(score_mod=mods.softcap(cap))
+
+
+@pytest.mark.parametrize("variant", ["hand_written_bprop", "derived_bprop", "torch_style"])
+def test_softcap_bprops_each_match_the_formula(variant):
+    cap = 2.5
+    q, k, v = make_inputs(b=B, h=H, h_kv=H_KV, s_q=128, s_kv=128, seed=7)
+    q = (q.detach() * 3).requires_grad_()  # scores of a few units, so that the cap bends them
+    got, want = compare(q, k, v, lambda s, b, h, q_, kv: cap * torch.tanh(s / cap), **softcap_kwargs(variant, cap))
+    check(got, want, label=variant)

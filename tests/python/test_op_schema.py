@@ -5,6 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cudnn_flex  # noqa: F401  (registers the ops)
+from cases import FROM_BHSD, LAYOUTS, TO_BHSD, shape_in
 from cudnn_flex._ops import strides_like
 
 
@@ -21,22 +22,23 @@ def fake_fwd(q, k, v):
     return torch.ops.cudnn_flex.fwd(q, k, v, [], [], 0, 0, True, 0.125, False)
 
 
-@pytest.mark.parametrize("layout,perm", [("bhsd", (0, 1, 2, 3)), ("bshd", (0, 2, 1, 3)), ("sbhd", (1, 2, 0, 3))])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("h_kv", [8, 2, 1])
-def test_fake_shapes_for_layouts_and_gqa(layout, perm, h_kv):
+def test_fake_shapes_for_layouts_and_gqa(layout, h_kv):
     b, h, s_q, s_kv, d, d_v = 2, 8, 96, 160, 64, 32
-    user_shape = {"bhsd": lambda h_, s: (b, h_, s, d), "bshd": lambda h_, s: (b, s, h_, d),
-                  "sbhd": lambda h_, s: (s, b, h_, d)}[layout]
+    perm = TO_BHSD[layout]
+
+    def bhsd_view(heads, s, dim):
+        return torch.empty(shape_in(layout, b, heads, s, dim), dtype=torch.bfloat16, device="cuda").permute(perm)
+
     with FakeTensorMode():
-        q = torch.empty(user_shape(h, s_q), dtype=torch.bfloat16, device="cuda").permute(perm)
-        k = torch.empty(user_shape(h_kv, s_kv), dtype=torch.bfloat16, device="cuda").permute(perm)
-        v = torch.empty(user_shape(h_kv, s_kv)[:-1] + (d_v,), dtype=torch.bfloat16, device="cuda").permute(perm)
+        q, k, v = bhsd_view(h, s_q, d), bhsd_view(h_kv, s_kv, d), bhsd_view(h_kv, s_kv, d_v)
         out, lse = fake_fwd(q, k, v)
         assert out.shape == (b, h, s_q, d_v) and out.dtype == torch.bfloat16
         assert lse.shape == (b, h, s_q) and lse.dtype == torch.float32
         # The output is laid out in memory like q, so the user's layout comes back as a view.
         assert out.stride() == tuple(strides_like(q, out.shape))
-        assert out.permute(sorted(range(4), key=lambda i: perm[i])).is_contiguous()
+        assert out.permute(FROM_BHSD[layout]).is_contiguous()
         dq, dk, dv = torch.ops.cudnn_flex.bwd(out, q, k, v, out, lse, [], [], 0, 0, True, 0.125, False)
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
         assert dk.stride() == tuple(strides_like(k, k.shape))

@@ -73,6 +73,18 @@ SCORE_BINARY = {name: fn for name, fn in {**BINARY, **EXTRA_BINARY}.items()
                 if name != "mod" and not name.endswith("_backward")}
 
 
+# The programs the GPU tests run (and the CPU tests check): seeds and depths.
+ADD_SELECT_SEEDS, ADD_SELECT_DEPTH = range(240), 4
+SCORE_PATH_SEEDS, SCORE_PATH_DEPTH = range(1000, 1120), 3
+
+
+def program(seed: int) -> "Program":
+    """The GPU tests' program of `seed` (the score-path kind for SCORE_PATH_SEEDS)."""
+    if seed in SCORE_PATH_SEEDS:
+        return Program(seed, SCORE_PATH_DEPTH, score_path=True)
+    return Program(seed, ADD_SELECT_DEPTH)
+
+
 class Program:
     """A random score_mod: callable like one, with the ops it uses and a readable form."""
 

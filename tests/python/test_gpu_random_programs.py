@@ -19,7 +19,8 @@ import os
 import pytest
 
 from gpu_cases import check, compare, dsl_formula, make_inputs
-from random_programs import PROBE_SHAPE, Program, SingleOp, probe_cases, program_tensors
+from random_programs import (ADD_SELECT_SEEDS, PROBE_SHAPE, SCORE_PATH_SEEDS, SingleOp, probe_cases, program,
+                             program_tensors)
 from test_derived_bprop import CASES as BPROP_CASES
 from test_derived_bprop import SHAPE as BPROP_SHAPE
 from test_derived_bprop import TENSORS as BPROP_TENSORS
@@ -43,16 +44,16 @@ def _run(score_mod, seed, tensors, label):
     return check(got, want, tol=TOL, label=label)
 
 
-@pytest.mark.parametrize("seed", range(240))
+@pytest.mark.parametrize("seed", ADD_SELECT_SEEDS)
 def test_random_program_matches_formula(seed):
-    program = Program(seed, depth=4)
-    _run(program, seed, program_tensors(B, H, S, S, "cpu", seed), program.text)
+    prog = program(seed)
+    _run(prog, seed, program_tensors(B, H, S, S, "cpu", seed), prog.text)
 
 
-@pytest.mark.parametrize("seed", range(1000, 1120))
+@pytest.mark.parametrize("seed", SCORE_PATH_SEEDS)
 def test_random_program_through_the_score_matches_formula(seed):
-    program = Program(seed, depth=3, score_path=True)
-    _run(program, seed, program_tensors(B, H, S, S, "cpu", seed), program.text)
+    prog = program(seed)
+    _run(prog, seed, program_tensors(B, H, S, S, "cpu", seed), prog.text)
 
 
 @pytest.mark.parametrize("op,mode", probe_cases(), ids=lambda x: x)

@@ -18,13 +18,10 @@ import cudnn_flex
 import oracle
 from dsl_torch import TorchGraph, formula
 from gpu_cases import LSE_ATOL, errors
-from random_programs import (COMPARE, PROBE_SHAPE, Program, SingleOp, probe_cases, probe_margins,
-                             program_tensors)
+from random_programs import (ADD_SELECT_SEEDS, COMPARE, PROBE_SHAPE, SCORE_PATH_SEEDS, SingleOp, probe_cases,
+                             probe_margins, program, program_tensors)
 
-# The GPU tests' seeds (test_gpu_random_programs.py).
-ADD_SELECT_SEEDS = range(240)
-SCORE_PATH_SEEDS = range(1000, 1120)
-PROBE_TOL = 3e-2  # test_gpu_random_programs.TOL: relative, out and gradients
+PROBE_TOL = 3e-2  # test_gpu_random_programs.TOL: relative, out and gradients (lse: LSE_ATOL)
 
 
 def qkv(shape, seed=0, d=16):
@@ -66,17 +63,17 @@ SMALL = (2, 2, 12, 20)
 
 @pytest.mark.parametrize("seed", list(ADD_SELECT_SEEDS[::8]) + list(SCORE_PATH_SEEDS[::4]))
 def test_program_formula_agrees_with_the_reference_path(seed):
-    program = Program(seed, score_path=seed >= 1000)
+    prog = program(seed)
     tensors = program_tensors(*SMALL, "cpu", seed)
-    assert_agree(reference_path(SMALL, program, tensors), evaluate(SMALL, formula(program, tensors)), program.text)
+    assert_agree(reference_path(SMALL, prog, tensors), evaluate(SMALL, formula(prog, tensors)), prog.text)
 
 
 @pytest.mark.parametrize("seed", SCORE_PATH_SEEDS)
 def test_score_path_programs_have_a_derived_bprop_that_matches_autograd(seed):
-    program = Program(seed, score_path=True)
-    assert program._has_score(program.body)
+    prog = program(seed)
+    assert prog.score_path and prog._has_score(prog.body)
     shape = (2, 3, 16, 24)
-    cudnn_flex.check_score_mod_bprop(program, None, program_tensors(*shape, "cpu", seed), shape, score_scale=1.0,
+    cudnn_flex.check_score_mod_bprop(prog, None, program_tensors(*shape, "cpu", seed), shape, score_scale=1.0,
                                      rtol=1e-6, atol=1e-8)
 
 

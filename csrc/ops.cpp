@@ -251,8 +251,9 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 // Score_mod tensors as cuDNN reads them, checked: on q's device (a one-element CPU tensor is
 // passed by value; any other host pointer would reach the kernel and lose the CUDA context),
-// at most 4-D and broadcastable against the scores. Bool becomes uint8 (cuDNN 9.19 crashes on
-// BOOLEAN inputs with SIGFPE); the recorded program compares it with 0.
+// at most 4-D and broadcastable against the scores. Bool becomes float32 (cuDNN 9.19 crashes on
+// BOOLEAN inputs with SIGFPE, and a uint8 view of an odd-length mask is read misaligned); the
+// recorded program compares it with 0.
 std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const at::Tensor& q, int64_t s_kv,
                                      bool on_device) {
   const std::vector<int64_t> full{q.size(0), q.size(1), q.size(2), s_kv};
@@ -270,7 +271,7 @@ std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const
       TORCH_CHECK_VALUE(n == 1 || n == f, "cudnn_flex: ", role, " #", i, " has shape ", shape_of(t),
                         ", which does not broadcast against the scores [B, H, Sq, Skv] = ", at::IntArrayRef(full));
     }
-    if (t.scalar_type() == at::kBool) t = host_scalar ? t.to(at::kFloat) : t.view(at::kByte);
+    if (t.scalar_type() == at::kBool) t = t.to(at::kFloat);
     out.push_back(t);
   }
   return out;

@@ -431,7 +431,7 @@ std::vector<std::string> unused_ops() {
   return unused;
 }
 
-TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPtr& input,
+TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, const TensorPtr& input,
                       const TensorList& tensors) {
   py::gil_scoped_acquire gil;
   if (dispatcher == nullptr) {
@@ -454,7 +454,8 @@ TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPt
     }
   } scope(graph, input);
   callback_inputs.insert(input.get());
-  py::object result = (*dispatcher)(callable_id, BridgeGraph{graph}, BridgeTensor{input, current_build}, inputs);
+  py::object result =
+      (*dispatcher)(callable_id, BridgeGraph{graph}, BridgeTensor{input, current_build}, inputs, static_cast<int64_t>(role));
   // The dispatcher has checked the type; the build is checked here, where it is known.
   TensorPtr out = operand(graph, result, "score_mod", "return value");
   if (out == input) {

@@ -23,10 +23,14 @@ using TensorPtr = std::shared_ptr<cudnn_frontend::graph::Tensor_attributes>;
 using GraphPtr = std::shared_ptr<cudnn_frontend::graph::Graph>;
 using TensorList = std::vector<TensorPtr>;
 
-// Calls the Python dispatcher with (callable_id, graph, input, [tensors]) with the GIL held; it
-// runs the registered callable with the tensors named as the user named them. Returns the graph
-// tensor produced. Python exceptions propagate as pybind11::error_already_set.
-TensorPtr call_python(int64_t callable_id, const GraphPtr& graph, const TensorPtr& input,
+// Which part of a graph a callback lowers: the score_mod of a forward graph, the score_mod of a
+// backward graph whose bprop follows, or that bprop.
+enum class Role : int64_t { ScoreMod = 0, BackwardScoreMod = 1, Bprop = 2 };
+
+// Calls the Python dispatcher with (callable_id, graph, input, [tensors], role) with the GIL
+// held; it lowers that part of the recorded program with that id. Returns the graph tensor
+// produced. Python exceptions propagate as pybind11::error_already_set.
+TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, const TensorPtr& input,
                       const TensorList& tensors);
 
 // Starts a new graph build on this thread: tensors kept from earlier builds become invalid, and

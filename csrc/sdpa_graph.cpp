@@ -112,7 +112,13 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
   bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
   bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
   auto score_mod = [&p, mod_inputs](bridge::GraphPtr g, bridge::TensorPtr score) {
-    return bridge::call_python(p.mod_id, g, score, mod_inputs);
+    // In a backward graph the score_mod's lowering depends on the bprop that follows (it keeps
+    // copies of the values the bprop reads), so it is asked for by the bprop's id.
+    if (p.pass == Pass::Backward) {
+      return bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g, score,
+                                 mod_inputs);
+    }
+    return bridge::call_python(p.mod_id, bridge::Role::ScoreMod, g, score, mod_inputs);
   };
 
   if (p.pass == Pass::Forward) {
@@ -135,7 +141,7 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     if (p.mod_id) options.set_score_mod(score_mod);
     if (p.bprop_id) {
       options.set_score_mod_bprop([&p, bprop_inputs](bridge::GraphPtr g, bridge::TensorPtr d_p) {
-        return bridge::call_python(p.bprop_id, g, d_p, bprop_inputs);
+        return bridge::call_python(p.bprop_id, bridge::Role::Bprop, g, d_p, bprop_inputs);
       });
     }
     auto [dq, dk, dv] = graph->sdpa_backward(q, k, v, o, d_o, stats, options);

@@ -247,29 +247,73 @@ def lookup(callable_id: int) -> Program:
     return program
 
 
-def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any]) -> Any:
-    """Lowers the program with this id (its forward, or its bprop) onto the graph being built.
-    cuDNN lowers a backward graph's score_mod before its bprop, on one thread (builds are
-    serialised): the bprop continues the forward's replay and may read its values."""
+# Forms for which cuDNN 9.19 returns NaN gradients from a backward graph (measured on the H100,
+# derived and hand-written bprops alike, wherever the value is made): these ops applied to a
+# value that depends on the score, and a product or quotient of two such values (score * score,
+# score * sigmoid(score), score / (|score| + 2)). Refused when the backward graph is built, with
+# what to do instead, rather than NaN. docs/dsl_ops.md lists what was measured.
+NAN_IN_BACKWARD = ("sin", "cos", "tan", "gelu")
+_PRODUCTS = ("mul", "div", "pow", "add_square", "scale")
+
+
+def refuse_nan_in_backward(program: Program, replay: Replay) -> None:
+    if program.bwd_out is None:
+        return  # dP passes through: the forward part is all there is
+    depends = autodiff.depends_on_score(program.nodes, program.fwd_len())
+    for i in sorted(replay.done):
+        node = program.nodes[i]
+        dependent_args = [v for kind, v in node.args if kind == "n" and depends[v]]
+        if node.op in NAN_IN_BACKWARD and dependent_args:
+            what = f"{node.op}() of the score"
+        elif node.op in _PRODUCTS and len(dependent_args) == 2:
+            what = f"{node.op}() of two values that both depend on the score"
+        else:
+            continue
+        raise BackwardNotSupported(
+            f"cudnn_flex: cuDNN 9.19 computes NaN gradients for a score_mod with {what} (measured on "
+            "the H100), so its backward is refused. The forward works (torch.no_grad(), inference); "
+            "for training, rewrite that part or use backend='reference'")
+
+
+class BackwardNotSupported(RuntimeError):
+    """cuDNN cannot compute this score_mod's backward correctly; the forward is fine."""
+
+
+# Roles of a callback (csrc/score_mod_bridge.h): a forward graph's score_mod, a backward
+# graph's score_mod (its bprop follows, in the same build on the same thread), the bprop.
+SCORE_MOD, BACKWARD_SCORE_MOD, BPROP = 0, 1, 2
+
+
+def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any], role: int = SCORE_MOD) -> Any:
+    """Lowers the part `role` of the program with this id onto the graph being built. cuDNN
+    lowers a backward graph's score_mod before its bprop, on one thread (builds are serialised):
+    the bprop continues the score_mod's replay and may read its values."""
     global _dispatch_calls
     _dispatch_calls += 1
     program = lookup(callable_id)
-    if callable_id == program.bprop_id and program.bprop_id != program.mod_id:
+    if role == BPROP:
         if program.bprop_error is not None:
             raise program.bprop_error
         replay = getattr(_build, "replay", None)
-        if replay is None or replay.program.mod_id != program.mod_id:
+        if replay is None or replay.program is not program:
             raise RuntimeError("cudnn_flex: a bprop was lowered without its score_mod in the same build")
         _build.replay = None
-        replay.program, replay.graph = program, graph
+        replay.graph = graph
         replay.slots[D_P] = tensor
         replay.slots.update((bprop_slot(i), t) for i, t in enumerate(tensors))
         return replay.value(program.bwd_out)
     slots = {SCORE: tensor}
     slots.update((mod_slot(i), t) for i, t in enumerate(tensors))
     replay = Replay(program, graph, slots, for_cudnn=True)
-    _build.replay = replay
-    return replay.value(program.fwd_out)
+    result = replay.value(program.fwd_out)
+    if role == BACKWARD_SCORE_MOD:
+        if program.bprop_error is not None:
+            raise program.bprop_error
+        refuse_nan_in_backward(program, replay)
+        if program.bwd_out is not None:
+            replay.copy_shared_forward_values()
+        _build.replay = replay
+    return result
 
 
 def dispatch_calls() -> int:

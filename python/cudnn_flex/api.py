@@ -124,11 +124,10 @@ def _bhsd_views(q, k, v, layout: str):
 
 
 def _as_graph_input(t: torch.Tensor) -> torch.Tensor:
-    """A score_mod tensor as cuDNN reads it: bool as uint8 (cuDNN 9.19 crashes on BOOLEAN
-    inputs; the program compares it with 0), a bool host scalar as float32."""
-    if t.dtype != torch.bool:
-        return t
-    return t.to(torch.float32) if t.device.type == "cpu" and t.numel() == 1 else t.view(torch.uint8)
+    """A score_mod tensor as cuDNN reads it: bool as a float32 copy (cuDNN 9.19 crashes on
+    BOOLEAN inputs with SIGFPE, and reads a uint8 view of an odd-length mask at a misaligned
+    address); the program compares it with 0."""
+    return t.to(torch.float32) if t.dtype == torch.bool else t
 
 
 def _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):

@@ -104,7 +104,7 @@ class _Trace:
         kind = _kind_of_dtype(t.dtype)
         value = self.rec.input(mod_slot(slot), kind)
         if t.dtype == torch.bool:
-            value = self.rec.cmp_neq(value, 0.0)  # passed as uint8 (see view_for)
+            value = self.rec.cmp_neq(value, 0.0)  # passed as float32 (see view_for)
         return Proxy(self, value, kind=kind, is_input=True)
 
 
@@ -593,7 +593,7 @@ def trace(fn: Callable, recorder: Recorder) -> tuple[int, list[tuple[torch.Tenso
 def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
     """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
     except that integer and float64 tensors become float32 copies of the view (the score_mod's
-    arithmetic; small, since broadcast dims stay size 1) and bool tensors are read as uint8."""
+    arithmetic; small, since broadcast dims stay size 1), bool tensors too."""
     if not axes:
         view = t.reshape(())
     else:
@@ -606,9 +606,9 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
                                  f"have {full[axis]}")
             sizes[axis], strides[axis] = full[axis], t.stride(dim)
         view = t.as_strided(sizes, strides, t.storage_offset())
-    if view.dtype == torch.bool:
-        view = view.view(torch.uint8)  # cuDNN 9.19 crashes on BOOLEAN inputs; uint8 is read right
-    elif view.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
+    if view.dtype in (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
+        # cuDNN 9.19 crashes on BOOLEAN inputs (SIGFPE) and reads uint8 rows of odd length at
+        # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)
     if view.is_cuda and view.data_ptr() % 16:
         view = view.clone()

@@ -120,15 +120,49 @@ def test_clear_cache_rebuilds_forward_and_backward():
 
 def test_forward_finds_its_backward_after_clear_cache_and_other_programs():
     q, k, v = inputs(3)
-    out = cudnn_flex.flex_attention(q, k, v, lambda s, b, h, qi, kv: torch.sin(s) * 2.0)
+    out = cudnn_flex.flex_attention(q, k, v, lambda s, b, h, qi, kv: torch.tanh(s * 0.5) * 2.0)
     cudnn_flex.clear_cache()
     for c in range(5):
         cudnn_flex.flex_attention(q.detach(), k.detach(), v.detach(), lambda g, s, t, *, c=c: g.mul(s, c + 1.0))
     got = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-    want, _, leaves = oracle(q, k, v, lambda s, *i: torch.sin(s) * 2.0)
+    want, _, leaves = oracle(q, k, v, lambda s, *i: torch.tanh(s * 0.5) * 2.0)
     exp = torch.autograd.grad(want, leaves, torch.ones_like(want))
     for a, b in zip(got, exp):
         assert ((a.float() - b).abs().max() / b.abs().max()).item() < TOL
+
+
+# --- derived bprops: what cuDNN 9.19 computes right, and what it refuses -----------------------
+
+DERIVED = {
+    "softcap": lambda s, *i: torch.tanh(s / 3.0) * 3.0,
+    "exp_log_chain": lambda s, *i: torch.log(torch.exp(s * 0.5) + 1.0),
+    "abs_reciprocal": lambda s, *i: 1.0 / (s.abs() + 2.0),
+    "rsqrt": lambda s, *i: torch.rsqrt(s.abs() + 1.0),
+    "erf": lambda s, *i: torch.erf(s),
+    "clamp_min": lambda s, *i: s.clamp(min=0.0),
+    "finite_fill_and_softcap": lambda s, b, h, q, kv: torch.where(q >= kv, torch.tanh(s / 5.0) * 5.0, -1e9),
+}
+
+
+@pytest.mark.parametrize("name", DERIVED)
+def test_derived_bprops_match_float32(name):
+    fn = DERIVED[name]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return fn(score, b, h, q_idx, kv_idx)
+    check(mod, scores_fn=fn, check_lse=name != "finite_fill_and_softcap")
+
+
+@pytest.mark.parametrize("fn", [lambda s, b, h, q, kv: torch.sin(s), lambda s, b, h, q, kv: s * s * 0.1])
+def test_forms_cudnn_gets_wrong_in_backward_are_refused(fn):
+    q, k, v = inputs()
+    out = cudnn_flex.flex_attention(q, k, v, fn)
+    with pytest.raises(cudnn_flex.BackwardNotSupported, match="NaN gradients"):
+        out.sum().backward()
+    with torch.no_grad():  # the forward is right
+        check_out = cudnn_flex.flex_attention(q, k, v, fn)
+    want, _, _ = oracle(q, k, v, fn)
+    assert ((check_out.float() - want).abs().max() / want.abs().max()).item() < TOL
 
 
 # --- operators as in torch ------------------------------------------------------------------------------

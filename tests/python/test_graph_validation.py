@@ -175,6 +175,11 @@ def test_every_unary_op_is_in_the_dsl(op):
         return fn(score, 0.1) if op == "leaky_relu" else fn(score)
 
     # Whether cuDNN fuses every op inside SDPA is a GPU question (issue 3); here the DSL builds it.
+    # Ops measured to give NaN gradients on cuDNN 9.19 have their backward refused by name.
+    if op in ("sin", "cos", "tan", "gelu"):
+        with pytest.raises(cudnn_flex.BackwardNotSupported, match=f"{op}\\(\\) of the score"):
+            validate(*qkv(), mod)
+        return
     try:
         validate(*qkv(), mod)
     except ValueError as e:

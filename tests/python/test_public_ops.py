@@ -55,7 +55,7 @@ def test_one_element_cpu_tensor_is_passed_by_value():
     assert out.shape == q.shape and lse.shape == (1, 2, 8)
 
 
-def test_bool_score_mod_tensor_reaches_cudnn_as_uint8_and_is_compared_with_zero():
+def test_bool_score_mod_tensor_reaches_cudnn_as_float_and_is_compared_with_zero():
     q = torch.randn(1, 2, 8, 8, dtype=torch.float16)
     keep = torch.rand(1, 2, 8, 8) > 0.3
 
@@ -63,7 +63,7 @@ def test_bool_score_mod_tensor_reaches_cudnn_as_uint8_and_is_compared_with_zero(
         return graph.binary_select(score, float("-inf"), tensors["keep"])
 
     text = cudnn_flex.validate_graphs(q, q, q, masked, score_mod_tensors={"keep": keep})
-    assert '"data_type":"UINT8"' in text.replace(" ", "") and "CMP_NEQ" in text
+    assert "BOOLEAN" not in text.split("score_mod tensors:")[-1] and "CMP_NEQ" in text
 
 
 def test_captured_bool_mask_on_the_reference_path():

@@ -28,9 +28,13 @@ class _Symbolic:
 
 
 def _depends(recorder: Recorder, length: int) -> list[bool]:
+    return depends_on_score(recorder.nodes, length)
+
+
+def depends_on_score(nodes, length: int) -> list[bool]:
     """Which of the first `length` nodes depend on the score through ops that carry a gradient."""
     flags = []
-    for node in recorder.nodes[:length]:
+    for node in nodes[:length]:
         if node.op == "input":
             flags.append(node.args[0][1] == SCORE)
         else:

@@ -1,19 +1,41 @@
 """A recorded program replayed onto a graph: the cuDNN bridge graph (lowering) or the reference
 graph (evaluation). Nodes are emitted on demand from the results asked for, so values nothing
-reads are never emitted (cuDNN 9.19 returns wrong dV for graphs with dangling ops)."""
+reads are never emitted (cuDNN 9.19 returns wrong dV for graphs with dangling ops).
+
+Lowering for cuDNN also rewrites the forms cuDNN 9.19 gets wrong (each measured on the H100 with
+cuDNN 9.19; docs/dsl_ops.md has the table):
+- a comparison whose first input is an INT32 index and whose second is a FLOAT tensor compares
+  garbage (`q_idx >= kv_idx + 5` was wrong everywhere): the index goes through identity() first;
+- in a backward graph, a bprop that reads a forward value which the forward uses in two or more
+  op inputs gets NaN gradients (`score * score`): the bprop reads an identity() copy of it, made
+  while the forward part is lowered;
+- a finite fill below -2^14 (torch.finfo(dtype).min, what Hugging Face masks with) is lowered
+  as -2^14: cuDNN's backward recomputes P = exp(S - LSE), and with a fill of -3.4e38 the LSE of a
+  fully masked row (fill + log(Skv)) rounds to the fill, so P there was 1 instead of 1/Skv (dV
+  wrong by Skv). At -2^14 the LSE keeps log(Skv) to 1e-3, and any score above -16000 still masks.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from .ops import COMPARE, INDEX, OPS
 from .record import Program
 
-# A finite fill below this (torch.finfo(dtype).min, what Hugging Face masks with) overflows to
-# -inf inside cuDNN's softmax (it scales scores by log2(e)), which turns a fully masked row into
-# zeros where torch gives uniform attention. Lowered as this value instead: every row keeps the
-# same softmax (masked positions still get probability 0, a fully masked row stays uniform).
-_LARGEST_SAFE_FILL = -1.0e37
+_LARGEST_SAFE_FILL = -(2.0 ** 14)
+
+
+def _is_int32(node) -> bool:
+    """The node's output is INT32 in the bridge (an index, or arithmetic computed in INT32)."""
+    if node.out_dtype is not None:
+        return "INT32" in str(node.out_dtype)
+    if node.op == "input":
+        return False
+    compute = dict(node.attrs).get("compute_data_type")
+    if OPS[node.op].kind == INDEX:
+        return compute is None or "INT32" in str(compute)
+    return compute is not None and "INT32" in str(compute) and OPS[node.op].kind != COMPARE
 
 
 class Replay:
@@ -23,6 +45,7 @@ class Replay:
         self.program, self.graph, self.slots = program, graph, slots
         self.for_cudnn = for_cudnn
         self.done: dict[int, Any] = {}
+        self.copies: dict[int, Any] = {}  # forward values the bprop reads through identity()
 
     def _constant(self, node, position: int, value: float) -> float:
         if self.for_cudnn and node.op == "binary_select" and position < 2 and \
@@ -31,22 +54,24 @@ class Replay:
         return value
 
     def value(self, index: int) -> Any:
-        """The graph tensor of node `index`, emitting it and what it reads first."""
+        """The graph tensor of node `index`, emitting it and what it reads first, in the order
+        the mod recorded them (cuDNN's results depend on the order ops are added)."""
         nodes = self.program.nodes
-        stack = [index]
+        needed, stack = set(), [index]
         while stack:
-            i = stack[-1]
-            if i in self.done:
-                stack.pop()
+            i = stack.pop()
+            if i in self.done or i in needed:
                 continue
-            node = nodes[i]
-            missing = [v for kind, v in node.args if kind == "n" and v not in self.done]
-            if missing:
-                stack.extend(missing)
-                continue
-            stack.pop()
-            self.done[i] = self._emit(node)
+            needed.add(i)
+            stack.extend(v for kind, v in nodes[i].args if kind == "n")
+        for i in sorted(needed):
+            self.done[i] = self._emit(nodes[i])
         return self.done[index]
+
+    def _arg(self, node, pos: int, kind: str, v) -> Any:
+        if kind != "n":
+            return self._constant(node, pos, v)
+        return self.copies.get(v, self.done[v])
 
     def _emit(self, node) -> Any:
         if node.op == "input":
@@ -56,12 +81,41 @@ class Replay:
                                    "build does not have (a bprop's forward value outside its build?)")
             out = self.slots[slot]
         else:
-            args = [self.done[v] if kind == "n" else self._constant(node, pos, v)
-                    for pos, (kind, v) in enumerate(node.args)]
+            args = [self._arg(node, pos, kind, v) for pos, (kind, v) in enumerate(node.args)]
+            if self.for_cudnn and OPS[node.op].kind == COMPARE:
+                (k0, v0), (k1, v1) = node.args
+                first_int = k0 == "n" and _is_int32(self.program.nodes[v0])
+                second_int = k1 == "n" and _is_int32(self.program.nodes[v1])
+                if first_int and k1 == "n" and not second_int:
+                    args[0] = self.graph.identity(args[0])
             out = getattr(self.graph, node.op)(*args, **dict(node.attrs))
         if node.out_dtype is not None:
             out.set_data_type(node.out_dtype)
         return out
+
+    def copy_shared_forward_values(self) -> None:
+        """Before the bprop of a backward graph: the forward values the bprop reads that the
+        forward (as lowered) reads in two or more op inputs get an identity() copy, emitted now,
+        in the forward part, for the bprop to read instead."""
+        program = self.program
+        start = program.fwd_len()
+        uses: dict[int, int] = {}
+        for i in self.done:
+            for kind, v in program.nodes[i].args:
+                if kind == "n":
+                    uses[v] = uses.get(v, 0) + 1
+        needed = set()
+        stack = [program.bwd_out]
+        while stack:
+            i = stack.pop()
+            if i in needed:
+                continue
+            needed.add(i)
+            stack.extend(v for kind, v in program.nodes[i].args if kind == "n" and v >= start)
+        for i in sorted(needed):
+            for kind, v in program.nodes[i].args:
+                if kind == "n" and v < start and uses.get(v, 0) >= 2 and v not in self.copies:
+                    self.copies[v] = self.graph.identity(self.value(v))
 
 
 def evaluate(program: Program, graph: Any, slots: dict, backward: bool = False,

@@ -310,8 +310,6 @@ def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any], 
         if program.bprop_error is not None:
             raise program.bprop_error
         refuse_nan_in_backward(program, replay)
-        if program.bwd_out is not None:
-            replay.copy_shared_forward_values()
         _build.replay = replay
     return result
 

@@ -6,9 +6,6 @@ Lowering for cuDNN also rewrites the forms cuDNN 9.19 gets wrong (each measured 
 cuDNN 9.19; docs/dsl_ops.md has the table):
 - a comparison whose first input is an INT32 index and whose second is a FLOAT tensor compares
   garbage (`q_idx >= kv_idx + 5` was wrong everywhere): the index goes through identity() first;
-- in a backward graph, a bprop that reads a forward value which the forward uses in two or more
-  op inputs gets NaN gradients (`score * score`): the bprop reads an identity() copy of it, made
-  while the forward part is lowered;
 - a finite fill below -2^14 (torch.finfo(dtype).min, what Hugging Face masks with) is lowered
   as -2^14: cuDNN's backward recomputes P = exp(S - LSE), and with a fill of -3.4e38 the LSE of a
   fully masked row (fill + log(Skv)) rounds to the fill, so P there was 1 instead of 1/Skv (dV
@@ -45,7 +42,6 @@ class Replay:
         self.program, self.graph, self.slots = program, graph, slots
         self.for_cudnn = for_cudnn
         self.done: dict[int, Any] = {}
-        self.copies: dict[int, Any] = {}  # forward values the bprop reads through identity()
 
     def _constant(self, node, position: int, value: float) -> float:
         if self.for_cudnn and node.op == "binary_select" and position < 2 and \
@@ -71,7 +67,7 @@ class Replay:
     def _arg(self, node, pos: int, kind: str, v) -> Any:
         if kind != "n":
             return self._constant(node, pos, v)
-        return self.copies.get(v, self.done[v])
+        return self.done[v]
 
     def _emit(self, node) -> Any:
         if node.op == "input":
@@ -92,30 +88,6 @@ class Replay:
         if node.out_dtype is not None:
             out.set_data_type(node.out_dtype)
         return out
-
-    def copy_shared_forward_values(self) -> None:
-        """Before the bprop of a backward graph: the forward values the bprop reads that the
-        forward (as lowered) reads in two or more op inputs get an identity() copy, emitted now,
-        in the forward part, for the bprop to read instead."""
-        program = self.program
-        start = program.fwd_len()
-        uses: dict[int, int] = {}
-        for i in self.done:
-            for kind, v in program.nodes[i].args:
-                if kind == "n":
-                    uses[v] = uses.get(v, 0) + 1
-        needed = set()
-        stack = [program.bwd_out]
-        while stack:
-            i = stack.pop()
-            if i in needed:
-                continue
-            needed.add(i)
-            stack.extend(v for kind, v in program.nodes[i].args if kind == "n" and v >= start)
-        for i in sorted(needed):
-            for kind, v in program.nodes[i].args:
-                if kind == "n" and v < start and uses.get(v, 0) >= 2 and v not in self.copies:
-                    self.copies[v] = self.graph.identity(self.value(v))
 
 
 def evaluate(program: Program, graph: Any, slots: dict, backward: bool = False,

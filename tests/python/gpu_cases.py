@@ -10,13 +10,15 @@ module needs no GPU (the CPU tests of the probes read its tolerances).
 from __future__ import annotations
 
 import types
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+import pytest
 import torch
 
 import cudnn_flex
 import dsl_torch
 import oracle
+from refusals import refusals
 from cases import (ALL_PATTERNS, FROM_BHSD, TO_BHSD, in_layout, pattern_name,  # noqa: F401  (re-exported)
                    pattern_shape)
 
@@ -88,25 +90,39 @@ def on_device(kwargs: dict, device="cuda") -> dict:
 
 
 def compare(q, k, v, formula: Optional[Callable] = None, *, layout="bhsd", deterministic=False,
-            d_out_seed=123, attention: Optional[Callable] = None, **kwargs):
+            d_out_seed=123, attention: Optional[Callable] = None, refused: Optional[Sequence[str]] = None,
+            **kwargs):
     """(got, want): dicts of out, lse, dq, dk, dv (float64, CPU, BHSD) from
     attention(q, k, v, **kwargs) (cudnn_flex.flex_attention, or a compiled form of it) on the
     GPU and from oracle.attention with `formula` on the same rounded q, k, v and dO. A `scale` in
-    kwargs is the formula's too."""
+    kwargs is the formula's too.
+
+    A score_mod with a form whose backward cudnn-flex refuses on cuDNN 9.19 (`refused`, by default
+    refusals.refusals(kwargs)) gives out and lse only, after checking that the backward raises
+    cudnn_flex.BackwardNotSupported."""
     perm = TO_BHSD[layout]
+    cpu = lambda t: t.detach().permute(perm).double().cpu()  # noqa: E731
+    if refused is None:
+        refused = refusals(kwargs, (*cpu(q).shape[:3], cpu(k).shape[2]))
     attention = attention or cudnn_flex.flex_attention
     out, lse = attention(q, k, v, layout=layout, return_lse=True, deterministic=deterministic,
                          **on_device(kwargs, q.device))
     d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(d_out_seed))
     d_out = d_out.to(device=out.device, dtype=out.dtype)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-    cpu = lambda t: t.detach().permute(perm).double().cpu()  # noqa: E731
-    got = {"out": cpu(out), "lse": lse.detach().double().cpu(), "dq": cpu(dq), "dk": cpu(dk), "dv": cpu(dv)}
+    got = {"out": cpu(out), "lse": lse.detach().double().cpu()}
+    if refused:
+        with pytest.raises(cudnn_flex.BackwardNotSupported, match="NaN gradients"):
+            torch.autograd.grad(out, (q, k, v), d_out)
+    else:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+        got.update(dq=cpu(dq), dk=cpu(dk), dv=cpu(dv))
 
     qf, kf, vf = (cpu(t).requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = oracle.attention(qf, kf, vf, formula, scale=kwargs.get("scale"))
-    grads = torch.autograd.grad(ref_out, (qf, kf, vf), cpu(d_out))
-    want = {"out": ref_out.detach(), "lse": ref_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    want = {"out": ref_out.detach(), "lse": ref_lse.detach()}
+    if not refused:
+        grads = torch.autograd.grad(ref_out, (qf, kf, vf), cpu(d_out))
+        want.update(dq=grads[0], dk=grads[1], dv=grads[2])
     return got, want
 
 

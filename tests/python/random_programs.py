@@ -6,13 +6,16 @@ indices, score_mod tensors, constants and every DSL op: d(program)/d(score) is 1
 through, or the select rule). Kind "score" (Program(seed, score_path=True)) is
 `score + tanh(expr)` where expr has the score itself among its leaves, reached only through ops
 that are continuous and have a derivative rule (SCORE_UNARY, SCORE_BINARY; the score in either
-operand), so the derived bprop of each rule runs inside cuDNN. Every op is wrapped so that its
-inputs stay in its domain (log(|x| + 1), x / (|y| + 1), ...).
+operand), so the derived bprop of each rule runs inside cuDNN; they avoid the forms whose backward
+cudnn-flex refuses on cuDNN 9.19 (refusals.py). Every op is wrapped so that its inputs stay in its
+domain (log(|x| + 1), x / (|y| + 1), ...).
 
 Probes. SingleOp(op) puts one op alone inside a score_mod, with a contribution of O(1) to the
 scores (COEF): on index-based inputs (mode "index", every op), or on a score-dependent input in
-each operand position (modes "first"/"second", the differentiable ops). Their inputs keep clear of
-every discontinuity (probe_margins), so rounding differences cannot flip a floor or a comparison.
+each operand position (modes "first"/"second", the differentiable ops; for sin, cos, tan and gelu
+of the score the GPU tests check the forward and that the backward is refused). Their inputs keep
+clear of every discontinuity (probe_margins), so rounding differences cannot flip a floor or a
+comparison.
 
 Expected values: dsl_torch.formula(program, tensors), never the library's reference path.
 """
@@ -21,6 +24,8 @@ import math
 import random
 
 import torch
+
+from refusals import NAN_OPS, PRODUCT_OPS
 
 # name -> how to apply it (graph, *args); unary ops take one expression, binary two.
 UNARY = {
@@ -132,20 +137,23 @@ class Program:
         return ("binary_select", self._expr(depth - 1), self._expr(depth - 1), self._cond(depth - 1))
 
     def _score_expr(self, depth):
-        """An expression with the score among its leaves, through SCORE_* ops only."""
+        """An expression with the score among its leaves, through SCORE_* ops only, and none of
+        the forms whose backward cuDNN 9.19 gets wrong (refusals.py: the probes cover those)."""
         if depth <= 0:
             return ("score",)
         r = self.rng.random()
         if r < 0.4:
-            op = self.rng.choice(sorted(SCORE_UNARY))
+            op = self.rng.choice(sorted(set(SCORE_UNARY) - NAN_OPS))
             self.ops.add(op)
             return (op, self._score_expr(depth - 1))
         if r < 0.85:
             op = self.rng.choice(sorted(SCORE_BINARY))
             self.ops.add(op)
             scored = self._score_expr(depth - 1)
-            # The other operand: score-free (any op), or score-dependent too.
-            other = self._score_expr(depth - 1) if self.rng.random() < 0.3 else self._expr(self.rng.randrange(depth))
+            # The other operand: score-free (any op), or score-dependent too (not in a product,
+            # nor in the wrapper's tanh/abs of a product's operand).
+            both = op not in PRODUCT_OPS and self.rng.random() < 0.3
+            other = self._score_expr(depth - 1) if both else self._expr(self.rng.randrange(depth))
             return (op, scored, other) if self.rng.random() < 0.5 else (op, other, scored)
         self.ops.add("binary_select")
         branches = [self._score_expr(depth - 1), self._expr(depth - 1)]

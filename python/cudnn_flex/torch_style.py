@@ -43,10 +43,13 @@ def torch_score_mod(fn: Callable) -> Callable:
     signature does not show it, e.g. *args)."""
     try:
         fn._cudnn_flex_torch_style = True
-    except AttributeError:
-        fn = functools.wraps(fn)(lambda *a: fn(*a))
-        fn._cudnn_flex_torch_style = True
-    return fn
+        return fn
+    except AttributeError:  # a bound method or builtin: mark a wrapper instead
+        def wrapper(*args):
+            return fn(*args)
+        wrapper = functools.wraps(fn)(wrapper)
+        wrapper._cudnn_flex_torch_style = True
+        return wrapper
 
 
 def positional_count(fn: Callable) -> Optional[int]:

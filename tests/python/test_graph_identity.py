@@ -321,3 +321,12 @@ def test_nn_module_method_is_cacheable():
     assert program_of(block.score_mod)[0] is program_of(block.score_mod)[0]
     block.cap = 6.0
     assert program_of(block.score_mod)[0].mod_id != program_of(Block(4.0).score_mod)[0].mod_id
+
+
+def test_op_attributes_are_part_of_the_program():
+    slope = [0.1, 0.3]
+    mods_ = [lambda g, s, t, a=a: g.leaky_relu(s, negative_slope=a) for a in slope]
+    first, second = (program_of(m)[0] for m in mods_)
+    assert first.mod_id != second.mod_id
+    axis = [lambda g, s, t, a=a: g.add(s, g.gen_index(s, a)) for a in (2, 3)]
+    assert program_of(axis[0])[0].mod_id != program_of(axis[1])[0].mod_id

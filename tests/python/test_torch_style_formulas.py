@@ -180,9 +180,6 @@ def test_torch_score_mod_on_a_star_args_function(shape):
                           lambda s, b, h, q, kv: s + (q - kv) * 0.5 + D["HEAD"][h])
 
 
-@pytest.mark.xfail(strict=True, reason="torch_score_mod wraps an object that takes no attributes as "
-                   "`fn = functools.wraps(fn)(lambda *a: fn(*a))`: the lambda calls the rebound name fn, "
-                   "i.e. itself, so every call ends in RecursionError")
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_torch_score_mod_on_a_bound_method(shape):
     # A bound method takes no attributes: torch_score_mod wraps it.

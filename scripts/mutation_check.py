@@ -1,0 +1,152 @@
+"""Plants small, plausible bugs in a scratch copy of the package, one at a time, and runs the CPU
+suite on each: every bug must make it fail. A bug that survives is a hole in the tests.
+
+    python3 scripts/mutation_check.py            # all bugs (about 5 minutes on 2 cores)
+    python3 scripts/mutation_check.py -k softcap # the bugs whose name contains 'softcap'
+
+Each bug is a text replacement that must match exactly once in the current code (a mismatch is
+an error: update the bug with the code). Only Python is mutated; the C++ key and cache have their
+own planted-bug checks in gtest. Run by scripts/test.sh, so by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+P = "python/cudnn_flex/"
+
+# (what a user would suffer, file, text, replacement)
+MUTATIONS = [
+    ("sliding_window off by one", P + "mods.py", "(distance < window)", "(distance <= window)"),
+    ("softcap without /cap", P + "mods.py", "torch.tanh(score / cap) * cap", "torch.tanh(score) * cap"),
+    ("softcap cap doubled", P + "mods.py", "torch.tanh(score / cap) * cap", "torch.tanh(score / cap) * (2 * cap)"),
+    ("alibi slopes shifted by one head", P + "mods.py", "torch.arange(1, heads + 1,", "torch.arange(0, heads,"),
+    ("alibi sign (q - kv)", P + "mods.py", "slopes[h] * (kv_idx - q_idx)", "slopes[h] * (q_idx - kv_idx)"),
+    ("prefix_lm off by one", P + "mods.py", "(kv_idx < prefix_length)", "(kv_idx <= prefix_length)"),
+    ("relative_bias scale ignored", P + "mods.py", "(q_idx - kv_idx) * scale", "(q_idx - kv_idx)"),
+    ("compose order reversed", P + "mods.py", "for fn in score_mods:", "for fn in reversed(score_mods):"),
+    ("and/or_masks drop masks after the second", P + "mods.py", "for fn in mask_mods[1:]:", "for fn in mask_mods[1:2]:"),
+    ("document_mask per batch reads batch 0", P + "mods.py", "doc_ids[b, q_idx] == doc_ids[b, kv_idx]", "doc_ids[0, q_idx] == doc_ids[0, kv_idx]"),
+    ("dsl SlidingWindow off by one", P + "dsl_mods.py", "graph.cmp_lt(distance, float(self.window))", "graph.cmp_le(distance, float(self.window))"),
+    ("dsl Softcap backward wrong op", P + "dsl_mods.py", "graph.tanh_backward(d_p, self._before_tanh)", "graph.sigmoid_backward(d_p, self._before_tanh)"),
+    ("derivative of sin negated", P + "program/ops.py", '"sin": (torch.sin, lambda e, g, a, out, at: e.mul(g, e.cos(a))),', '"sin": (torch.sin, lambda e, g, a, out, at: e.neg(e.mul(g, e.cos(a)))),'),
+    ("derivative of cos sign", P + "program/ops.py", "lambda e, g, a, out, at: e.neg(e.mul(g, e.sin(a)))", "lambda e, g, a, out, at: e.mul(g, e.sin(a))"),
+    ("derivative of a/b wrt b sign", P + "program/ops.py", "lambda: emit.neg(emit.div(emit.mul(g, out), b))", "lambda: emit.div(emit.mul(g, out), b)"),
+    ("derivative of a/b wrt a times b", P + "program/ops.py", "return (lambda: emit.div(g, b), lambda", "return (lambda: emit.mul(g, b), lambda"),
+    ("derivative of max: ge -> le", P + "program/ops.py", "return (lambda: emit.binary_select(g, 0.0, emit.cmp_ge(a, b)),", "return (lambda: emit.binary_select(g, 0.0, emit.cmp_le(a, b)),"),
+    ("derivative of pow wrt exponent without log", P + "program/ops.py", "lambda: emit.mul(emit.mul(g, out), emit.log(a)))", "lambda: emit.mul(g, out))"),
+    ("derivative of rsqrt factor 0.5", P + "program/ops.py", "e.mul(e.div(e.mul(g, out), a), -0.5)", "e.mul(e.div(e.mul(g, out), a), 0.5)"),
+    ("derivative of erf without 2/sqrt(pi)", P + "program/ops.py", "e.mul(g, e.mul(e.exp(e.neg(e.mul(a, a))), _ERF_K))", "e.mul(g, e.exp(e.neg(e.mul(a, a))))"),
+    ("finite select fill passes dP", P + "program/ops.py", 'if _is_number(other) and other == float("-inf"):', "if _is_number(other):"),
+    ("torch maximum/minimum swapped", P + "torch_style.py", 'torch.maximum: _minmax("max"), torch.minimum: _minmax("min"),', 'torch.maximum: _minmax("min"), torch.minimum: _minmax("max"),'),
+    ("torch rsub not reversed", P + "torch_style.py", "T.__rsub__: _reversed(sub)", "T.__rsub__: sub"),
+    ("swapped comparison not mirrored", P + "torch_style.py", '"cmp_gt": "cmp_lt", "cmp_lt": "cmp_gt"', '"cmp_gt": "cmp_gt", "cmp_lt": "cmp_lt"'),
+    ("GQA heads tiled instead of interleaved", P + "reference.py", "t.repeat_interleave(h_q // t.shape[1], dim=1)", "t.repeat(1, h_q // t.shape[1], 1, 1)"),
+    ("lse before the score_mod", P + "reference.py", "    lse = torch.logsumexp(scores, dim=-1)\n", "    lse = torch.logsumexp((qf @ kf.transpose(-1, -2)) * scale, dim=-1)\n"),
+    ("fully masked rows not zeroed", P + "reference.py", "probs = torch.where(empty_row, 0.0, torch.softmax(torch.where(empty_row, 0.0, scores), dim=-1))", "probs = torch.softmax(scores, dim=-1)"),
+    ("index arithmetic in INT32 by default", P + "reference.py", "    def _compute(self, compute_data_type, default=data_type.FLOAT):\n        dt = default if", "    def _compute(self, compute_data_type, default=data_type.FLOAT):\n        default = data_type.INT32\n        dt = default if"),
+    ("empty inputs refused", P + "api.py", "    if d == 0:\n", "    if 0 in (b, s_q, s_k):\n        raise ValueError('cudnn_flex: empty input')\n    if d == 0:\n"),
+    ("d_v != d refused", P + "api.py", "    if d == 0:\n", "    if v.shape[3] != d:\n        raise ValueError('cudnn_flex: v head dim')\n    if d == 0:\n"),
+    ("alibi sign (q - kv), code", P + "mods.py", "return score + slopes[h] * (kv_idx - q_idx)", "return score + slopes[h] * (q_idx - kv_idx)"),
+    ("and_masks drops masks after the second", P + "mods.py", "for fn in mask_mods[1:]:\n            result = result & fn", "for fn in mask_mods[1:2]:\n            result = result & fn"),
+    ("or_masks drops masks after the second", P + "mods.py", "for fn in mask_mods[1:]:\n            result = result | fn", "for fn in mask_mods[1:2]:\n            result = result | fn"),
+    ("clamp min and max swapped", P + "torch_style.py", "out = trace.rec.max(out, _operand(trace, min, \"clamp\"))", "out = trace.rec.min(out, _operand(trace, min, \"clamp\"))"),
+    ("torch.where branches swapped", P + "torch_style.py", "binary_select(_operand(trace, a, \"torch.where\"),\n                                             _operand(trace, b, \"torch.where\"), mask)", "binary_select(_operand(trace, b, \"torch.where\"),\n                                             _operand(trace, a, \"torch.where\"), mask)"),
+    ("~ of a bool mask ignored", P + "torch_style.py", "return _p(trace, trace.rec.logical_not(_mask(trace, x, \"~\")), \"bool\")", "return _p(trace, _mask(trace, x, \"~\"), \"bool\")"),
+    ("captured tensor strides of the first dim", P + "torch_style.py", "sizes[axis], strides[axis] = full[axis], t.stride(dim)", "sizes[axis], strides[axis] = full[axis], t.stride(0)"),
+    ("default scale 1/D instead of 1/sqrt(D)", P + "api.py", "            scale = 1.0 / math.sqrt(q.shape[-1])", "            scale = 1.0 / q.shape[-1]"),
+    ("recorded index type FLOAT", P + "program/record.py", 'return {"int": data_type.INT32, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)', 'return {"int": data_type.FLOAT, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)'),
+    ("q_idx and kv_idx swapped in torch-style mods", P + "torch_style.py", "[Proxy(tr, axis=a, kind=\"int\") for a in range(4)]", "[Proxy(tr, axis=a, kind=\"int\") for a in (0, 1, 3, 2)]"),
+    ("relu derivative: clip ignored", P + "program/ops.py", "return g if upper_clip is None else torch.where(x < upper_clip, g, torch.zeros_like(x))", "return g"),
+    ("k/v sequence check dropped", P + "api.py", "    if s_k != s_v:\n", "    if False:\n"),
+]
+
+# The recorded program and graph identity (the correctness issue): a stale graph is a wrong
+# answer with no error.
+MUTATIONS += [
+    ("constants left out of the program key", P + "program/record.py",
+     'args = tuple(("c", v.hex()) if kind == "c" else (kind, v) for kind, v in self.args)',
+     'args = tuple(("c", 0) if kind == "c" else (kind, v) for kind, v in self.args)'),
+    ("attributes left out of the program key", P + "program/record.py",
+     "return (self.op, args, attrs, dtype)", "return (self.op, args, (), dtype)"),
+    ("one slot per captured tensor whatever its indexing", P + "torch_style.py",
+     "key = (id(t), axes)", "key = id(t)"),
+    ("promise table ignores the bprop", P + "_registry.py",
+     "promise = (mod_key, bprop_key, slots)", "promise = (mod_key, slots)"),
+    ("clear_cache keeps the programs", P + "_registry.py",
+     "        _by_recording.clear()\n", ""),
+    ("% lowered as C fmod", P + "torch_style.py",
+     "T.__mod__: _remainder,", "T.__mod__: _fmod,"),
+    ("& on integers is logical", P + "torch_style.py",
+     "        if kinds == {\"bool\"}:", "        if True:"),
+    ("floor division truncates", P + "torch_style.py",
+     "return _p(trace, rec.floor(rec.add(exact, 0.5)), \"int\")",
+     "return _p(trace, rec.floor(rec.div(_operand(trace, a, \"//\"), _operand(trace, b, \"//\"))), \"int\")"),
+    ("bool captured tensors used as numbers", P + "torch_style.py",
+     "            value = self.rec.cmp_neq(value, 0.0)  # passed as float32 (see view_for)\n", ""),
+    ("mixed INT32/FLOAT compare not rewritten", P + "program/replay.py",
+     "                    args[0] = self.graph.identity(args[0])", "                    pass"),
+    ("finite fills not lowered", P + "program/replay.py",
+     "            return _LARGEST_SAFE_FILL\n", "            return value\n"),
+    ("backward of sin not refused", P + "_registry.py",
+     'NAN_IN_BACKWARD = ("sin", "cos", "tan", "gelu")', 'NAN_IN_BACKWARD = ("cos", "tan", "gelu")'),
+    ("unused ops lowered", P + "program/replay.py",
+     "            stack.extend(v for kind, v in nodes[i].args if kind == \"n\")\n        for i in sorted(needed):",
+     "            stack.extend(v for kind, v in nodes[i].args if kind == \"n\")\n        needed |= set(range(index)) - set(self.done)\n        for i in sorted(needed):"),
+]
+
+
+def scratch_copy(dst: str) -> None:
+    """The package as it is (with its built extension) under dst/python."""
+    shutil.copytree(os.path.join(ROOT, "python"), os.path.join(dst, "python"), symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+
+
+def run_suite(python_dir: str, tests_dir: str) -> int:
+    env = {**os.environ, "PYTHONPATH": python_dir, "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+           "--deselect", "tests/python/test_package.py", tests_dir]
+    return subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(tests_dir)),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only the bugs whose name contains this")
+    args = parser.parse_args()
+    tests_dir = os.path.join(ROOT, "tests", "python")
+    chosen = [m for m in MUTATIONS if args.k in m[0]]
+    survived, broken = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base")
+        scratch_copy(base)
+        for name, path, old, new in chosen:
+            dst = os.path.join(tmp, "mutant")
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(base, dst, symlinks=True)
+            target = os.path.join(dst, path)
+            text = open(target).read()
+            if text.count(old) != 1:
+                broken.append(name)
+                print(f"PATTERN  {name}: found {text.count(old)} times in {path}", flush=True)
+                continue
+            open(target, "w").write(text.replace(old, new))
+            t0 = time.time()
+            caught = run_suite(os.path.join(dst, "python"), tests_dir) != 0
+            print(f"{'caught  ' if caught else 'SURVIVED'} {name} ({time.time() - t0:.0f} s)", flush=True)
+            if not caught:
+                survived.append(name)
+    print(f"mutation check: {len(chosen) - len(survived) - len(broken)} of {len(chosen)} planted bugs caught"
+          + (f"; survived: {survived}" if survived else "") + (f"; stale patterns: {broken}" if broken else ""))
+    return 1 if survived or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

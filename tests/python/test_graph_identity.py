@@ -330,3 +330,12 @@ def test_op_attributes_are_part_of_the_program():
     assert first.mod_id != second.mod_id
     axis = [lambda g, s, t, a=a: g.add(s, g.gen_index(s, a)) for a in (2, 3)]
     assert program_of(axis[0])[0].mod_id != program_of(axis[1])[0].mod_id
+
+
+def test_unhashable_key_is_refused():
+    class Unhashable(Keyed):
+        def score_mod_graph_cache_key(self):
+            return [1, 2]
+
+    with pytest.raises(TypeError, match="unhashable list"):
+        program_of(Unhashable(1.0))

@@ -216,9 +216,10 @@ def _from_constant_form(form) -> Optional[Callable]:
 
 @torch._dynamo.assume_constant_result
 def traced_ids(mod_form, bprop_form, mod_names: tuple, mod_dtypes: tuple, bprop_names: tuple,
-               bprop_dtypes: tuple) -> tuple[int, int]:
+               bprop_dtypes: tuple, trail: tuple = ()) -> tuple[int, int]:
     """Runs in plain Python while dynamo traces: records the program once and pins it (the
-    compiled graph holds its ids). A recompile records again."""
+    compiled graph holds its ids). `trail` (program/shadow.py) is not read here: it is an
+    argument so that dynamo specialises on what the mods read, and recompiles when it changes."""
     program = record(_from_constant_form(mod_form), _from_constant_form(bprop_form), mod_names, mod_dtypes,
                      bprop_names, bprop_dtypes)
     if program is None:

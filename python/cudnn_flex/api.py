@@ -10,6 +10,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference, torch_style
+from .program import shadow
 from .program.record import Recorder
 
 # Permutation that turns a tensor in the user's layout into a BHSD view.
@@ -172,8 +173,10 @@ def _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_b
     dtypes = tuple(t.dtype for t in tensors)
     tensors = [_as_graph_input(t) for t in tensors]
     if compiling:
+        # Traced inline: dynamo guards what the mods read, and the trail is a constant argument.
+        trail = shadow.trail(score_mod, score_mod_bprop, names, bprop_names)
         forms = (_registry.constant_form(score_mod), _registry.constant_form(score_mod_bprop), tuple(names),
-                 dtypes, tuple(bprop_names), bprop_dtypes)
+                 dtypes, tuple(bprop_names), bprop_dtypes, trail)
         return forms, tensors, bprop_tensors
     program = _registry.record(score_mod, score_mod_bprop, names, dtypes, bprop_names, bprop_dtypes, shape)
     return program, tensors, bprop_tensors

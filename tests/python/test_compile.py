@@ -5,6 +5,8 @@ path is what gets traced; the fake kernels stand in for the CUDA ones. opcheck r
 tensors: schema, fake kernels, autograd registration and AOT dispatch (static and dynamic).
 """
 
+import sys
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -190,3 +192,52 @@ def test_opcheck_bwd():
     grad_out = torch.randn_like(out)
     args = (grad_out, q, k, v, out, lse, [], [], mod_id, bprop_id, cacheable, None, True)
     torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, args, test_utils=UTILS)
+
+
+SCALE = 0.5
+
+
+def reads_a_global(graph, score, tensors):
+    return graph.mul(score, SCALE)
+
+
+def test_a_value_the_mod_reads_is_guarded_under_compile(monkeypatch):
+    """The program is recorded while dynamo traces; a global the DSL mod reads is guarded, so a
+    change recompiles and records the new program instead of reusing the old graph."""
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, reads_a_global)
+
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, graphs = compile_recording(fn)
+    with mode:
+        compiled(q, k, v)
+        compiled(q, k, v)
+    assert len(graphs) == 1
+    for value in (2.0, 3.0):
+        monkeypatch.setattr(sys.modules[__name__], "SCALE", value)
+        with mode:
+            compiled(q, k, v)
+        mod_id = op_calls(graphs[-1])[0].args[5]
+        assert mod_id == _registry.record(reads_a_global, None, (), ()).mod_id
+    assert len(graphs) == 3
+    assert len({op_calls(g)[0].args[5] for g in graphs}) == 3
+
+
+def test_a_closure_default_is_guarded_under_compile():
+    def make(c):
+        return lambda graph, score, tensors, *, c=c: graph.mul(score, c)
+    holder = [make(0.5)]
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, holder[0])
+
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, graphs = compile_recording(fn)
+    with mode:
+        compiled(q, k, v)
+        holder[0] = make(4.0)
+        compiled(q, k, v)
+    ids = [op_calls(g)[0].args[5] for g in graphs]
+    assert len(set(ids)) == 2 and ids[-1] == _registry.record(holder[0], None, (), ()).mod_id

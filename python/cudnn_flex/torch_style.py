@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import gather
 from .program.record import SCORE, Recorder, Value, mod_slot
 
 _AXES = "bhqk"  # index variable -> score axis: b 0, h 1, q_idx 2, kv_idx 3
@@ -481,23 +482,36 @@ def _to(trace, x, *args, **kwargs):
 
 
 def _getitem(trace, t, index):
-    """captured_tensor[index variables...] -> an input slot (a strided view of t)."""
+    """captured_tensor[index variables...] -> an input slot (a strided view of t); indexed by
+    values computed from the index variables and captured tensors, a gather done ahead of the
+    kernel (gather.py)."""
     if not isinstance(t, torch.Tensor):
         raise _unsupported("indexing a traced value")
     index = index if isinstance(index, tuple) else (index,)
-    axes = []
+    if len(index) != t.dim():
+        raise _unsupported(f"a captured tensor of {t.dim()} dims indexed by {len(index)} values; "
+                           "index every dim")
+    if all(isinstance(i, Proxy) and i.axis is not None for i in index):
+        axes = tuple(i.axis for i in index)
+        if len(set(axes)) != len(axes):
+            raise _unsupported("a captured tensor indexed twice by the same index variable")
+        return trace.capture(t, axes)
+    entries = []
     for i in index:
-        if not (isinstance(i, Proxy) and i.axis is not None):
-            raise _unsupported("a captured tensor indexed by something other than the index "
-                               "variables b, h, q_idx, kv_idx themselves (a gather by a computed "
-                               "index, a slice or a number)")
-        axes.append(i.axis)
-    if len(axes) != t.dim():
-        raise _unsupported(f"a captured tensor of {t.dim()} dims indexed by {len(axes)} index "
-                           "variables; index every dim")
-    if len(set(axes)) != len(axes):
-        raise _unsupported("a captured tensor indexed twice by the same index variable")
-    return trace.capture(t, tuple(axes))
+        if isinstance(i, Proxy) and i.axis is not None:
+            entries.append(("axis", i.axis))
+        elif isinstance(i, Proxy):
+            if i.kind == "float" or gather.reads_score(trace.rec.nodes, i.value.index):
+                raise _unsupported("a captured tensor indexed by a value computed from the score or "
+                                   "by a float; index by integers computed from b, h, q_idx, kv_idx "
+                                   "and captured tensors")
+            entries.append(("node", i.value.index))
+        elif isinstance(i, int) and not isinstance(i, bool):
+            entries.append(("int", i))
+        else:
+            raise _unsupported(f"a captured tensor indexed by a {type(i).__name__} (a slice?)")
+    gathered = gather.gather(t, entries, trace.rec.nodes, trace.captures, trace.rec.shape, view_for)
+    return trace.capture(gathered, None)
 
 
 def _build_table():
@@ -597,7 +611,9 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
     """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
     except that integer and float64 tensors become float32 copies of the view (the score_mod's
     arithmetic; small, since broadcast dims stay size 1), bool tensors too."""
-    if not axes:
+    if axes is None:  # already broadcastable to full (a gather's result)
+        view = t
+    elif not axes:
         view = t.reshape(())
     else:
         sizes, strides = [1, 1, 1, 1], [0, 0, 0, 0]

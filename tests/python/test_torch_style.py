@@ -125,7 +125,7 @@ def python_if(score, b, h, q_idx, kv_idx):
 
 
 def computed_index(score, b, h, q_idx, kv_idx):
-    return score + SLOPES[h + 1]
+    return score + SLOPES[(score * 0.0).to(torch.int32) + h]
 
 
 def unsupported_function(score, b, h, q_idx, kv_idx):
@@ -138,7 +138,7 @@ def float_of_value(score, b, h, q_idx, kv_idx):
 
 @pytest.mark.parametrize("fn,message", [
     (python_if, "Python control flow"),
-    (computed_index, "other than the index variables"),
+    (computed_index, "computed from the score"),
     (unsupported_function, "torch function matmul"),
     (float_of_value, r"float\(\) of a traced value"),
 ])

@@ -122,17 +122,22 @@ class Proxy:
     """A value of the score_mod: an index variable (axis) or a recorded value, with the kind of
     torch value it stands for ('int', 'bool' or 'float'), which decides what operators mean."""
 
-    __slots__ = ("trace", "axis", "_value", "kind", "is_input")
+    __slots__ = ("trace", "axis", "_value", "kind", "is_input", "const")
 
     def __init__(self, trace: _Trace, value: Optional[Value] = None, axis: Optional[int] = None,
-                 kind: str = "float", is_input: bool = False):
+                 kind: str = "float", is_input: bool = False, const=None):
         self.trace, self._value, self.axis, self.kind = trace, value, axis, kind
         self.is_input = is_input  # a captured tensor as it enters the program
+        self.const = const  # a scalar made inside the mod (x.new_ones(())): a Python number
 
     @property
     def value(self) -> Value:
         if self._value is None:
-            self._value = self.trace.index(self.axis)
+            if self.const is not None:  # a constant where a graph value is needed: 0 * score + c
+                rec = self.trace.rec
+                self._value = rec.add(rec.mul(self.trace.score, 0.0), float(self.const))
+            else:
+                self._value = self.trace.index(self.axis)
         return self._value
 
     # Python control flow on a traced value has no single answer over the score matrix.
@@ -179,6 +184,40 @@ class Proxy:
     def __getitem__(self, item):
         raise _unsupported("indexing a traced value (index captured tensors with index variables instead)")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bool": torch.bool, "int": torch.int32}.get(self.kind, torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("meta")  # read only to make tensors inside the mod (new_ones(device=))
+
+    # x.new_ones(()) and friends: the constants torch's and_masks / or_masks / noop_mask start from.
+    def new_ones(self, size=(), dtype=None, **kwargs):
+        return _new_constant(size, 1, dtype, self)
+
+    def new_zeros(self, size=(), dtype=None, **kwargs):
+        return _new_constant(size, 0, dtype, self)
+
+    def new_full(self, size, fill_value, dtype=None, **kwargs):
+        return _new_constant(size, fill_value, dtype, self)
+
+
+def _new_constant(size, value, dtype, like: "Proxy") -> "Proxy":
+    """A scalar made inside the mod: a constant proxy, folded where it is used."""
+    if tuple(size) not in ((), (1,)):
+        raise _unsupported(f"a tensor of shape {tuple(size)} made inside the mod; capture it instead")
+    kind = _kind_of_dtype(dtype) if dtype is not None else ("int" if like.kind != "float" else "float")
+    const = bool(value) if kind == "bool" else (int(value) if kind == "int" else float(value))
+    return Proxy(like.trace, kind=kind, const=const)
+
+
+def _constant(x):
+    """The Python value of x if it is a constant (a number or a constant proxy), else None."""
+    if isinstance(x, Proxy):
+        return x.const
+    return x if isinstance(x, (bool, int, float)) else None
+
 
 def _flat(args, kwargs):
     for a in list(args) + list(kwargs.values()):
@@ -210,7 +249,7 @@ def _promote(*xs) -> str:
 def _operand(trace: _Trace, x, what: str):
     """A graph operand for x: a recorded value, or a Python number as a constant."""
     if isinstance(x, Proxy):
-        return x.value
+        return x.value if x.const is None else float(x.const)
     if isinstance(x, (bool, int, float)):
         return float(x)
     if isinstance(x, torch.Tensor):
@@ -242,7 +281,7 @@ _SWAPPED = {"add": "add", "mul": "mul", "max": "max", "min": "min", "cmp_eq": "c
 
 
 def _computed(x) -> bool:
-    return isinstance(x, Proxy) and not x.is_input
+    return isinstance(x, Proxy) and not x.is_input and x.const is None
 
 
 def _emit(trace: _Trace, op: str, a, b) -> Value:
@@ -365,6 +404,18 @@ def _bitwise(op: str):
         if "float" in kinds:
             raise _unsupported(f"{op} on a floating-point value (torch refuses it too)")
         if kinds == {"bool"}:
+            ca, cb = _constant(a), _constant(b)
+            if ca is not None or cb is not None:  # torch's and_masks start from new_ones(())
+                const, other = (ca, b) if ca is not None else (cb, a)
+                if _constant(other) is not None:
+                    folded = {"&": const and _constant(other), "|": const or _constant(other),
+                              "^": const != _constant(other)}[op]
+                    return Proxy(trace, kind="bool", const=bool(folded))
+                if op == "&":
+                    return other if const else Proxy(trace, kind="bool", const=False)
+                if op == "|":
+                    return Proxy(trace, kind="bool", const=True) if const else other
+                return _invert(trace, other) if const else other
             ma, mb = _mask(trace, a, op), _mask(trace, b, op)
             if op == "&":
                 return _p(trace, rec.logical_and(ma, mb), "bool")
@@ -430,6 +481,8 @@ def _logical_not(trace, x, **kwargs):
 
 
 def _where(trace, cond, a, b):
+    if _constant(cond) is not None:
+        return a if _constant(cond) else b
     mask = _mask(trace, cond, "torch.where")
     return _p(trace, trace.rec.binary_select(_operand(trace, a, "torch.where"),
                                              _operand(trace, b, "torch.where"), mask), _promote(a, b))
@@ -585,7 +638,11 @@ def mask_to_score_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> Call
     """One torch-style score_mod: score_mod's result where mask_mod holds, -inf elsewhere."""
     def masked(score, b, h, q_idx, kv_idx):
         value = score if score_mod is None else score_mod(score, b, h, q_idx, kv_idx)
-        return torch.where(mask_mod(b, h, q_idx, kv_idx), value, float("-inf"))
+        keep = mask_mod(b, h, q_idx, kv_idx)
+        const = _constant(keep)
+        if const is not None:  # a constant mask (torch's noop_mask, and_masks of nothing)
+            return value if const else value * 0.0 + float("-inf")
+        return torch.where(keep, value, float("-inf"))
     return masked
 
 
@@ -594,6 +651,8 @@ def trace(fn: Callable, recorder: Recorder) -> tuple[int, list[tuple[torch.Tenso
     tr = _Trace(recorder)
     args = [Proxy(tr, tr.score)] + [Proxy(tr, axis=a, kind="int") for a in range(4)]
     result = fn(*args)
+    if isinstance(result, Proxy) and result.const is not None:
+        result = result.const
     if isinstance(result, Proxy):
         value = result.value
         if result.kind == "bool":  # a mask_mod passed as score_mod: keep the bool as 0/1

@@ -142,3 +142,40 @@ def test_finite_fill_forward_and_grads_on_the_reference_path():
     exp = torch.autograd.grad(want, (q, k, v), g_out)
     for a, e in zip(got, exp):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8)
+
+
+# --- torch's own mask combinators and Hugging Face-style masks ------------------------------------
+
+def _hf_and_masks(*masks):
+    """The shape of Hugging Face's masking_utils.and_masks (new_ones, .to(result.device))."""
+    def and_mask(batch_idx, head_idx, q_idx, kv_idx):
+        result = q_idx.new_ones((), dtype=torch.bool)
+        for mask in masks:
+            result = result & mask(batch_idx, head_idx, q_idx, kv_idx).to(result.device)
+        return result
+    return and_mask
+
+
+PADDING = torch.tensor([[True] * SKV, [True] * 20 + [False] * (SKV - 20)])
+
+
+def _combinator_cases():
+    from torch.nn.attention.flex_attention import and_masks, noop_mask, or_masks
+    causal = lambda b, h, q, kv: q + (SKV - SQ) >= kv  # noqa: E731  (bottom-right causal)
+    window = lambda b, h, q, kv: kv > q - 6  # noqa: E731
+    padding = lambda b, h, q, kv: PADDING[b, kv]  # noqa: E731
+    return {
+        "torch_and_masks": and_masks(causal, window),
+        "torch_or_masks": or_masks(window, lambda b, h, q, kv: kv == 0),
+        "torch_noop_mask": noop_mask,
+        "torch_and_of_noop": and_masks(noop_mask, causal),
+        "hf_and_masks_with_padding": _hf_and_masks(causal, padding),
+    }
+
+
+@pytest.mark.parametrize("name", list(_combinator_cases()))
+def test_torch_and_hugging_face_mask_combinators(name):
+    mask = _combinator_cases()[name]
+    q, k, v = qkv()
+    torch.testing.assert_close(ours(q, k, v, mask_mod=mask), plain_torch(q, k, v, mask_mod=mask),
+                               rtol=1e-10, atol=1e-10)

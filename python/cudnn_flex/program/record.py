@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Optional, Sequence
 
-from .ops import COMPARE, INDEX, LOGICAL, OPS, add_dsl_operators, bind
+from .._C import data_type
+from .ops import ARITH, COMPARE, INDEX, LOGICAL, OPS, SELECT, add_dsl_operators, bind
 
 # Slot names of a program's inputs.
 SCORE, D_P = "score", "dP"
@@ -89,6 +90,10 @@ class Value:
                         "graph.binary_select(a, b, mask) instead of Python if/and/or on tensors")
 
 
+_KIND_OF_OUTPUT = {INDEX: "int", COMPARE: "bool", LOGICAL: "bool"}
+_KIND_OF_OUTPUT.update({kind: "float" for kind in (ARITH, SELECT)})
+
+
 def _kind_of_output(spec_kind: str, compute) -> str:
     if spec_kind == INDEX:
         return "int"
@@ -114,7 +119,6 @@ class Recorder:
         return value
 
     def data_type(self, kind: str):
-        from .._C import data_type
         return {"int": data_type.INT32, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)
 
     # -- ops ----------------------------------------------------------------------------------------
@@ -141,8 +145,10 @@ class Recorder:
                         f"a Python number, got {name}.{hint}")
 
     def record(self, op: str, args: tuple, kwargs: dict) -> Value:
-        from .._C import data_type
         spec = OPS[op]
+        if not kwargs and len(args) == len(spec.inputs):  # the common call: inputs only
+            node_args = tuple(self._arg(x, op, name) for x, name in zip(args, spec.inputs))
+            return self._append(Node(op, node_args), _KIND_OF_OUTPUT[spec.kind])
         inputs, attrs, compute = bind(op, args, kwargs)
         if compute is not None and compute != data_type.NOT_SET:
             attrs["compute_data_type"] = compute

@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 
-from .program import autodiff
+from .program import autodiff, guard
 from .program.record import D_P, SCORE, Program, Recorder, bprop_slot, checked_result, mod_slot
 from .program.replay import Replay
 
@@ -31,6 +31,8 @@ _CAPACITY = 4096
 _by_recording: "collections.OrderedDict[Hashable, Program]" = collections.OrderedDict()
 # an explicit score_mod_graph_cache_key() promise -> the program recorded under it
 _by_promise: "collections.OrderedDict[Hashable, Program]" = collections.OrderedDict()
+# the guard of mods that read nothing that can change (program/guard.py) -> their program
+_by_guard: "collections.OrderedDict[Hashable, Program]" = collections.OrderedDict()
 # ids -> programs that anyone still holds (the tables above, an autograd node, a compiled graph)
 _live: "weakref.WeakValueDictionary[int, Program]" = weakref.WeakValueDictionary()
 # programs a compiled graph has baked in as constants: kept while the process runs
@@ -63,6 +65,7 @@ def clear() -> None:
     with _lock:
         _by_recording.clear()
         _by_promise.clear()
+        _by_guard.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,13 +154,43 @@ def record(score_mod: Optional[Callable], score_mod_bprop: Optional[Callable], m
         program = _by_promise.get(promise)
         if program is not None:
             return program
+    guarded = guarded_key(("dsl", score_mod, score_mod_bprop), slots, shape)
+    if guarded is not None:
+        program = _by_guard.get(guarded)
+        if program is not None:
+            return program
     recorder = Recorder(shape)
     fwd_out = _call(score_mod, recorder, recorder.input(SCORE), _inputs(recorder, mod_slot, mod_names, mod_dtypes),
                     "score_mod")
     program = finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
     if promise is not None:
         _remember(_by_promise, promise, program)
+    if guarded is not None:
+        _remember(_by_guard, guarded, program)
     return program
+
+
+def by_guard(guarded: Optional[Hashable]) -> Optional[Program]:
+    return None if guarded is None else _by_guard.get(guarded)
+
+
+def remember_guarded(guarded: Hashable, program: Program) -> None:
+    _remember(_by_guard, guarded, program)
+
+
+def guarded_key(fns: tuple, slots: tuple, shape) -> Optional[Hashable]:
+    """The cache key of a call whose mods can read nothing that changes behind their back
+    (program/guard.py), so that its program is known without recording; None otherwise."""
+    keys = []
+    for fn in fns:
+        if isinstance(fn, str) or fn is None:
+            keys.append(fn)
+            continue
+        k = guard.key(fn)
+        if k is None:
+            return None
+        keys.append(k)
+    return (tuple(keys), slots, tuple(shape))
 
 
 def finish(recorder: Recorder, fwd_out: int, score_mod_bprop: Optional[Callable], bprop_names=(),
@@ -311,7 +344,8 @@ def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any], 
         if program.bprop_error is not None:
             raise program.bprop_error
         refuse_nan_in_backward(program, replay)
-        _build.replay = replay
+        if program.bwd_out is not None:  # the bprop callback follows and continues this replay
+            _build.replay = replay
     return result
 
 

@@ -157,6 +157,12 @@ def _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_b
             raise NotImplementedError(
                 "cudnn_flex: torch-style score_mods and mask_mods do not run under torch.compile yet; "
                 "write the score_mod in the graph DSL (graph, score, tensors) for compiled models")
+        bprop_slots = tuple(zip(bprop_names, (str(d) for d in bprop_dtypes)))
+        guarded = _registry.guarded_key(("torch-style", mask_mod, score_mod, score_mod_bprop),
+                                        ((), bprop_slots), shape)
+        known = _registry.by_guard(guarded)
+        if known is not None:
+            return known, [], bprop_tensors
         recorder = Recorder(shape)
         fwd_out, captures = torch_style.trace(torch_fn, recorder)
         names = [f"capture {i}" for i in range(len(captures))]
@@ -168,6 +174,8 @@ def _record(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_b
         slots = (tuple((n, str(t.dtype)) for n, (t, _) in zip(names, captures)),
                  tuple(zip(bprop_names, (str(d) for d in bprop_dtypes))))
         program = _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
+        if guarded is not None and not captures:  # with captures, each call must find its tensors
+            _registry.remember_guarded(guarded, program)
         return program, views, bprop_tensors
     names, tensors = _check_tensor_dict(score_mod_tensors, "score_mod_tensors", q, s_kv)
     dtypes = tuple(t.dtype for t in tensors)

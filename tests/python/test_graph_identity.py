@@ -339,3 +339,46 @@ def test_unhashable_key_is_refused():
 
     with pytest.raises(TypeError, match="unhashable list"):
         program_of(Unhashable(1.0))
+
+
+# --- the guard: a mod that can read nothing that changes is not recorded again -----------------------
+
+def test_a_mod_that_reads_nothing_changing_is_recorded_once(monkeypatch):
+    from cudnn_flex.program.record import Recorder
+    recorded = []
+    real = Recorder.record
+    monkeypatch.setattr(Recorder, "record", lambda self, *a: recorded.append(a[0]) or real(self, *a))
+
+    def counted(c):
+        def mod(graph, score, tensors):
+            return graph.mul(score, c)
+        return mod
+
+    q = torch.empty(B, H, S, D)
+    first, _, _ = _record(counted(0.5), None, None, None, None, q, S)
+    after_first = len(recorded)  # the mod's mul and its derived bprop's
+    assert after_first >= 1
+    # Another function object with the same code and cell values: found by the guard, not run.
+    assert _record(counted(0.5), None, None, None, None, q, S)[0] is first
+    assert len(recorded) == after_first, "the guarded program was recorded again"
+    # Another value in the cell: recorded, another program.
+    assert _record(counted(0.25), None, None, None, None, q, S)[0].mod_id != first.mod_id
+    assert len(recorded) > after_first
+
+
+def test_the_guard_includes_the_shapes():
+    def by_length(graph, score, tensors):
+        return graph.mul(score, 1.0 if score.get_dim()[2] > 8 else 2.0)
+
+    long_, _, _ = _record(by_length, None, None, None, None, torch.empty(1, 1, 16, 8), 16)
+    short, _, _ = _record(by_length, None, None, None, None, torch.empty(1, 1, 4, 8), 4)
+    assert long_.mod_id != short.mod_id
+
+
+def test_mods_reading_a_global_or_an_object_are_recorded_every_call():
+    from cudnn_flex.program import guard
+    assert guard.key(dsl_reads_global) is None
+    assert guard.key(torch_reads_class_attribute) is None
+    assert guard.key(mods.document_mask(torch.zeros(S, dtype=torch.long))) is None
+    assert guard.key(mods.softcap(3.0)) is not None  # torch.tanh: a library module
+    assert guard.key(mods.compose(mods.softcap(3.0), mods.relative_bias(0.5))) is not None

@@ -1,0 +1,88 @@
+"""When a mod's program can be known without recording it again.
+
+Recording runs the mod on every call, which costs host time (tens of microseconds). For a plain
+function that can read nothing that changes behind its back, the program is a function of what
+it closes over: its code, the numbers and strings in its defaults and closure cells, and the
+functions there (guarded the same way, recursively). `key(fn)` is that, or None when fn reads
+anything else (a module global, an object, a tensor): those are recorded on every call.
+The shapes of the call go into the cache key beside it, since a mod may ask get_dim().
+"""
+
+from __future__ import annotations
+
+import dis
+import functools
+import types
+from typing import Any, Callable, Hashable, Optional
+
+_PLAIN = (int, float, str, bool, type(None))
+# Library modules whose functions a mod calls (torch.tanh, math.sqrt): read as constants. A
+# user's own module (config.WINDOW) is not here, so a mod that reads one is recorded every call.
+_LIBRARIES = ("torch", "math", "operator", "torch.nn.functional")
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(code: types.CodeType) -> Optional[tuple]:
+    """The names the code (and code nested in it) looks up, or None when it imports (a module
+    imported inside the mod, then read, is state the guard cannot see)."""
+    if any(ins.opname in ("IMPORT_NAME", "IMPORT_FROM") for ins in dis.get_instructions(code)):
+        return None
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            nested = _names(const)
+            if nested is None:
+                return None
+            names.extend(nested)
+    return tuple(names)
+
+
+def _reads_no_global(code: types.CodeType, globals_: dict) -> bool:
+    """No name the code looks up is a module global other than a library module (attribute
+    names that happen to be global names count too, which is only more careful), and it imports
+    nothing."""
+    names = _names(code)
+    if names is None:
+        return False
+    for name in names:
+        if name in globals_:
+            value = globals_[name]
+            if not (isinstance(value, types.ModuleType) and value.__name__ in _LIBRARIES):
+                return False
+    return True
+
+
+def _value_key(value: Any, depth: int) -> Optional[Hashable]:
+    if isinstance(value, _PLAIN):
+        # -0.0 and 0.0 compare equal but compute differently: the type and the repr tell apart
+        return (type(value), repr(value)) if isinstance(value, float) else (type(value), value)
+    if isinstance(value, types.FunctionType):
+        return key(value, depth + 1)
+    if isinstance(value, (tuple, list)) and depth < 4:  # compose(*mods): read as they are now
+        parts = tuple(_value_key(v, depth + 1) for v in value)
+        return None if None in parts else (type(value), parts)
+    return None
+
+
+def key(fn: Callable, depth: int = 0) -> Optional[Hashable]:
+    """The guard of fn, or None when its program must be recorded on every call."""
+    if depth > 4 or not isinstance(fn, types.FunctionType):
+        return None
+    if not _reads_no_global(fn.__code__, fn.__globals__):
+        return None
+    parts = [fn.__code__]
+    try:
+        cells = [c.cell_contents for c in fn.__closure__ or ()]
+    except ValueError:  # a cell not assigned yet
+        return None
+    for value in list(fn.__defaults__ or ()) + cells:
+        k = _value_key(value, depth)
+        if k is None:
+            return None
+        parts.append(k)
+    for name, value in sorted((fn.__kwdefaults__ or {}).items()):
+        k = _value_key(value, depth)
+        if k is None:
+            return None
+        parts.append((name, k))
+    return tuple(parts)

@@ -1,0 +1,1 @@
+"""Masks cuDNN can skip tiles for: recognised from recorded programs."""

@@ -59,6 +59,7 @@ def test_near_misses_get_their_own_bounds(name):
 @pytest.mark.parametrize("mask", [
     lambda b, h, q, kv: (q >= kv) & (kv % 2 == 0),            # an extra condition
     lambda b, h, q, kv: (q >= kv) | (kv < 4),                  # prefix LM: an OR
+    lambda b, h, q, kv: (q >= kv + 8) | (q <= kv - 8),         # outside a band: an OR of bounds
     lambda b, h, q, kv: 2 * q >= kv,                           # not a function of q - kv
     lambda b, h, q, kv: q // 4 >= kv // 4,                     # block causal
     mods.document_mask(torch.zeros(S, dtype=torch.long)),     # a tensor

@@ -221,14 +221,31 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention softmax(score_mod(scale * Q K^T)) V as one fused cuDNN kernel, forward and backward.
 
-    score_mod(graph, score, tensors) -> score rewrites the scores with the graph's ops (a mask, a
-    bias, a softcap...); a torch-style score_mod(score, b, h, q_idx, kv_idx) and a
-    mask_mod(b, h, q_idx, kv_idx) -> bool, as written for torch's flex_attention, work too.
-    score_mod_bprop(graph, dP, tensors) -> dP maps the gradient back through the score_mod;
-    without one it is derived from the score_mod's ops (none is needed for biases and masks).
-    Tensors in score_mod_tensors broadcast against [B, H, Sq, Skv]; one-element CPU tensors are
-    passed by value, so changing their value does not rebuild the graph. Returns out in `layout`,
-    and with return_lse=True also the float32 log-sum-exp [B, H, Sq].
+    Args:
+        q: [B, H_q, Sq, D] in layout "bhsd" ([B, Sq, H_q, D] for "bshd", [Sq, B, H_q, D] for
+            "sbhd"); CUDA float16/bfloat16 takes cuDNN, anything else the reference path.
+        k: [B, H_kv, Skv, D] in the same layout; H_q a multiple of H_kv (GQA/MQA).
+        v: [B, H_kv, Skv, D_v] in the same layout.
+        score_mod: score_mod(score, b, h, q_idx, kv_idx) -> score (torch-style), or
+            score_mod(graph, score, tensors) -> score in the cuDNN frontend's DSL.
+        score_mod_bprop: DSL bprop(graph, dP, tensors) -> dP; derived from the score_mod's ops
+            when not given (none is needed for biases and -inf masks).
+        score_mod_tensors: DSL only: name -> tensor broadcastable to [B, H_q, Sq, Skv] (a
+            one-element CPU tensor is passed by value). Their values never rebuild a graph.
+        score_mod_bprop_tensors: the same, for score_mod_bprop.
+        scale: default 1/sqrt(D).
+        layout: "bhsd", "bshd" or "sbhd"; out comes back in it (views, no copies).
+        return_lse: also return the float32 log-sum-exp [B, H_q, Sq].
+        deterministic: deterministic backward.
+        backend: "auto", "cudnn" (refuses what cuDNN cannot take) or "reference".
+        mask_mod: mask_mod(b, h, q_idx, kv_idx) -> bool, as for torch's flex_attention (with a
+            torch-style score_mod or none).
+    Returns:
+        out [B, H_q, Sq, D_v] in `layout` (q's dtype), and with return_lse=True (out, lse).
+    Raises:
+        ValueError/TypeError naming the argument; cudnn_flex.UnsupportedConstruct for a
+        torch-style construct that cannot become a kernel; BpropNotDerivable or
+        BackwardNotSupported when a backward cannot be built right (the forward runs).
     """
     q, k, v = _bhsd_views(q, k, v, layout)
     # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)

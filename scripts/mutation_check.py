@@ -84,9 +84,9 @@ MUTATIONS += [
      "T.__mod__: _remainder,", "T.__mod__: _fmod,"),
     ("& on integers is logical", P + "torch_style.py",
      "        if kinds == {\"bool\"}:", "        if True:"),
-    ("floor division truncates", P + "torch_style.py",
-     "return _p(trace, rec.floor(rec.add(exact, 0.5)), \"int\")",
-     "return _p(trace, rec.floor(rec.div(_operand(trace, a, \"//\"), _operand(trace, b, \"//\"))), \"int\")"),
+    ("floor division truncates toward zero", P + "torch_style.py",
+     "    rem = _remainder(trace, a, b).value\n",
+     "    rem = _fmod(trace, a, b).value\n"),
     ("bool captured tensors used as numbers", P + "torch_style.py",
      "            value = self.rec.cmp_neq(value, 0.0)  # passed as float32 (see view_for)\n", ""),
     ("mixed INT32/FLOAT compare not rewritten", P + "program/replay.py",
@@ -139,6 +139,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.join(tmp, "base")
         scratch_copy(base)
+        # Without a bug planted the suite must pass, or every bug would look caught.
+        if run_suite(os.path.join(base, "python"), tests_dir) != 0:
+            print("mutation check: the CPU suite fails on the unchanged copy; fix that first")
+            return 1
         for name, path, old, new in chosen:
             dst = os.path.join(tmp, "mutant")
             shutil.rmtree(dst, ignore_errors=True)

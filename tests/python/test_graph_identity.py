@@ -382,3 +382,24 @@ def test_mods_reading_a_global_or_an_object_are_recorded_every_call():
     assert guard.key(mods.document_mask(torch.zeros(S, dtype=torch.long))) is None
     assert guard.key(mods.softcap(3.0)) is not None  # torch.tanh: a library module
     assert guard.key(mods.compose(mods.softcap(3.0), mods.relative_bias(0.5))) is not None
+
+
+def test_a_keyed_object_with_two_bprops_gets_two_programs():
+    class Scaled:
+        def score_mod_graph_cache_key(self):
+            return ("scaled",)
+
+        def forward(self, graph, score, tensors):
+            return graph.mul(score, 2.0)
+
+        def exact(self, graph, d_p, tensors):
+            return graph.mul(d_p, 2.0)
+
+        def wrong(self, graph, d_p, tensors):
+            return graph.mul(d_p, 3.0)
+
+    obj = Scaled()
+    from cudnn_flex import _registry as registry
+    a = registry.record(obj.forward, obj.exact, (), ())
+    b = registry.record(obj.forward, obj.wrong, (), ())
+    assert a.mod_id == b.mod_id and a.bprop_id != b.bprop_id

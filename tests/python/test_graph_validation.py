@@ -215,3 +215,39 @@ def test_constant_or_input_first_is_lifted_to_an_intermediate():
     slopes = torch.empty(1, H, 1, 1, device="meta")
     text, _ = validate(*qkv(), constant_first, score_mod_tensors={"slopes": slopes})
     assert text.splitlines()[0].startswith("score_mod ops: GEN_INDEX MUL ADD SUB ADD")
+
+
+def test_an_index_compared_with_a_computed_value_goes_through_identity():
+    """cuDNN 9.19 compares garbage when an INT32 index meets a FLOAT tensor first (measured on
+    the H100: `q_idx >= kv_idx + 5` had out error 1.01): the lowering converts the index."""
+    text, _ = validate(*qkv(), None, mask_mod=lambda b, h, q, kv: q >= kv + 5)
+    assert re.findall(r"score_mod ops: (.*)", text)[0] == "GEN_INDEX ADD GEN_INDEX IDENTITY CMP_GE BINARY_SELECT"
+    # Two indices (causal) or an index against a constant need nothing.
+    text, _ = validate(*qkv(), dsl_mods.causal)
+    assert "IDENTITY" not in re.findall(r"score_mod ops: (.*)", text)[0]
+
+
+class _Calls:
+    """A graph that records the arguments of each op it is asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, op):
+        return lambda *args, **kwargs: self.calls.append((op, args)) or object()
+
+
+@pytest.mark.parametrize("fill,lowered", [(torch.finfo(torch.float32).min, -16384.0), (-1e9, -16384.0),
+                                          (-1000.0, -1000.0), (float("-inf"), float("-inf"))])
+def test_huge_finite_fills_are_lowered_as_minus_two_to_the_fourteen(fill, lowered):
+    """cuDNN's backward recomputes P = exp(S - LSE); with a fill of -3.4e38 the LSE of a fully
+    masked row absorbed log(Skv) and dV was wrong by Skv (measured on the H100)."""
+    from cudnn_flex.api import _record
+    from cudnn_flex.program.record import SCORE
+    from cudnn_flex.program.replay import Replay
+    program, _, _ = _record(lambda s, b, h, q, kv: torch.where(q >= kv, s, fill), None, None, None, None,
+                            torch.empty(1, 1, 8, 8), 8)
+    graph = _Calls()
+    Replay(program, graph, {SCORE: object()}, for_cudnn=True).value(program.fwd_out)
+    (select_args,) = [args for op, args in graph.calls if op == "binary_select"]
+    assert select_args[1] == lowered

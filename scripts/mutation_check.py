@@ -50,8 +50,8 @@ MUTATIONS = [
     ("lse before the score_mod", P + "reference.py", "    lse = torch.logsumexp(scores, dim=-1)\n", "    lse = torch.logsumexp((qf @ kf.transpose(-1, -2)) * scale, dim=-1)\n"),
     ("fully masked rows not zeroed", P + "reference.py", "probs = torch.where(empty_row, 0.0, torch.softmax(torch.where(empty_row, 0.0, scores), dim=-1))", "probs = torch.softmax(scores, dim=-1)"),
     ("index arithmetic in INT32 by default", P + "reference.py", "    def _compute(self, compute_data_type, default=data_type.FLOAT):\n        dt = default if", "    def _compute(self, compute_data_type, default=data_type.FLOAT):\n        default = data_type.INT32\n        dt = default if"),
-    ("empty inputs refused", P + "api.py", "    if d == 0:\n", "    if 0 in (b, s_q, s_k):\n        raise ValueError('cudnn_flex: empty input')\n    if d == 0:\n"),
-    ("d_v != d refused", P + "api.py", "    if d == 0:\n", "    if v.shape[3] != d:\n        raise ValueError('cudnn_flex: v head dim')\n    if d == 0:\n"),
+    ("empty inputs refused", P + "_validation.py", "    if d == 0:\n", "    if 0 in (b, s_q, s_k):\n        raise ValueError('cudnn_flex: empty input')\n    if d == 0:\n"),
+    ("d_v != d refused", P + "_validation.py", "    if d == 0:\n", "    if v.shape[3] != d:\n        raise ValueError('cudnn_flex: v head dim')\n    if d == 0:\n"),
     ("alibi sign (q - kv), code", P + "mods.py", "return score + slopes[h] * (kv_idx - q_idx)", "return score + slopes[h] * (q_idx - kv_idx)"),
     ("and_masks drops masks after the second", P + "mods.py", "for fn in mask_mods[1:]:\n            result = result & fn", "for fn in mask_mods[1:2]:\n            result = result & fn"),
     ("or_masks drops masks after the second", P + "mods.py", "for fn in mask_mods[1:]:\n            result = result | fn", "for fn in mask_mods[1:2]:\n            result = result | fn"),
@@ -63,7 +63,7 @@ MUTATIONS = [
     ("recorded index type FLOAT", P + "program/record.py", 'return {"int": data_type.INT32, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)', 'return {"int": data_type.FLOAT, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)'),
     ("q_idx and kv_idx swapped in torch-style mods", P + "torch_style.py", "[Proxy(tr, axis=a, kind=\"int\") for a in range(4)]", "[Proxy(tr, axis=a, kind=\"int\") for a in (0, 1, 3, 2)]"),
     ("relu derivative: clip ignored", P + "program/ops.py", "return g if upper_clip is None else torch.where(x < upper_clip, g, torch.zeros_like(x))", "return g"),
-    ("k/v sequence check dropped", P + "api.py", "    if s_k != s_v:\n", "    if False:\n"),
+    ("k/v sequence check dropped", P + "_validation.py", "    if s_k != s_v:\n", "    if False:\n"),
 ]
 
 # The recorded program and graph identity (the correctness issue): a stale graph is a wrong

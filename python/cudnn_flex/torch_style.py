@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 

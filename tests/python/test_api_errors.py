@@ -113,7 +113,7 @@ def test_dict_in_the_bprop_position_is_explained():
 
 
 def test_non_contiguous_head_dim_is_refused_for_cudnn():
-    from cudnn_flex.api import _check_dense_last_dim
+    from cudnn_flex._validation import check_dense_last_dim as _check_dense_last_dim
 
     q = torch.randn(1, 2, 8, 16).transpose(-1, -2).contiguous().transpose(-1, -2)  # head dim strided
     k = torch.randn(1, 2, 8, 16)

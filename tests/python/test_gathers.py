@@ -77,7 +77,7 @@ def test_gather_matches_plain_torch(name):
 
 
 def test_new_gathered_values_reuse_the_program():
-    from cudnn_flex.api import _record
+    from cudnn_flex.record_call import record_call as _record
     q = torch.empty(B, H, SQ, D)
     first, views, _ = _record(sandwich, None, None, None, None, q, SKV)
     REL.mul_(2.0)

@@ -18,7 +18,7 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import _registry, mods
-from cudnn_flex.api import _record
+from cudnn_flex.record_call import record_call as _record
 
 B, H, S, D = 1, 2, 12, 8
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cudnn_flex import dsl_mods, mods
-from cudnn_flex.api import _record
+from cudnn_flex.record_call import record_call as _record
 from cudnn_flex.masks.recognize import band
 
 S = 64

@@ -114,7 +114,7 @@ def finfo_fill(score, b, h, q_idx, kv_idx):
 
 
 def test_finite_fill_gets_a_bprop_and_inf_fill_none():
-    from cudnn_flex.api import _record
+    from cudnn_flex.record_call import record_call as _record
     qf = torch.empty(B, H, SQ, D)
     finite, _, _ = _record(finfo_fill, None, None, None, None, qf, SKV)
     assert finite.bprop_id != 0, "a finite fill needs the masked gradient (rows can be uniform)"
@@ -126,7 +126,7 @@ def test_finite_fill_gradients_match_autograd_with_fully_masked_rows():
     """Rows q < 3 are fully masked: torch gives uniform attention there, and the gradient at
     masked positions is 0. The derived bprop (what cuDNN runs) must agree with autograd."""
     from cudnn_flex import bprop_check
-    from cudnn_flex.api import _record
+    from cudnn_flex.record_call import record_call as _record
     program, tensors, _ = _record(finfo_fill, None, None, None, None, torch.empty(B, H, SQ, D), SKV)
     forward, backward = bprop_check.program_pair(program)
     cudnn_flex.check_score_mod_bprop(forward, backward, shape=(B, H, SQ, SKV))

@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import flex_attention as torch_flex_atten
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, mods, torch_style
-from cudnn_flex.api import _record
+from cudnn_flex.record_call import record_call as _record
 from cudnn_flex.bprop_check import program_pair
 from cudnn_flex.reference import RefTensor, ReferenceGraph
 

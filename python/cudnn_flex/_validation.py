@@ -1,0 +1,120 @@
+"""Argument checks shared by every entry point (flex_attention, validate_graphs, compat, the
+call recording): each error names the argument and the fix."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+TensorDict = Optional[Mapping[str, torch.Tensor]]
+# Permutation that turns a tensor in the user's layout into a BHSD view.
+_TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3)}
+_FROM_BHSD = {name: tuple(sorted(range(4), key=lambda i: perm[i])) for name, perm in _TO_BHSD.items()}
+_CUDNN_DTYPES = (torch.float16, torch.bfloat16)
+_MOD_TENSOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32,
+                      torch.int64, torch.bool, torch.uint8)
+def check_qkv(q, k, v, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"cudnn_flex: {name} must be 4-D in layout '{layout}' "
+                             f"({layout.upper()}), got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"cudnn_flex: q is on {q.device} but {name} is on {t.device}; put q, k "
+                             "and v on one device")
+        if t.dtype != q.dtype:
+            raise ValueError(f"cudnn_flex: q is {q.dtype} but {name} is {t.dtype}; q, k and v must "
+                             "have one dtype")
+
+
+def check_shapes(q, k, v, layout: str) -> None:
+    (b, h_q, s_q, d), (bk, h_k, s_k, d_k), (bv, h_v, s_v, _) = q.shape, k.shape, v.shape
+    where = f" (shapes as BHSD from layout '{layout}': q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
+    if not b == bk == bv:
+        raise ValueError("cudnn_flex: q, k and v must have the same batch size" + where)
+    if h_k != h_v:
+        raise ValueError("cudnn_flex: k and v must have the same number of heads" + where)
+    if h_k == 0 or h_q % h_k:
+        raise ValueError(f"cudnn_flex: the number of query heads ({h_q}) must be a multiple of the "
+                         f"number of key/value heads ({h_k}) for GQA/MQA" + where)
+    if s_k != s_v:
+        raise ValueError("cudnn_flex: k and v must have the same sequence length" + where)
+    if d != d_k:
+        raise ValueError("cudnn_flex: q and k must have the same head dim" + where)
+    if d == 0:
+        raise ValueError("cudnn_flex: q and k have head dim 0; attention needs at least one "
+                         "feature per head" + where)
+
+
+def check_dense_last_dim(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and t.shape[3] > 1:
+            raise ValueError(f"cudnn_flex: {name}'s head dim is not contiguous (stride {t.stride(3)}); "
+                             f"cuDNN needs a dense last dim: pass {name}.contiguous()")
+        if not torch.compiler.is_compiling() and t.data_ptr() % 16:
+            raise ValueError(f"cudnn_flex: {name}'s data is not 16-byte aligned (a slice at an odd "
+                             f"offset?); cuDNN needs aligned inputs: pass {name}.clone()")
+
+
+def check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int):
+    """(names, tensors) for the op; each tensor broadcastable to [B, H, Sq, Skv] or a host scalar."""
+    if tensors is None:
+        return [], []
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"cudnn_flex: {arg} must be a dict of name -> torch.Tensor, got "
+                        f"{type(tensors).__name__}")
+    b, h, s_q = q.shape[0], q.shape[1], q.shape[2]
+    full = (b, h, s_q, s_kv)
+    names, values = [], []
+    for name, t in tensors.items():
+        label = f"{arg}[{name!r}]"
+        if not isinstance(name, str):
+            raise TypeError(f"cudnn_flex: the keys of {arg} must be str, got {type(name).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cudnn_flex: {label} must be a torch.Tensor, got {type(t).__name__}; "
+                            "wrap numbers as torch.tensor(x) (a CPU scalar is passed by value)")
+        if t.requires_grad:
+            raise ValueError(f"cudnn_flex: {label} requires grad, but cuDNN computes no gradient "
+                             f"for score_mod tensors; pass {name}.detach()")
+        if t.dtype not in _MOD_TENSOR_DTYPES:
+            raise ValueError(f"cudnn_flex: {label} has dtype {t.dtype}; use one of "
+                             f"{', '.join(str(d) for d in _MOD_TENSOR_DTYPES)}")
+        host_scalar = t.device.type == "cpu" and t.numel() == 1
+        if not host_scalar:
+            if t.device != q.device:
+                raise ValueError(f"cudnn_flex: {label} is on {t.device} but q is on {q.device}; "
+                                 "move it to q's device (only one-element CPU tensors are passed by value)")
+            if t.dim() > 4 or any(n not in (1, f) for n, f in zip(reversed(t.shape), reversed(full))):
+                raise ValueError(f"cudnn_flex: {label} has shape {tuple(t.shape)}, which does not "
+                                 f"broadcast against the scores [B, H, Sq, Skv] = {list(full)}; each "
+                                 "dim must be 1 or match")
+            if t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16:
+                raise ValueError(f"cudnn_flex: {label} is not 16-byte aligned; pass a .clone()")
+        names.append(name)
+        values.append(t)
+    return names, values
+
+
+def bhsd_views(q, k, v, layout: str):
+    """Checked q, k, v as BHSD views of the user's layout (strides only, no copies)."""
+    if layout not in _TO_BHSD:
+        raise ValueError(f"cudnn_flex: layout must be one of 'bhsd', 'bshd', 'sbhd', got {layout!r}")
+    check_qkv(q, k, v, layout)
+    if layout != "bhsd":
+        perm = _TO_BHSD[layout]
+        q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
+    check_shapes(q, k, v, layout)
+    return q, k, v
+
+
+def use_cudnn(q: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "cudnn", "reference"):
+        raise ValueError(f"cudnn_flex: backend must be 'auto', 'cudnn' or 'reference', got {backend!r}")
+    eligible = q.is_cuda and q.dtype in _CUDNN_DTYPES
+    if backend == "cudnn" and not eligible:
+        raise ValueError(f"cudnn_flex: backend='cudnn' needs CUDA float16/bfloat16 tensors, got "
+                         f"{q.dtype} on {q.device}")
+    return eligible and backend != "reference"

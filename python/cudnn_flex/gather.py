@@ -58,7 +58,7 @@ def gather(t: torch.Tensor, entries: Sequence, nodes, captures, full: tuple, vie
             shape[value] = full[value]
             index.append(torch.arange(full[value], device=t.device).view(shape))
         elif kind == "node":
-            index.append(replay.value(value).value.round().long())
+            index.append(replay.value(value).value.to(torch.float64).round().long())
         else:
             index.append(torch.tensor(value, device=t.device))
     result = t[tuple(torch.broadcast_tensors(*index))]

@@ -112,8 +112,9 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
   bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
   bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
   auto score_mod = [&p, mod_inputs](bridge::GraphPtr g, bridge::TensorPtr score) {
-    // In a backward graph the score_mod's lowering depends on the bprop that follows (it keeps
-    // copies of the values the bprop reads), so it is asked for by the bprop's id.
+    // In a backward graph the score_mod is lowered as part of the program of the bprop that
+    // follows (which continues its replay and decides what the backward refuses), so it is asked
+    // for by the bprop's id.
     if (p.pass == Pass::Backward) {
       return bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g, score,
                                  mod_inputs);

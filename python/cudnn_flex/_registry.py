@@ -114,6 +114,11 @@ def explicit_key(fn: Optional[Callable]) -> Optional[Hashable]:
 # Recording
 
 
+def slot_signature(names: Sequence[str], dtypes: Sequence) -> tuple:
+    """The input slots of a program as (name, dtype) pairs: part of what the program computes."""
+    return tuple(zip(names, (str(d) for d in dtypes)))
+
+
 def _input_kind(dtype: Optional[torch.dtype]) -> str:
     if dtype is None or dtype.is_floating_point:
         return "float"
@@ -125,8 +130,8 @@ def _inputs(recorder: Recorder, slot, names: Sequence[str], dtypes: Sequence) ->
     for i, (name, dtype) in enumerate(zip(names, dtypes)):
         value = recorder.input(slot(i), _input_kind(dtype))
         if dtype == torch.bool:
-            # Bool tensors reach cuDNN as uint8 (BOOLEAN inputs crash cuDNN 9.19): the mod sees
-            # the comparison with 0, a proper boolean.
+            # Bool tensors reach cuDNN as float32 (BOOLEAN inputs crash cuDNN 9.19): the mod
+            # sees the comparison with 0, a proper boolean.
             value = recorder.cmp_neq(value, 0.0)
         tensors[name] = value
     return tensors
@@ -144,8 +149,7 @@ def record(score_mod: Optional[Callable], score_mod_bprop: Optional[Callable], m
     Without a bprop one is derived from the score_mod's ops, or none when dP passes through."""
     if score_mod is None:
         return None
-    slots = (tuple(zip(mod_names, (str(d) for d in mod_dtypes))),
-             tuple(zip(bprop_names, (str(d) for d in bprop_dtypes))))
+    slots = (slot_signature(mod_names, mod_dtypes), slot_signature(bprop_names, bprop_dtypes))
     promise = None
     mod_key = explicit_key(score_mod)
     bprop_key = explicit_key(score_mod_bprop)
@@ -155,10 +159,9 @@ def record(score_mod: Optional[Callable], score_mod_bprop: Optional[Callable], m
         if program is not None:
             return program
     guarded = guarded_key(("dsl", score_mod, score_mod_bprop), slots, shape)
-    if guarded is not None:
-        program = _by_guard.get(guarded)
-        if program is not None:
-            return program
+    program = by_guard(guarded)
+    if program is not None:
+        return program
     recorder = Recorder(shape)
     fwd_out = _call(score_mod, recorder, recorder.input(SCORE), _inputs(recorder, mod_slot, mod_names, mod_dtypes),
                     "score_mod")
@@ -217,8 +220,7 @@ def finish(recorder: Recorder, fwd_out: int, score_mod_bprop: Optional[Callable]
             # Raised when a backward graph is built, not now: a forward-only use is fine.
             del recorder.nodes[length:]
             bwd_out, error = None, e
-    program = Program(recorder.nodes, fwd_out, bwd_out, slots[0], slots[1], derived=score_mod_bprop is None,
-                      bprop_error=error)
+    program = Program(recorder.nodes, fwd_out, bwd_out, slots[0], slots[1], bprop_error=error)
     _remember(_by_recording, key, program)
     return program
 

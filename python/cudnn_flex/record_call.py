@@ -23,10 +23,6 @@ def as_graph_input(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32) if t.dtype == torch.bool else t
 
 
-def _slots(names, dtypes) -> tuple:
-    return tuple(zip(names, (str(d) for d in dtypes)))
-
-
 def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):
     """(program, mod tensors, bprop tensors): the call's mods recorded into one program, and the
     tensors of its input slots in order. Under torch.compile the program is replaced by the
@@ -70,7 +66,7 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
         raise NotImplementedError(
             "cudnn_flex: torch-style score_mods and mask_mods do not run under torch.compile yet; "
             "write the score_mod in the graph DSL (graph, score, tensors) for compiled models")
-    bprop_slots = _slots(bprop_names, bprop_dtypes)
+    bprop_slots = _registry.slot_signature(bprop_names, bprop_dtypes)
     guarded = _registry.guarded_key(("torch-style",) + tuple(user_fns) + (score_mod_bprop,), ((), bprop_slots),
                                     shape)
     known = _registry.by_guard(guarded)
@@ -84,7 +80,7 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
             raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({name}) but q "
                              f"is on {q.device}; move the captured tensor to q's device")
-    slots = (_slots(names, (t.dtype for t, _ in captures)), bprop_slots)
+    slots = (_registry.slot_signature(names, [t.dtype for t, _ in captures]), bprop_slots)
     program = _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
     if guarded is not None and not captures:  # with captures, each call must find its tensors
         _registry.remember_guarded(guarded, program)

@@ -90,16 +90,8 @@ class Value:
                         "graph.binary_select(a, b, mask) instead of Python if/and/or on tensors")
 
 
-_KIND_OF_OUTPUT = {INDEX: "int", COMPARE: "bool", LOGICAL: "bool"}
-_KIND_OF_OUTPUT.update({kind: "float" for kind in (ARITH, SELECT)})
-
-
-def _kind_of_output(spec_kind: str, compute) -> str:
-    if spec_kind == INDEX:
-        return "int"
-    if spec_kind in (COMPARE, LOGICAL):
-        return "bool"
-    return "float"
+# The kind of value an op of each kind produces (what get_data_type() and operators see).
+_KIND_OF_OUTPUT = {INDEX: "int", COMPARE: "bool", LOGICAL: "bool", ARITH: "float", SELECT: "float"}
 
 
 class Recorder:
@@ -159,7 +151,7 @@ class Recorder:
         # the compute data type (an enum).
         clean = tuple(sorted((k, v if k in ("axis", "compute_data_type") else float(v))
                              for k, v in attrs.items()))
-        kind = _kind_of_output(spec.kind, compute)
+        kind = _KIND_OF_OUTPUT[spec.kind]
         if spec.kind not in (INDEX, COMPARE, LOGICAL) and compute in (data_type.INT32, data_type.INT64):
             kind = "int"
         return self._append(Node(op, node_args, clean), kind)
@@ -191,20 +183,19 @@ class Program:
     tensors in order (`t0`, `t1`, ...; their data types in `mod_dtypes`), then the bprop's."""
 
     __slots__ = ("nodes", "fwd_out", "bwd_out", "mod_slots", "bprop_slots", "key", "mod_id",
-                 "bprop_id", "_fwd_key", "derived", "bprop_error", "__weakref__")
+                 "bprop_id", "bprop_error", "__weakref__")
 
     def __init__(self, nodes: list[Node], fwd_out: int, bwd_out: Optional[int], mod_slots: tuple,
-                 bprop_slots: tuple, derived: bool = False, bprop_error: Optional[Exception] = None):
+                 bprop_slots: tuple, bprop_error: Optional[Exception] = None):
         self.nodes = tuple(nodes)
         self.fwd_out, self.bwd_out = fwd_out, bwd_out
         self.mod_slots, self.bprop_slots = tuple(mod_slots), tuple(bprop_slots)
-        self.derived = derived
         # A derived bprop that failed (an op without a rule): raised when a backward is built.
         self.bprop_error = bprop_error
         node_keys = tuple(n.key() for n in self.nodes)
-        self._fwd_key = (node_keys[:self.fwd_len()], fwd_out, self.mod_slots)
+        fwd_key = (node_keys[:self.fwd_len()], fwd_out, self.mod_slots)
         self.key = (node_keys, fwd_out, bwd_out, self.mod_slots, self.bprop_slots)
-        self.mod_id = _digest(self._fwd_key)
+        self.mod_id = _digest(fwd_key)
         if bprop_error is not None:
             self.bprop_id = _digest(self.key + ("bprop error",))
         else:

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <limits>
 #include <unordered_map>
 #include <unordered_set>
 #include <sstream>
@@ -383,6 +384,37 @@ void bind_graph_ops(GraphClass& c) {
                          compute, name, [axis](auto& a) { a.set_axis(axis); });
       },
       py::arg("input"), py::arg("axis"), py::arg("compute_data_type") = kNotSet, py::arg("name") = "");
+  // The diagonal band lo <= q_idx - kv_idx <= hi (either bound optional), everything else -inf,
+  // in the frontend's own form (attn::score_modifiers::sliding_window_mask, top-left aligned):
+  // cuDNN recognises this pattern and skips the tiles outside the band, forward and backward
+  // (../shared/reference/cudnn_masks.md). It must be the last op of the score_mod (FE's order:
+  // user ops, padding, band). The right bound keeps row + shift >= col (shift = -lo), the left
+  // bound keeps col + left > row (left = hi + 1), as the frontend builds them.
+  c.def(
+      "_band_mask",
+      [](BridgeGraph& self, py::object input, std::optional<int64_t> lo, std::optional<int64_t> hi) {
+        TensorPtr x = operand(self.graph, input, "_band_mask", "input");
+        if (!lo && !hi) raise(PyExc_ValueError, "cudnn_flex: _band_mask needs a lower or an upper bound");
+        auto band = [&](const TensorPtr& in, TensorPtr left, TensorPtr shift, fe::PointwiseMode_t mode,
+                        const char* name) {
+          auto out = self.graph->diagonal_band_mask(
+              in, constant(-std::numeric_limits<float>::infinity()), nullptr, nullptr, nullptr, nullptr,
+              std::move(left), std::move(shift),
+              fe::graph::DiagonalBandMask_attributes().set_name(name).set_comparison_mode(mode));
+          out->set_data_type(fe::DataType_t::FLOAT);
+          op_log().push_back("DIAGONAL_BAND_MASK");
+          op_inputs[out.get()] = OpRecord{{in.get()}, "DIAGONAL_BAND_MASK"};
+          return out;
+        };
+        if (lo) {
+          TensorPtr shift = *lo == 0 ? nullptr
+                                     : std::make_shared<fe::graph::Tensor_attributes>(static_cast<int32_t>(-*lo));
+          x = band(x, nullptr, shift, M::CMP_GE, "band_right_bound");
+        }
+        if (hi) x = band(x, constant(static_cast<float>(*hi + 1)), nullptr, M::CMP_GT, "band_left_bound");
+        return BridgeTensor{x, current_build};
+      },
+      py::arg("input"), py::arg("lo") = py::none(), py::arg("hi") = py::none());
   c.def(
       "binary_select",
       [](BridgeGraph& self, py::object input0, py::object input1, py::object mask, fe::DataType_t compute,
@@ -465,6 +497,36 @@ TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, con
   }
   callback_results.push_back(out);
   return out;
+}
+
+namespace {
+
+// value where (q_idx, kv_idx) < (s_q, s_kv), `fill` in the padding of a partial tile: INT32
+// indices compared with the lengths, then a select, per axis (two selects, not a LOGICAL_AND of
+// booleans, which cuDNN 9.19 refuses inside SDPA).
+TensorPtr outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv, float fill) {
+  using M = fe::PointwiseMode_t;
+  const int64_t lengths[] = {s_q, s_kv};
+  for (int64_t axis : {2, 3}) {
+    auto index = raw_pointwise(g, M::GEN_INDEX, {value}, fe::DataType_t::INT32, fe::DataType_t::INT32,
+                               "padding_index", [axis](auto& a) { a.set_axis(axis); });
+    auto inside = raw_pointwise(g, M::CMP_LT, {index, constant(static_cast<float>(lengths[axis - 2]))}, kNotSet,
+                                fe::DataType_t::BOOLEAN, "padding_inside");
+    value = raw_pointwise(g, M::BINARY_SELECT, {value, constant(fill), inside}, kNotSet, fe::DataType_t::FLOAT,
+                          "padding_select");
+  }
+  callback_results.push_back(value);
+  return value;
+}
+
+}  // namespace
+
+TensorPtr zero_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv) {
+  return outside_the_scores(g, std::move(value), s_q, s_kv, 0.0f);
+}
+
+TensorPtr minus_inf_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv) {
+  return outside_the_scores(g, std::move(value), s_q, s_kv, -std::numeric_limits<float>::infinity());
 }
 
 void bind(py::module_& m) {

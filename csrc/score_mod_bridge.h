@@ -33,6 +33,16 @@ enum class Role : int64_t { ScoreMod = 0, BackwardScoreMod = 1, Bprop = 2 };
 TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, const TensorPtr& input,
                       const TensorList& tensors);
 
+// The padding of a partial tile. When Sq or Skv is not a multiple of cuDNN's tile and a backward
+// graph has a bprop, cuDNN 9.19 computed NaN dV for every bprop but a plain pass-through of dP
+// (`1 - s/2`, softcap-free `s * s`, sin, sqrt(|s| + 1), ...; right at Sq = Skv = 128, NaN at 129;
+// measured on the H100, scripts/gpu_backward_probe.py), unless the backward's score_mod masks the
+// padding itself, as the frontend's own padding mask does. So a backward graph with a bprop gets
+// its score_mod's result with -inf outside the [s_q, s_kv] scores, and its bprop's result with 0
+// there (garbage dP times P = 0 would be NaN otherwise).
+TensorPtr minus_inf_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
+TensorPtr zero_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
+
 // Starts a new graph build on this thread: tensors kept from earlier builds become invalid, and
 // the op log is emptied.
 void begin_build();

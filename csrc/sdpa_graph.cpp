@@ -116,8 +116,10 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     // follows (which continues its replay and decides what the backward refuses), so it is asked
     // for by the bprop's id.
     if (p.pass == Pass::Backward) {
-      return bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g, score,
-                                 mod_inputs);
+      auto result = bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g,
+                                        score, mod_inputs);
+      // With a bprop, cuDNN needs the padding masked here (see minus_inf_outside_the_scores).
+      return p.bprop_id ? bridge::minus_inf_outside_the_scores(g, result, p.q.dims[2], p.k.dims[2]) : result;
     }
     return bridge::call_python(p.mod_id, bridge::Role::ScoreMod, g, score, mod_inputs);
   };
@@ -142,7 +144,8 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     if (p.mod_id) options.set_score_mod(score_mod);
     if (p.bprop_id) {
       options.set_score_mod_bprop([&p, bprop_inputs](bridge::GraphPtr g, bridge::TensorPtr d_p) {
-        return bridge::call_python(p.bprop_id, bridge::Role::Bprop, g, d_p, bprop_inputs);
+        return bridge::zero_outside_the_scores(
+            g, bridge::call_python(p.bprop_id, bridge::Role::Bprop, g, d_p, bprop_inputs), p.q.dims[2], p.k.dims[2]);
       });
     }
     auto [dq, dk, dv] = graph->sdpa_backward(q, k, v, o, d_o, stats, options);

@@ -13,7 +13,6 @@ from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_g
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
 from .torch_style import UnsupportedConstruct, torch_score_mod
 from .program import BpropNotDerivable
-from ._registry import BackwardNotSupported
 from . import compat, dsl_mods, mods, program, reference
 
 _C._set_dispatcher(_registry.dispatch)
@@ -31,7 +30,7 @@ set_cache_capacity = _C.set_cache_capacity
 versions = _C.versions
 
 __all__ = [
-    "BackwardNotSupported", "BpropMismatchError", "compat", "BpropNotDerivable", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
+    "BpropMismatchError", "compat", "BpropNotDerivable", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
     "UnsupportedConstruct", "check_score_mod_bprop", "clear_cache", "data_type", "dsl_mods",
     "flex_attention", "mods", "reference", "torch_score_mod",
     "set_cache_capacity", "validate_graphs", "versions",

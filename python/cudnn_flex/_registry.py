@@ -23,6 +23,7 @@ import torch
 
 from .program import autodiff, guard
 from .program.record import D_P, SCORE, Program, Recorder, bprop_slot, checked_result, mod_slot
+from .masks.lower import lower_forward
 from .program.replay import Replay
 
 _lock = threading.Lock()
@@ -283,38 +284,6 @@ def lookup(callable_id: int) -> Program:
     return program
 
 
-# Forms for which cuDNN 9.19 returns NaN gradients from a backward graph (measured on the H100,
-# derived and hand-written bprops alike, wherever the value is made): these ops applied to a
-# value that depends on the score, and a product or quotient of two such values (score * score,
-# score * sigmoid(score), score / (|score| + 2)). Refused when the backward graph is built, with
-# what to do instead, rather than NaN. docs/dsl_ops.md lists what was measured.
-NAN_IN_BACKWARD = ("sin", "cos", "tan", "gelu")
-_PRODUCTS = ("mul", "div", "pow", "add_square", "scale")
-
-
-def refuse_nan_in_backward(program: Program, replay: Replay) -> None:
-    if program.bwd_out is None:
-        return  # dP passes through: the forward part is all there is
-    depends = autodiff.depends_on_score(program.nodes, program.fwd_len())
-    for i in sorted(replay.done):
-        node = program.nodes[i]
-        dependent_args = [v for kind, v in node.args if kind == "n" and depends[v]]
-        if node.op in NAN_IN_BACKWARD and dependent_args:
-            what = f"{node.op}() of the score"
-        elif node.op in _PRODUCTS and len(dependent_args) == 2:
-            what = f"{node.op}() of two values that both depend on the score"
-        else:
-            continue
-        raise BackwardNotSupported(
-            f"cudnn_flex: cuDNN 9.19 computes NaN gradients for a score_mod with {what} (measured on "
-            "the H100), so its backward is refused. The forward works (torch.no_grad(), inference); "
-            "for training, rewrite that part or use backend='reference'")
-
-
-class BackwardNotSupported(RuntimeError):
-    """cuDNN cannot compute this score_mod's backward correctly; the forward is fine."""
-
-
 # Roles of a callback (csrc/score_mod_bridge.h): a forward graph's score_mod, a backward
 # graph's score_mod (its bprop follows, in the same build on the same thread), the bprop.
 SCORE_MOD, BACKWARD_SCORE_MOD, BPROP = 0, 1, 2
@@ -341,11 +310,10 @@ def dispatch(callable_id: int, graph: Any, tensor: Any, tensors: Sequence[Any], 
     slots = {SCORE: tensor}
     slots.update((mod_slot(i), t) for i, t in enumerate(tensors))
     replay = Replay(program, graph, slots, for_cudnn=True)
-    result = replay.value(program.fwd_out)
+    result = lower_forward(replay)
     if role == BACKWARD_SCORE_MOD:
         if program.bprop_error is not None:
             raise program.bprop_error
-        refuse_nan_in_backward(program, replay)
         if program.bwd_out is not None:  # the bprop callback follows and continues this replay
             _build.replay = replay
     return result

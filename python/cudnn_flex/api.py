@@ -65,8 +65,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out [B, H_q, Sq, D_v] in `layout` (q's dtype), and with return_lse=True (out, lse).
     Raises:
         ValueError/TypeError naming the argument; cudnn_flex.UnsupportedConstruct for a
-        torch-style construct that cannot become a kernel; BpropNotDerivable or
-        BackwardNotSupported when a backward cannot be built right (the forward runs).
+        torch-style construct that cannot become a kernel; BpropNotDerivable when a bprop
+        cannot be derived (raised by the backward; the forward runs).
     """
     q, k, v = bhsd_views(q, k, v, layout)
     # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)

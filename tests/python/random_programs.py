@@ -7,7 +7,7 @@ through, or the select rule). Kind "score" (Program(seed, score_path=True)) is
 `score + tanh(expr)` where expr has the score itself among its leaves, reached only through ops
 that are continuous and have a derivative rule (SCORE_UNARY, SCORE_BINARY; the score in either
 operand), so the derived bprop of each rule runs inside cuDNN; they avoid the forms whose backward
-cudnn-flex refuses on cuDNN 9.19 (refusals.py). Every op is wrapped so that its inputs stay in its
+cuDNN 9.19 got wrong in the backward (see NAN_OPS below). Every op is wrapped so that its inputs stay in its
 domain (log(|x| + 1), x / (|y| + 1), ...).
 
 Probes. SingleOp(op) puts one op alone inside a score_mod, with a contribution of O(1) to the
@@ -25,7 +25,11 @@ import random
 
 import torch
 
-from refusals import NAN_OPS, PRODUCT_OPS
+# Kept out of the score's path here so that each seed's program stays what it was; each of these
+# forms runs on the score alone in the probes (and in test_gpu_correctness), where cuDNN 9.19 got
+# their backward wrong until the padding fix (csrc/score_mod_bridge.h).
+NAN_OPS = frozenset({"sin", "cos", "tan", "gelu"})
+PRODUCT_OPS = frozenset({"mul", "div", "pow", "add_square", "scale"})
 
 # name -> how to apply it (graph, *args); unary ops take one expression, binary two.
 UNARY = {
@@ -138,7 +142,7 @@ class Program:
 
     def _score_expr(self, depth):
         """An expression with the score among its leaves, through SCORE_* ops only, and none of
-        the forms whose backward cuDNN 9.19 gets wrong (refusals.py: the probes cover those)."""
+        the forms of NAN_OPS / PRODUCT_OPS (the probes cover those)."""
         if depth <= 0:
             return ("score",)
         r = self.rng.random()

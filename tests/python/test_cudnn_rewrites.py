@@ -1,0 +1,66 @@
+"""The lowering's rewrites of forms cuDNN 9.19 gets wrong (program/replay.py, csrc/score_mod_bridge.h),
+checked on the ops validate_graphs prints (no GPU). What each rewrite fixes was measured on the
+H100 (test_gpu_correctness::test_backward_forms_cudnn_got_wrong_are_right runs them there)."""
+
+import re
+
+import pytest
+import torch
+
+import cudnn_flex
+
+B, H, SQ, SKV, D = 1, 2, 129, 127, 64
+NEG_INF = float("-inf")
+PADDING = "GEN_INDEX CMP_LT BINARY_SELECT GEN_INDEX CMP_LT BINARY_SELECT"
+
+
+def lowered(score_mod=None, mask_mod=None):
+    """(forward ops, backward ops) as emitted for cuDNN."""
+    q = torch.empty(B, H, SQ, D, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(B, H, SKV, D, dtype=torch.bfloat16, device="meta")
+    text = cudnn_flex.validate_graphs(q, k, k, score_mod=score_mod, mask_mod=mask_mod)
+    return tuple(re.findall(r"score_mod ops: (.*)", text))
+
+
+@pytest.mark.parametrize("mod,forward", [
+    (lambda s, b, h, q, kv: 1.0 - s * 0.5, "MUL NEG ADD"),               # c - x = -x + c
+    (lambda s, b, h, q, kv: 2.0 * s, "MUL"),                            # swapped, no lift
+    (lambda s, b, h, q, kv: torch.where(kv > q, NEG_INF, s), "GEN_INDEX GEN_INDEX CMP_LE BINARY_SELECT"),
+    (lambda s, b, h, q, kv: torch.where(q == kv, 0.0, s), "GEN_INDEX GEN_INDEX CMP_NEQ BINARY_SELECT"),
+])
+def test_a_constant_first_is_never_lifted(mod, forward):
+    """The lift (zero + c, from a GEN_INDEX times 0) gave a wrong backward on cuDNN 9.19: the
+    computed value goes first, and a select flips under the negated comparison, with no dangling
+    original comparison."""
+    fwd, _ = lowered(mod)
+    assert fwd == forward
+
+
+@pytest.mark.parametrize("power,forward", [(2, "MUL MUL"), (3, "MUL MUL MUL"), (-1, "RECIPROCAL MUL"),
+                                           (1.5, "POW MUL")])
+def test_integer_powers_are_products(power, forward):
+    """cuDNN's POW is NaN for a negative base (`s ** 2`); integer powers become products."""
+    fwd, _ = lowered(lambda s, b, h, q, kv: s ** power * 0.5)
+    assert fwd == forward
+
+
+def test_a_backward_with_a_bprop_masks_the_tile_padding():
+    """cuDNN 9.19 gave NaN dV for any bprop at lengths like 129 unless the backward's score_mod
+    masks the padding (-inf) and the bprop's result is 0 there."""
+    fwd, bwd = lowered(lambda s, b, h, q, kv: torch.tanh(s / 30.0) * 30.0)
+    assert fwd == "DIV TANH_FWD MUL"
+    assert bwd == f"DIV TANH_FWD MUL {PADDING} MUL TANH_BWD DIV {PADDING}"
+
+
+def test_a_pass_through_backward_is_left_alone():
+    """Masks and biases need no bprop, and cuDNN's own padding handling was right for them."""
+    fwd, bwd = lowered(lambda s, b, h, q, kv: s + (q - kv) * 0.1)
+    assert fwd == bwd
+    assert "CMP_LT" not in bwd
+
+
+def test_a_recognised_band_is_the_frontend_band_mask_in_both_graphs():
+    fwd, bwd = lowered(lambda s, b, h, q, kv: torch.tanh(s / 30.0) * 30.0,
+                       mask_mod=lambda b, h, q, kv: (q >= kv) & (q - kv < 64))
+    assert fwd == "DIV TANH_FWD MUL DIAGONAL_BAND_MASK DIAGONAL_BAND_MASK"
+    assert bwd.startswith(fwd + f" {PADDING}")

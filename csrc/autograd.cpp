@@ -43,6 +43,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
                  scale, deterministic);
 }
 
+// A gradient g through lse, folded into the one backward cuDNN has. d lse_i / d S_ij = P_ij, so
+// dS gains P_ij g_i. cuDNN computes dS = P (dO V^T - rowsum(dO O)); with V' = [V | 1 | 0],
+// O' = [O | 0] and dO' = [dO | g | 0] the row sum is unchanged and dO' V'^T = dO V^T + g, so the
+// backward of (dO', V', O') gives dS + P g, hence dQ and dK with lse's part; dV is the first Dv
+// columns of dV'. Eight extra columns keep the head dim a multiple of 8 (cuDNN needs it).
+// torch.compile always hands this backward a (zero) lse gradient when lse is returned: it can
+// not know whether the loss reads it. Returns (dO', V', O').
+std::tuple<at::Tensor, at::Tensor, at::Tensor> with_lse_gradient(const at::Tensor& grad_out,
+                                                                 const at::Tensor& grad_lse, const at::Tensor& v,
+                                                                 const at::Tensor& out) {
+  constexpr int64_t kExtra = 8;
+  TORCH_CHECK_NOT_IMPLEMENTED(v.size(-1) + kExtra <= 256,
+                              "cudnn_flex: a gradient through the returned lse needs a value head dim of at "
+                              "most 248 (cuDNN's backward takes 256 and this adds 8 columns), got ",
+                              v.size(-1), "; use lse.detach() in the loss, or return_lse=False");
+  auto widened = [](const at::Tensor& t, const std::optional<at::Tensor>& first_column) {
+    auto sizes = t.sizes().vec();
+    sizes.back() = kExtra;
+    at::Tensor extra = at::zeros(sizes, t.options());
+    if (first_column) extra.select(-1, 0).copy_(*first_column);
+    return at::cat({t, extra}, -1);
+  };
+  at::Tensor ones = at::ones({}, v.options()).expand(v.sizes().slice(0, v.dim() - 1));
+  at::Tensor g = grad_lse.reshape(out.sizes().slice(0, out.dim() - 1)).to(grad_out.scalar_type());
+  return {widened(grad_out, g), widened(v, ones), widened(out, std::nullopt)};
+}
+
 class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
@@ -70,9 +97,6 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!grads[1].defined(),
-                                "cudnn_flex: the backward pass does not propagate gradients through the "
-                                "returned lse; use lse.detach() in the loss");
     variable_list saved = ctx->get_saved_variables();
     const int64_t n_mod = ctx->saved_data["n_mod"].toInt();
     std::vector<at::Tensor> mod_tensors(saved.begin() + 5, saved.begin() + 5 + n_mod);
@@ -81,10 +105,13 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
     std::optional<double> scale;
     if (!scale_value.isNone()) scale = scale_value.toDouble();
     at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[3]);
-    auto [dq, dk, dv] = call_bwd(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], mod_tensors,
-                                 bprop_tensors, ctx->saved_data["mod_id"].toInt(),
-                                 ctx->saved_data["bprop_id"].toInt(), ctx->saved_data["cacheable"].toBool(),
-                                 scale, ctx->saved_data["deterministic"].toBool());
+    at::Tensor v = saved[2], out = saved[3];
+    if (grads[1].defined()) std::tie(grad_out, v, out) = with_lse_gradient(grad_out, grads[1], v, out);
+    auto [dq, dk, dv] = call_bwd(grad_out, saved[0], saved[1], v, out, saved[4], mod_tensors, bprop_tensors,
+                                 ctx->saved_data["mod_id"].toInt(), ctx->saved_data["bprop_id"].toInt(),
+                                 ctx->saved_data["cacheable"].toBool(), scale,
+                                 ctx->saved_data["deterministic"].toBool());
+    if (grads[1].defined()) dv = dv.narrow(-1, 0, saved[2].size(-1));
     // One gradient per forward argument: the score_mod tensors and options get none.
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};

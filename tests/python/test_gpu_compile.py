@@ -209,12 +209,8 @@ def test_opcheck_on_cuda(requires_grad):
     program = _registry.record(dsl_mods.alibi, None, ("slopes",), (slopes.dtype,))
     mod_id, bprop_id, cacheable = program.mod_id, program.bprop_id, True
     args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True)
-    # With gradients, opcheck's AOT tests backpropagate through every output, lse included, which
-    # the op refuses by design (NotImplementedError naming lse.detach()); they run without.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if requires_grad else \
-        ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
-         "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args, test_utils=utils)
+    # With gradients, opcheck's AOT tests backpropagate through every output, lse included.
+    torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args)
     out, lse = torch.ops.cudnn_flex.fwd(*args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), [slopes], [],
                 mod_id, bprop_id, cacheable, None, True)

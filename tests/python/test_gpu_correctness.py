@@ -173,6 +173,24 @@ def test_backward_forms_cudnn_got_wrong_are_right(name):
     check(fn, scores_fn=fn)
 
 
+@pytest.mark.parametrize("score_mod", [None, mods.softcap(20.0)], ids=["plain", "softcap"])
+def test_gradient_through_lse(score_mod):
+    """A loss that reads lse (ring attention, merging partial attention) gets lse's gradient too
+    (csrc/autograd.cpp folds it into the backward)."""
+    q, k, v = inputs(seed=4)
+    out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, return_lse=True)
+    fn = (lambda s, b, h, q_, kv: s) if score_mod is None else (lambda s, b, h, q_, kv: 20.0 * torch.tanh(s / 20.0))
+    want, want_lse, leaves = oracle(q, k, v, fn)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    g_out = torch.randn(want.shape, device="cuda", generator=g)
+    g_lse = torch.randn(want_lse.shape, device="cuda", generator=g)
+    got = torch.autograd.grad((out.float() * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    exp = torch.autograd.grad((want * g_out).sum() + (want_lse * g_lse).sum(), leaves)
+    for name, a, b in zip(("dq", "dk", "dv"), got, exp):
+        err = ((a.float() - b).abs().max() / b.abs().max()).item()
+        assert err < TOL, f"{name}: relative error {err:.3g}"
+
+
 # --- operators as in torch ------------------------------------------------------------------------------
 
 OPERATOR_MASKS = {

@@ -56,10 +56,20 @@ def test_autograd_is_registered_on_fwd():
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
-def test_gradient_through_lse_is_refused():
+def test_gradient_through_lse_runs_the_backward_with_widened_values():
+    """lse's gradient is folded into the backward by 8 extra value columns (csrc/autograd.cpp):
+    the gradients keep the inputs' shapes."""
     q, k, v = meta_qkv()
     out, lse = fake_fwd(q, k, v)
-    with pytest.raises(NotImplementedError, match="lse.detach"):
+    (out.sum() + lse.sum()).backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_gradient_through_lse_with_the_widest_value_head_is_refused():
+    q, k, _ = meta_qkv()
+    v = torch.empty(1, 2, 16, 256, dtype=torch.float16, device="meta", requires_grad=True)
+    out, lse = fake_fwd(q, k, v)
+    with pytest.raises(NotImplementedError, match="at most 248"):
         lse.sum().backward()
 
 

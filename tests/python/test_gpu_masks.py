@@ -53,6 +53,8 @@ CASES = {
     "causal shifted right q + 5 >= kv": (dict(mask_mod=lambda b, h, q, kv: q + 5 >= kv), band(lo=-5)),
     "strictly below q - kv >= 3 (empty first rows)": (dict(mask_mod=lambda b, h, q, kv: q - kv >= 3), band(lo=3)),
     "anti-causal kv >= q": (dict(mask_mod=lambda b, h, q, kv: kv >= q), band(hi=0)),
+    "torch.where(kv > q, -inf, s)": (dict(score_mod=lambda s, b, h, q, kv: torch.where(kv > q, NEG_INF, s)),
+                                     band(lo=0)),
     "softcap 20 + window 64 (Gemma 2)": (dict(score_mod=mods.softcap(20.0), mask_mod=mods.sliding_window(64)),
                                          band(lo=0, hi=63, then=softcap_formula(20.0))),
     "alibi + causal": (dict(score_mod=mods.alibi(SLOPES), mask_mod=mods.causal),

@@ -30,6 +30,11 @@ MATCH = {
     "softcap + window (Gemma 2)": (dict(score_mod=mods.softcap(50.0), mask_mod=mods.sliding_window(4096)),
                                    (0, 4095)),
     "alibi + causal": (dict(score_mod=mods.alibi(torch.ones(1)), mask_mod=mods.causal), (0, None)),
+    "where(kv > q, -inf, s)": (dict(score_mod=lambda s, b, h, q, kv: torch.where(kv > q, float("-inf"), s)),
+                               (0, None)),
+    "where(q - kv >= 64, -inf, s) + causal": (
+        dict(score_mod=lambda s, b, h, q, kv: torch.where(q - kv >= 64, float("-inf"), s), mask_mod=mods.causal),
+        (0, 63)),
 }
 
 
@@ -66,6 +71,11 @@ def test_near_misses_get_their_own_bounds(name):
 ])
 def test_other_masks_are_not_bands(mask):
     assert recognised(mask_mod=mask) is None
+
+
+def test_minus_inf_where_two_conditions_hold_is_not_a_band():
+    """torch.where(a & b, -inf, s) keeps (not a) or (not b): outside a band, never a band."""
+    assert recognised(score_mod=lambda s, b, h, q, kv: torch.where((q >= kv) & (q - kv < 5), float("-inf"), s)) is None
 
 
 def test_a_bias_or_no_mask_is_not_a_band():

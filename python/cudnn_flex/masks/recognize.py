@@ -130,6 +130,19 @@ def _conjunction(program: Program, index: int, memo: dict) -> Optional[tuple]:
     return _bounds_of_compare(program, index, memo) or _abs_bounds(program, index, memo)
 
 
+def _negated(bounds: Optional[tuple]) -> Optional[tuple]:
+    """The bounds of `not (one comparison of d)`: d >= lo becomes d <= lo - 1 and the reverse;
+    the negation of a two-sided condition is no band."""
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    if hi is None:
+        return (None, lo - 1)
+    if lo is None:
+        return (hi + 1, None)
+    return None
+
+
 def _intersect(a: tuple, b: tuple) -> tuple:
     lo = max((x for x in (a[0], b[0]) if x is not None), default=None)
     hi = min((x for x in (a[1], b[1]) if x is not None), default=None)
@@ -142,15 +155,21 @@ def band(program: Program) -> Optional[Band]:
     index = program.fwd_out
     bounds: tuple = (None, None)
     found = False
-    # A chain of selects against -inf, outermost first: each one ANDs its condition in.
+    # A chain of selects against -inf, outermost first: each one ANDs its condition in
+    # (`torch.where(m, s, -inf)`, or `torch.where(m, -inf, s)` with m one comparison).
     while True:
         node = program.nodes[index]
         if node.op != "binary_select":
             break
-        (k0, keep), (k1, fill), (k2, mask) = node.args
-        if k1 != "c" or fill != NEG_INF or k0 != "n" or k2 != "n":
+        (k0, a0), (k1, a1), (k2, mask) = node.args
+        if k2 != "n":
             return None
-        part = _conjunction(program, mask, memo)
+        if k1 == "c" and a1 == NEG_INF and k0 == "n":  # select(score, -inf, mask): keep where mask
+            keep, part = a0, _conjunction(program, mask, memo)
+        elif k0 == "c" and a0 == NEG_INF and k1 == "n":  # select(-inf, score, mask): keep where not mask
+            keep, part = a1, _negated(_bounds_of_compare(program, mask, memo))
+        else:
+            return None
         if part is None:
             return None
         bounds = _intersect(bounds, part)

@@ -21,6 +21,8 @@ class GraphKey {
   GraphKey& add(std::string_view text);
 
   size_t hash() const { return static_cast<size_t>(hash_); }
+  // The key's words, for a key that outlives the process (the plan store's).
+  const std::vector<int64_t>& words() const { return words_; }
   size_t size() const { return words_.size(); }
   bool operator==(const GraphKey& other) const {
     return hash_ == other.hash_ && words_ == other.words_;

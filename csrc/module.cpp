@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include "ops.h"
+#include "plan_cache.h"
 #include "score_mod_bridge.h"
 
 namespace py = pybind11;
@@ -23,9 +24,22 @@ PYBIND11_MODULE(_C, m) {
     d["evictions"] = s.evictions;
     d["size"] = s.size;
     d["capacity"] = s.capacity;
+    auto plans = cudnn_flex::plan_store_stats();
+    d["plan_loads"] = plans.loads;
+    d["plan_stores"] = plans.stores;
+    d["plan_rejected"] = plans.rejected;
     return d;
-  }, "Counters of the graph cache: hits, misses, builds, evictions, size, capacity.");
-  m.def("clear_cache", &cudnn_flex::clear_graph_cache, "Drops every cached graph and zeroes the counters.");
+  }, "Counters of the graph cache (hits, misses, builds, evictions, size, capacity; a build is a "
+     "plan loaded or built) and of the plan store (plan_loads, plan_stores, plan_rejected).");
+  m.def("plan_store_directory", &cudnn_flex::plan_store_directory,
+        "Where built plans are stored for later processes (CUDNN_FLEX_CACHE_DIR, or "
+        "~/.cache/cudnn_flex), or None when CUDNN_FLEX_CACHE_DIR=off.");
+  m.def("_set_plan_salt", &cudnn_flex::set_plan_salt, py::arg("salt"),
+        "A digest of cudnn_flex's lowering code: part of every stored plan's key.");
+  m.def("clear_cache", [] {
+    cudnn_flex::clear_graph_cache();
+    cudnn_flex::reset_plan_store_stats();
+  }, "Drops every cached graph (plans on disk stay) and zeroes the counters.");
   m.def("set_cache_capacity", [](int64_t capacity) {
     if (capacity < 0) throw py::value_error("cudnn_flex: cache capacity must be >= 0");
     cudnn_flex::set_graph_cache_capacity(static_cast<size_t>(capacity));

@@ -18,6 +18,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "plan_cache.h"
 #include "sdpa_graph.h"
 
 namespace cudnn_flex {
@@ -215,7 +216,11 @@ void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, vo
   auto graph = translate_errors(
       [&] { return graph_cache().get_or_build(p.key(), cacheable, [&] {
         refuse_build_during_capture(p);
-        return build_serialized(p, handle_on_stream());
+        cudnnHandle_t handle = handle_on_stream();
+        auto build = [&] { return build_serialized(p, handle); };
+        if (!cacheable) return build();
+        const cudaDeviceProp& gpu = *at::cuda::getDeviceProperties(p.device);
+        return load_or_build(p, gpu.name, int64_t(gpu.major) * 10 + gpu.minor, handle, build);
       }); });
   cudnnHandle_t handle = handle_on_stream();
   at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size(*graph), 1)}, like.options().dtype(at::kByte));

@@ -185,6 +185,31 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
 
 int64_t workspace_size(const BuiltGraph& graph) { return graph.workspace; }
 
+std::vector<uint8_t> serialize_plans(const BuiltGraph& built) {
+  if (!built.has_plans) throw std::logic_error("cudnn_flex: a graph built for validation has no plans to store");
+  std::vector<uint8_t> blob;
+  fe::error_t status = built.graph->serialize(blob);
+  if (status.is_bad()) throw std::runtime_error("cudnn_flex: cannot serialise the plan: " + status.get_message());
+  return blob;
+}
+
+std::shared_ptr<const BuiltGraph> load_plans(const std::vector<uint8_t>& blob, cudnnHandle_t handle) {
+  auto built = std::make_shared<BuiltGraph>();
+  built->graph = std::make_shared<fe::graph::Graph>();
+  fe::error_t status;
+  try {
+    status = built->graph->deserialize(handle, blob);
+  } catch (const std::exception& e) {  // the frontend's UBJSON parser throws on malformed input
+    throw std::runtime_error(std::string("cudnn_flex: cannot load the stored plan: ") + e.what());
+  }
+  if (status.is_bad()) throw std::runtime_error("cudnn_flex: cannot load the stored plan: " + status.get_message());
+  status = built->graph->get_workspace_size(built->workspace);
+  if (status.is_bad()) throw std::runtime_error("cudnn_flex: stored plan has no workspace size: " + status.get_message());
+  built->has_plans = true;
+  built->score_mod_ops = {"(loaded from the plan store)"};
+  return built;
+}
+
 std::string describe(const BuiltGraph& graph) {
   std::ostringstream s;
   s << "score_mod ops:";

@@ -30,6 +30,12 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& problem, cudnnH
 
 int64_t workspace_size(const BuiltGraph& graph);
 
+// A built graph with its plans as the frontend serialises it (structure and plan), for the plan
+// store; and a graph with plans loaded from such a blob (no score_mod runs, no kernel is
+// compiled). load_plans throws std::runtime_error when cuDNN cannot load the blob.
+std::vector<uint8_t> serialize_plans(const BuiltGraph& graph);
+std::shared_ptr<const BuiltGraph> load_plans(const std::vector<uint8_t>& blob, cudnnHandle_t handle);
+
 // Human-readable summary of a built graph (node count, json), for tests and debugging.
 std::string describe(const BuiltGraph& graph);
 

@@ -7,7 +7,7 @@ forward and backward, run as the custom op torch.ops.cudnn_flex.fwd / bwd.
 import torch  # noqa: F401  (loads libtorch and cuDNN before the extension)
 
 from . import _C
-from . import _registry
+from . import _plan_salt, _registry
 from ._C import Graph, Tensor, data_type
 from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
@@ -16,6 +16,8 @@ from .program import BpropNotDerivable
 from . import compat, dsl_mods, mods, program, reference
 
 _C._set_dispatcher(_registry.dispatch)
+# Stored plans are keyed by this code too: another version of cudnn-flex never loads them.
+_C._set_plan_salt(_plan_salt.lowering_digest())
 
 cache_stats = _C.cache_stats
 
@@ -27,12 +29,13 @@ def clear_cache() -> None:
 
 
 set_cache_capacity = _C.set_cache_capacity
+plan_store_directory = _C.plan_store_directory
 versions = _C.versions
 
 __all__ = [
     "BpropMismatchError", "compat", "BpropNotDerivable", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
     "UnsupportedConstruct", "check_score_mod_bprop", "clear_cache", "data_type", "dsl_mods",
-    "flex_attention", "mods", "reference", "torch_score_mod",
+    "flex_attention", "mods", "plan_store_directory", "reference", "torch_score_mod",
     "set_cache_capacity", "validate_graphs", "versions",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
+# The benchmark's own requirements (matplotlib, for its plots; not the library's), from wheels carried
+# in .whl/bench/ (README "Developing"): this machine has no network. Without them
+# `python3 -m benchmarks` still writes its JSON and markdown and says it skipped the plot.
+if ls .whl/bench/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --find-links .whl/bench -r benchmarks/requirements.txt \
+    || echo "benchmark requirements not installed: python3 -m benchmarks will skip its plot"
+fi
 # The GPU image's default g++ (/opt/gcc) links libstdc++ statically into shared objects; with
 # -Bsymbolic-functions the extension then runs its own uninitialised copy of iostreams and crashes
 # inside the cuDNN frontend. Build with the system compiler, which links libstdc++.so.

@@ -25,4 +25,7 @@ fi
 if [ "${MUTATION:-1}" != 0 ]; then
   "$PY" scripts/mutation_check.py
 fi
+# The benchmark's own requirements (matplotlib, not the library's), so that its plot test runs.
+"$PY" -m pip install -q -r benchmarks/requirements.txt \
+  || echo "benchmark requirements not installed: the benchmark's plot test skips" >&2
 "$PY" -m pytest -q tests/python "$@"

@@ -1,31 +1,28 @@
-"""CPU tests of benchmarks/bench.py's plain helpers: flops, ratios, figures, markdown, PNG writer.
+"""CPU tests of the benchmark package (benchmarks/): the case table and its inputs, the mods each
+path writes, flops, ratios, figures, markdown, the JSON record and the plots.
 
-The GPU measurements themselves run on the H100 only; here the module must import without a GPU
-and turn made-up results into the tables, figures and plot that a real run would write.
+The GPU measurements themselves run on the H100 only; here the package must import without a GPU,
+every case must build at a tiny shape, cudnn-flex's and torch flex's mods must give the attention
+the case names (checked against plain torch math written here), and made-up results must turn
+into the tables, figures and plots that a real run would write.
 """
 
-import importlib.util
+import math
 import os
-import struct
 import sys
 import warnings
-import zlib
 
 import pytest
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _ROOT)   # the package lives at the repo root: python3 -m benchmarks
 
+from benchmarks import cases, charts, cli, goals, paths, report, results, runner  # noqa: E402
+from benchmarks.cases import CASES, GRID_CASES, MASK_CASES, Shape  # noqa: E402
+from benchmarks.results import Result, ResultSet  # noqa: E402
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(_ROOT, "benchmarks", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module   # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+TINY = 64
 
 
 def _results(ours_fe_ratio=1.01, speedup=2.5, causal_ratio=1.05):
@@ -33,8 +30,8 @@ def _results(ours_fe_ratio=1.01, speedup=2.5, causal_ratio=1.05):
     rows = []
     for s in (4096, 8192):
         b = 16384 // s
-        for case in bench.CASES:
-            for path in bench.CASE_PATHS[case]:
+        for case in GRID_CASES:
+            for path in paths.paths_for(case):
                 fwd, fb = 1.0 * s / 4096, 3.0 * s / 4096
                 if path == "cudnn_flex":
                     fwd, fb = fwd * ours_fe_ratio, fb * ours_fe_ratio
@@ -42,46 +39,89 @@ def _results(ours_fe_ratio=1.01, speedup=2.5, causal_ratio=1.05):
                     fwd, fb = fwd * ours_fe_ratio * speedup, fb * ours_fe_ratio * speedup
                 elif path == "sdpa_cudnn" and case == "causal":
                     fwd, fb = fwd * ours_fe_ratio / causal_ratio, fb * ours_fe_ratio / causal_ratio
-                rows.append(bench.Result(case, path, b, 16, s, 128, fwd, fb, first_fwd_s=0.5, first_fwd_bwd_s=1.0))
-    return bench.ResultSet(rows)
+                rows.append(Result(case, path, b, 16, s, 128, fwd, fb, first_fwd_s=0.5, first_fwd_bwd_s=1.0))
+    return ResultSet(rows)
 
+
+def _mask_rows():
+    """Made-up mask-case rows: measured, n/a, an error, and decode's forward-only row."""
+    na = results.NA + paths.na_reason("window1k", "sdpa_cudnn")
+    return [Result("window1k", "cudnn_flex", 1, 16, 8192, 128, 0.4, 1.2),
+            Result("window1k", "frontend_native", 1, 16, 8192, 128, 0.38, 1.3),
+            Result("window1k", "torch_flex", 1, 16, 8192, 128, 0.8, 2.4),
+            Result("window1k", "sdpa_cudnn", 1, 16, 8192, 128, fwd_error=na, fwd_bwd_error=na),
+            Result("gemma2", "frontend", 2, 16, 8192, 128, fwd_error="RuntimeError: no plan"),
+            Result("decode", "cudnn_flex", 8, 32, 8192, 128, 0.05, h_kv=8, s_q=1,
+                   fwd_bwd_error=runner.FORWARD_ONLY)]
+
+
+# ---- results, order, arguments ------------------------------------------------------------------
 
 def test_flops_and_tflops():
-    fwd = bench.attn_flops(2, 16, 4096, 4096, 128)
+    fwd = results.attn_flops(2, 16, 4096, 4096, 128)
     assert fwd == 4 * 2 * 16 * 4096 * 4096 * 128
-    assert bench.attn_flops(2, 16, 4096, 4096, 128, backward=True) == pytest.approx(3.5 * fwd)
-    assert bench.tflops(1e12, 1000.0) == pytest.approx(1.0)
-    assert bench.tflops(1e12, None) is None
-    r = bench.Result("nomod", "sdpa_cudnn", 2, 16, 4096, 128, fwd_ms=0.5)
+    assert results.attn_flops(2, 16, 4096, 4096, 128, backward=True) == pytest.approx(3.5 * fwd)
+    assert results.tflops(1e12, 1000.0) == pytest.approx(1.0)
+    assert results.tflops(1e12, None) is None
+    r = Result("nomod", "sdpa_cudnn", 2, 16, 4096, 128, fwd_ms=0.5)
     assert r.tflops("fwd") == pytest.approx(fwd / 0.5e-3 / 1e12)
     assert r.tflops("fwd_bwd") is None
+    decode = Result("decode", "cudnn_flex", 8, 32, 8192, 128, fwd_ms=1.0, s_q=1)
+    assert decode.tflops("fwd") == pytest.approx(4 * 8 * 32 * 1 * 8192 * 128 / 1e-3 / 1e12)
 
 
 def test_seqlens_and_shape_order():
-    assert bench.parse_seqlen("4k") == 4096 and bench.parse_seqlen("512") == 512
-    assert bench.seqlen_label(16384) == "16k" and bench.seqlen_label(100) == "100"
-    order = bench.shape_order([1024, 4096, 8192, 16384], [64, 128])
+    assert cases.parse_seqlen("4k") == 4096 and cases.parse_seqlen("512") == 512
+    assert cases.seqlen_label(16384) == "16k" and cases.seqlen_label(100) == "100"
+    order = runner.shape_order([1024, 4096, 8192, 16384], [64, 128])
     assert set(order[:2]) == {(4096, 128), (8192, 128)}       # the issue's headline shapes first
     assert [d for _, d in order[:4]] == [128] * 4
 
 
 def test_torch_flex_runs_after_every_other_path():
-    assert bench.grid_passes(list(bench.PATHS)) == [
-        [p for p in bench.PATHS if p != "torch_flex"], ["torch_flex"]]
-    assert bench.grid_passes(["torch_flex"]) == [["torch_flex"]]
-    assert bench.grid_passes(["cudnn_flex", "frontend"]) == [["cudnn_flex", "frontend"]]
+    assert runner.grid_passes(list(paths.PATHS)) == [
+        [p for p in paths.PATHS if p != "torch_flex"], ["torch_flex"]]
+    assert runner.grid_passes(["torch_flex"]) == [["torch_flex"]]
+    assert runner.grid_passes(["cudnn_flex", "frontend"]) == [["cudnn_flex", "frontend"]]
 
 
 def test_args():
-    a = bench.parse_args(["--quick", "--cases", "softcap,alibi", "--out", "/tmp/x"])
+    a = cli.parse_args(["--quick", "--cases", "softcap,alibi", "--out", "/tmp/x"])
     assert a.seqlen_list == [4096, 8192] and a.head_dim_list == [128]
-    assert a.case_list == ["softcap", "alibi"] and a.out == "/tmp/x"
-    assert set(a.path_list) == set(bench.PATHS)
+    assert a.case_list == ["softcap", "alibi"] and a.out == "/tmp/x" and a.scale == 1
+    assert set(a.path_list) == set(paths.PATHS)
+    assert cli.parse_args([]).case_list == list(CASES)                  # every case by default
+    assert cli.parse_args(["--cases", "masks,decode"]).case_list == list(MASK_CASES)
+    assert cli.parse_args(["--tiny"]).scale == TINY
     with pytest.raises(SystemExit):
-        bench.parse_args(["--cases", "nope"])
+        cli.parse_args(["--cases", "nope"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--seqlens", "3000"])        # 16384 is not a multiple of 3000
+        cli.parse_args(["--seqlens", "3000"])        # 16384 is not a multiple of 3000
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--scale", "3"])             # divides no length
 
+
+def test_work_list_runs_headline_shapes_then_mask_cases_then_the_rest():
+    items = runner.work_list(cli.parse_args(["--tiny", "--seqlens", "1k,4k,8k"]))
+    assert [sh.s * TINY for sh, _ in items[:2]] == [8192, 4096] and items[0][0].b == 2
+    assert [names for _, names in items[2:-4]] == [[c] for c in MASK_CASES for _ in CASES[c].shapes]
+    assert all(names == list(GRID_CASES) for _, names in items[:2] + items[-4:])   # 1k x 2 D, 4k/8k D=64
+    decode = next(sh for sh, names in items if names == ["decode"])
+    assert (decode.sq, decode.s, decode.h, decode.hkv) == (1, 8192 // TINY, 32, 8)   # one query stays one
+
+
+def test_every_path_expresses_a_case_or_says_why():
+    for case in CASES:
+        for path in paths.PATHS:
+            reason = paths.na_reason(case, path)
+            assert reason is None or (isinstance(reason, str) and reason), (case, path)
+        for path in ("cudnn_flex", "frontend", "torch_flex"):    # score_mod paths take every case
+            assert path in paths.paths_for(case), (case, path)
+    assert [c for c in CASES if "sdpa_flash" in paths.paths_for(c)] == ["nomod", "causal", "decode"]
+    assert [c for c in CASES if "frontend_native" in paths.paths_for(c)] == ["causal", "window1k", "padded"]
+
+
+# ---- figures, markdown, JSON, plots -------------------------------------------------------------
 
 def test_ratios_and_figures_met():
     rs = _results()
@@ -89,15 +129,17 @@ def test_ratios_and_figures_met():
     assert rs.ratio(("softcap", "torch_flex"), ("softcap", "cudnn_flex"), 8192, 128, "fwd_bwd") == pytest.approx(2.5)
     assert rs.ratio(("softcap", "cudnn_flex"), ("softcap", "frontend"), 1024, 128, "fwd") is None
     host = {"cudnn_flex": {"fwd": 10.0, "fwd_bwd": 30.0}, "frontend": {"fwd": 60.0, "fwd_bwd": 150.0}}
-    figures = bench.all_figures(rs, host)
-    assert len(figures) == len(bench.CASES) + len(bench.GOAL_SPEEDUP_VS_TORCH_FLEX) + 2
+    for r in _mask_rows():     # mask cases at other shapes change no figure
+        rs.add(r)
+    figures = goals.all_figures(rs, host)
+    assert len(figures) == len(GRID_CASES) + len(goals.GOAL_SPEEDUP_VS_TORCH_FLEX) + 2
     assert all(f.met for f in figures), [f.line() for f in figures if not f.met]
 
 
 def test_figures_missed_say_by_how_much():
     rs = _results(ours_fe_ratio=1.10, speedup=1.2, causal_ratio=1.2)
     host = {"cudnn_flex": {"fwd": 20.0}, "frontend": {"fwd": 50.0}}
-    figures = {f.name: f for f in bench.all_figures(rs, host)}
+    figures = {f.name: f for f in goals.all_figures(rs, host)}
     fe = figures["ours/frontend GPU time, softcap"]
     assert fe.met is False and "7.0% over the goal" in fe.text
     sp = figures["fwd+bwd speedup over compiled torch flex, softcap"]
@@ -110,111 +152,198 @@ def test_figures_missed_say_by_how_much():
 
 
 def test_figures_not_measured():
-    figures = bench.all_figures(bench.ResultSet(), {})
+    figures = goals.all_figures(ResultSet(), {})
     assert all(f.met is None for f in figures)
     assert all("not measured" in f.line() for f in figures)
 
 
 def test_markdown_and_summary():
     rs = _results()
-    rs.add(bench.Result("softcap", "frontend", 1, 16, 16384, 128, fwd_error="RuntimeError: cuDNN said | no"))
-    rs.add(bench.Result("alibi", "torch_flex", 1, 16, 16384, 128,
-                        fwd_error="skipped: time budget", fwd_bwd_error="skipped: time budget"))
+    rs.add(Result("softcap", "frontend", 1, 16, 16384, 128, fwd_error="RuntimeError: cuDNN said | no"))
+    rs.add(Result("alibi", "torch_flex", 1, 16, 16384, 128,
+                  fwd_error=results.SKIPPED, fwd_bwd_error=results.SKIPPED))
+    for r in _mask_rows():
+        rs.add(r)
     host = {"cudnn_flex": {"fwd": 10.0, "fwd_bwd": 30.0}, "frontend": {"error": "boom"}}
     cold = {"new score_mod structure": {"fwd_s": 1.2, "bwd_s": 1.5, "builds": 2}}
-    meta = {"device": "H100", "versions": "v", "command": "python3 benchmarks/bench.py", "wall_s": 300.0,
+    meta = {"device": "H100", "versions": "v", "command": "python3 -m benchmarks", "wall_s": 300.0,
             "budget_s": 420.0, "skipped": 2}
-    figures = bench.all_figures(rs, host)
-    md = bench.markdown(rs, meta, host, cold, figures, "benchmarks.png")
+    figures = goals.all_figures(rs, host)
+    md = report.markdown(rs, meta, host, cold, figures, ["benchmarks.png"])
     assert "| S | D | B | case | path |" in md and "## Figures (issue 5)" in md
-    assert "- device: H100" in md and "`python3 benchmarks/bench.py`" in md
+    assert "- device: H100" in md and "`python3 -m benchmarks`" in md
+    assert "![benchmarks](benchmarks.png)" in md
     assert "1.01x" in md                                     # ours / frontend
     assert "error: RuntimeError: cuDNN said / no" in md      # a '|' must not break the table
     assert "| skipped |" in md and "## Errors" in md
     assert "forward graph 1.200 s, backward graph 1.500 s" in md
-    assert bench.first_call_totals(rs)["torch_flex"] == pytest.approx(2 * 6 * 1.5)
+    assert report.first_call_totals(rs)["torch_flex"] == pytest.approx(2 * 6 * 1.5)
     assert "torch_flex 18.0" in md
-    table = bench.gpu_table(rs)
+    table = report.gpu_table(rs)
     assert all(line in md for line in table)
     assert len({line.count("|") for line in table}) == 1     # every row has the header's columns
-    text = bench.summary(rs, host, figures)
+    assert not any("window1k" in line for line in table)     # mask cases have their own table
+    masks = report.mask_table(rs)
+    assert all(line in md for line in masks) and len({line.count("|") for line in masks}) == 1
+    assert "| window1k | B=1 H=16 S=8k D=128 | torch_flex | 0.800 | 2.00x | 2.400 | 2.00x |" in md
+    assert "| window1k | B=1 H=16 S=8k D=128 | sdpa_cudnn | n/a | – | n/a |" in md
+    assert "| decode | B=8 H=32/8 Sq=1 Skv=8k D=128 | cudnn_flex | 0.050 | 1.00x | n/a |" in md
+    assert "## Not expressible (n/a)" in md and "- window1k / sdpa_cudnn: SDPA has no score_mod" in md
+    assert "- decode / fwd+bwd on every path: forward only" in md
+    assert "- gemma2 / frontend / B=2 H=16 S=8k D=128 / fwd: RuntimeError: no plan" in md
+    text = report.summary(rs, host, figures)
     assert text.splitlines()[0].startswith("== summary")
     assert "softcap" in text and "host us/call fwd" in text
-
-
-def _read_png(path):
-    np = pytest.importorskip("numpy")
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + n
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    raw = zlib.decompress(chunks[b"IDAT"])
-    rows = [raw[y * (3 * w + 1):(y + 1) * (3 * w + 1)] for y in range(h)]
-    assert all(r[0] == 0 for r in rows)
-    return np.frombuffer(b"".join(r[1:] for r in rows), np.uint8).reshape(h, w, 3), depth, color
-
-
-def test_png_writer_round_trip(tmp_path):
-    np = pytest.importorskip("numpy")
-    img = np.zeros((7, 5, 3), np.uint8)
-    img[2, 3] = (10, 20, 30)
-    path = tmp_path / "x.png"
-    bench.write_png(str(path), img)
-    back, depth, color = _read_png(str(path))
-    assert depth == 8 and color == 2
-    assert np.array_equal(back, img)
-
-
-def test_bar_chart_draws_bars_in_path_colors():
-    np = pytest.importorskip("numpy")
-    img = bench.bar_chart([(["a", "b"], [[100.0, 50.0], [None, 200.0]])], ["cudnn_flex", "torch_flex"],
-                          width=200, panel_height=100)
-    assert img.shape == (124, 200, 3) and img.dtype == np.uint8
-    for key in ("cudnn_flex", "torch_flex"):
-        assert (img == np.array(bench.PALETTE[key], np.uint8)).all(axis=2).sum() > 20
+    assert "window1k" in text and "frontend_native 1.08x" in text and "torch_flex 2.00x" in text
+    assert "sdpa_cudnn" not in text.split("== mask cases")[1].split("\n")[1]   # n/a paths left out
 
 
 def test_measure_after_the_budget_is_skipped_without_touching_the_gpu():
-    args = bench.parse_args(["--quick"])
-    inputs = {"b": 2, "h": 16, "s": 8192, "d": 128}
-    r = bench.measure("softcap", "torch_flex", inputs, args, deadline=bench.time.perf_counter() - 1.0)
-    assert r.fwd_error == r.fwd_bwd_error == "skipped: time budget" and r.ms("fwd") is None
+    args = cli.parse_args(["--quick"])
+    r = runner.measure("softcap", "torch_flex", {"shape": Shape(2, 16, 8192, 128)}, args,
+                       deadline=runner.time.perf_counter() - 1.0)
+    assert r.fwd_error == r.fwd_bwd_error == results.SKIPPED and r.ms("fwd") is None
+    r = runner.measure("decode", "sdpa_flash", {"shape": Shape(8, 32, 8192, 128, h_kv=8, s_q=1)}, args,
+                       deadline=runner.time.perf_counter() - 1.0)
+    assert r.fwd_error == results.SKIPPED and r.status("fwd_bwd") == "n/a" and (r.s_q, r.h_kv) == (1, 8)
 
 
-def test_write_outputs_without_matplotlib(tmp_path):
+def test_json_is_the_record_and_the_report_is_made_again_from_it(tmp_path):
     rs = _results()
+    for r in _mask_rows():
+        rs.add(r)
     meta = {"device": "H100", "versions": "v", "command": "c"}
-    md_path, figures = bench.write_outputs(str(tmp_path), rs, meta, {}, {}, use_matplotlib=False)
-    assert os.path.exists(md_path)
-    img, _, _ = _read_png(str(tmp_path / "benchmarks.png"))
-    assert img.shape[1] == 960
-    assert meta["plot"].startswith("numpy fallback") and "S=8k D=128" in meta["plot"]
-    assert (tmp_path / "benchmarks.json").exists()
+    path = str(tmp_path / "benchmarks.json")
+    results.save_json(path, rs, meta, {"cudnn_flex": {"fwd": 10.0}}, {})
+    back, meta_back, host, cold = results.load_json(path)
+    assert back.rows == rs.rows and meta_back == meta and host == {"cudnn_flex": {"fwd": 10.0}}
+    assert cli.main(["--from-json", path, "--no-matplotlib"]) == 0
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "| window1k |" in md and "skipped the plot (--no-matplotlib)" in md
 
 
-def test_torch_style_mods_match_the_library_mods_on_cpu():
-    """The same six cases written for cudnn-flex (reference path) and for torch flex_attention
-    give the same attention, so the benchmark compares like with like."""
+def test_write_outputs_without_matplotlib_writes_json_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    md_path, figures, note = cli.write_outputs(str(tmp_path), _results(), {"command": "c"}, {}, {})
+    assert note.startswith("skipped the plot: matplotlib is not installed (pip install -r benchmarks/requirements.txt")
+    assert f"--from-json {tmp_path / 'benchmarks.json'}" in note and "\n" not in note
+    assert os.path.exists(md_path) and (tmp_path / "benchmarks.json").exists()
+    assert not list(tmp_path.glob("*.png"))
+    assert f"(no plot: {note})" in open(md_path).read()
+
+
+def test_charts_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    rs = _results()
+    for r in _mask_rows():
+        rs.add(r)
+    md_path, _, note = cli.write_outputs(str(tmp_path), rs, {"command": "c"}, {}, {})
+    assert note == "matplotlib: benchmarks.png, benchmarks_masks.png"
+    for name in (charts.GRID_PNG, charts.MASKS_PNG):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10000
+        assert f"![benchmarks]({name})" in open(md_path).read()
+
+
+# ---- every case, tiny, on the CPU ---------------------------------------------------------------
+
+def _tiny_shapes(case):
+    """The case's shapes scaled down by TINY; the grid cases at one small grid shape."""
+    if CASES[case].grid:
+        return [Shape(2, 4, 128, 32)]
+    return [shape.scaled(TINY) for shape in CASES[case].shapes]
+
+
+def _inputs(case, shape):
+    return cases.make_inputs(shape, [case], device="cpu", dtype=torch.float32, scale=TINY)
+
+
+def _doc_lengths(ids):
+    return torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+
+
+def test_every_case_builds_its_inputs_at_a_tiny_shape():
+    for case in CASES:
+        for shape in _tiny_shapes(case):
+            x = _inputs(case, shape)
+            assert x["q"].shape == (shape.b, shape.h, shape.sq, shape.d), case
+            assert x["k"].shape == x["v"].shape == (shape.b, shape.hkv, shape.s, shape.d), case
+            assert x["do"].shape == x["q"].shape and x["q"].requires_grad
+            again = _inputs(case, shape)                            # seeded: the same every pass
+            assert torch.equal(again["q"], x["q"]) and torch.equal(again["v"], x["v"])
+    s = 16384 // TINY
+    assert _doc_lengths(_inputs("docs8x2k", Shape(1, 16, s, 128))["doc_ids"]) == [s // 8] * 8
+    mix = _doc_lengths(_inputs("docsmix", Shape(1, 16, s, 128))["doc_ids"])
+    assert sum(mix) == s and len(set(mix)) > 3 and all(300 // TINY <= n <= 4000 // TINY for n in mix[:-1])
+    full = cases.doc_mix_lengths(16384, 300, 4000)
+    assert sum(full) == 16384 and all(300 <= n <= 4000 for n in full[:-1])
+    lengths = _inputs("padded", Shape(8, 16, 64, 128))["lengths"]
+    assert lengths[0] == 64 and ((lengths >= 8) & (lengths <= 64)).all() and len(set(lengths.tolist())) > 2
+
+
+def _expected(case, x):
+    """Plain torch attention of the case, in float64, with the mask and mod written out here."""
+    shape = x["shape"]
+    q, k, v = (x[n].detach().double() for n in ("q", "k", "v"))
+    k, v = (t.repeat_interleave(shape.h // shape.hkv, dim=1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) / math.sqrt(shape.d)
+    b, h, qi, kv = (torch.arange(n).view([-1 if i == j else 1 for j in range(4)]) for i, n in enumerate(s.shape))
+    slopes = 2.0 ** (-8.0 * (h + 1) / shape.h)
+    keep = torch.ones(s.shape, dtype=torch.bool)
+    if case == "causal":
+        keep = qi >= kv
+    elif case == "softcap":
+        s = 30.0 * torch.tanh(s / 30.0)
+    elif case == "alibi":
+        s = s + slopes * (kv - qi)
+    elif case == "relbias":
+        s = s + (qi - kv) * 0.01
+    elif case == "docmask":
+        doc = torch.arange(shape.s) * 4 // shape.s
+        keep = doc[qi] == doc[kv]
+    elif case == "window1k":
+        keep = (qi - kv >= 0) & (qi - kv < 1024 // TINY)
+    elif case in ("docs8x2k", "docsmix"):
+        doc = torch.repeat_interleave(torch.arange(len(x["doc_lengths"])), torch.tensor(x["doc_lengths"]))
+        keep = doc[qi] == doc[kv]
+    elif case == "gemma2":
+        s = 50.0 * torch.tanh(s / 50.0)
+        keep = (qi - kv >= 0) & (qi - kv < 4096 // TINY)
+    elif case == "padded":
+        n = x["lengths"].view(-1, 1, 1, 1)
+        keep = (qi < n) & (kv < n)
+    elif case == "decode_alibi":
+        s = s + slopes * (kv - (shape.s - 1))     # the one query sits at the cache's last position
+    s = torch.where(keep, s, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)   # a fully masked row (padding) attends nothing
+    return p @ v
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cudnn_flex_mods_match_plain_torch_on_the_cpu_reference(case):
+    """cudnn-flex's mods, as the benchmark passes them, run on the reference path (CPU tensors)
+    and give the attention the case names."""
     cudnn_flex = pytest.importorskip("cudnn_flex")
+    from benchmarks.paths import ours
+    for shape in _tiny_shapes(case):
+        x = _inputs(case, shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = cudnn_flex.flex_attention(x["q"], x["k"], x["v"], **ours.kwargs(case, x))
+        torch.testing.assert_close(got.double(), _expected(case, x), atol=1e-4, rtol=1e-4, msg=case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_flex_mods_match_plain_torch_on_the_cpu(case):
+    """The torch flex path's score_mod and BlockMask (eager flex_attention on the CPU) give the
+    same attention, so the benchmark compares like with like."""
     from torch.nn.attention.flex_attention import flex_attention
-    b, h, s, d = 2, 4, 128, 32
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, s, d, generator=gen) for _ in range(3))
-    doc = (torch.arange(s) * bench.DOCS_PER_SEQ // s).float().expand(b, s).contiguous()
-    inputs = {"b": b, "s": s, "q": q, "slopes": cudnn_flex.mods.alibi_slopes(h), "doc": doc,
-              "doc_q": doc.view(b, 1, s, 1), "doc_kv": doc.view(b, 1, 1, s)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for case in bench.CASES:
-            mod, bprop, tensors = bench.ours_mod(case, inputs)
-            ours = cudnn_flex.flex_attention(q, k, v, mod, bprop, score_mod_tensors=tensors)
-            score_mod, block_mask = bench.torch_flex_mod(case, inputs)
-            theirs = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
-            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4, msg=case)
+    from benchmarks.paths import torch_flex
+    for shape in _tiny_shapes(case):
+        x = _inputs(case, shape)
+        score_mod, block_mask = torch_flex.mods(case, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q, k, v = (x[n].detach() for n in ("q", "k", "v"))     # no flex backward on the CPU
+            got = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=shape.hkv != shape.h)
+        torch.testing.assert_close(got.double(), _expected(case, x), atol=1e-4, rtol=1e-4, msg=case)

@@ -90,7 +90,7 @@ MUTATIONS += [
     ("bool captured tensors used as numbers", P + "torch_style.py",
      "            value = self.rec.cmp_neq(value, 0.0)  # passed as float32 (see view_for)\n", ""),
     ("mixed INT32/FLOAT compare not rewritten", P + "program/replay.py",
-     "                    args[0] = self.graph.identity(args[0])", "                    pass"),
+     "                args[0] = graph.identity(args[0])", "                pass"),
     ("finite fills not lowered", P + "program/replay.py",
      "            return _LARGEST_SAFE_FILL\n", "            return value\n"),
     ("select with a constant first not flipped", P + "program/replay.py",
@@ -99,6 +99,8 @@ MUTATIONS += [
      "                return graph.add(graph.neg(args[1]), args[0], **attrs)", "                pass"),
     ("integer powers left to POW", P + "program/replay.py",
      "            return self._power(args[0], int(arg_kinds[1][1]), attrs)", "            pass"),
+    ("compiled torch-style mod not run inline (its reads unguarded)", P + "record_call.py",
+     "    torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)\n", ""),
     ("recognised band lowered dense", P + "masks/lower.py",
      "    found = tile_skipping_band(program)\n", "    found = None\n"),
     ("guard ignores module globals", P + "program/guard.py",
@@ -116,8 +118,8 @@ MUTATIONS += [
     ("mask recognition ignores an OR", P + "masks/recognize.py",
      '    if node.op == "logical_and":', '    if node.op in ("logical_and", "logical_or"):'),
     ("unused ops lowered", P + "program/replay.py",
-     "            stack.extend(v for kind, v in nodes[i].args if kind == \"n\")\n        for i in sorted(needed):",
-     "            stack.extend(v for kind, v in nodes[i].args if kind == \"n\")\n        needed |= set(range(index)) - set(self.done)\n        for i in sorted(needed):"),
+     "        for i in sorted(needed - skipped):",
+     "        needed |= set(range(index)) - set(self.done)\n        for i in sorted(needed - skipped):"),
 ]
 
 

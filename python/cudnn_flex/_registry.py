@@ -240,7 +240,7 @@ def constant_form(fn: Optional[Callable]):
     return (type(owner), fn.__func__.__name__ if is_method else None, id(owner))
 
 
-def _from_constant_form(form) -> Optional[Callable]:
+def from_constant_form(form) -> Optional[Callable]:
     if form is None or isinstance(form, types.FunctionType):
         return form
     owner_type, method_name, owner_id = form
@@ -256,15 +256,20 @@ def traced_ids(mod_form, bprop_form, mod_names: tuple, mod_dtypes: tuple, bprop_
     """Runs in plain Python while dynamo traces: records the program once and pins it (the
     compiled graph holds its ids). `trail` (program/shadow.py) is not read here: it is an
     argument so that dynamo specialises on what the mods read, and recompiles when it changes."""
-    program = record(_from_constant_form(mod_form), _from_constant_form(bprop_form), mod_names, mod_dtypes,
+    program = record(from_constant_form(mod_form), from_constant_form(bprop_form), mod_names, mod_dtypes,
                      bprop_names, bprop_dtypes)
     if program is None:
         return 0, 0
+    pin(program)
+    return program.mod_id, program.bprop_id
+
+
+def pin(program: Program) -> None:
+    """Keeps a program recorded while dynamo traced: the compiled graph holds its ids."""
     with _lock:
         _pinned[program.mod_id] = program
         if program.bprop_id:
             _pinned[program.bprop_id] = program
-    return program.mod_id, program.bprop_id
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
                                  "attention does not read; pass it as float32")
         if torch.compiler.is_compiling():
-            mod_id, bprop_id = _registry.traced_ids(*program)
+            mod_id, bprop_id = program  # recorded while dynamo traced (record_call)
         else:
             mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,

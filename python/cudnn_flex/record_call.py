@@ -12,7 +12,7 @@ import torch
 
 from . import _registry, torch_style
 from ._validation import check_tensor_dict
-from .program import shadow
+from .program import captures, shadow
 from .program.record import Recorder
 
 
@@ -25,8 +25,8 @@ def as_graph_input(t: torch.Tensor) -> torch.Tensor:
 
 def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):
     """(program, mod tensors, bprop tensors): the call's mods recorded into one program, and the
-    tensors of its input slots in order. Under torch.compile the program is replaced by the
-    arguments of _registry.traced_ids, which records it once while dynamo traces."""
+    tensors of its input slots in order. Under torch.compile the program is replaced by its
+    (mod_id, bprop_id), recorded once while dynamo traces."""
     shape = (q.shape[0], q.shape[1], q.shape[2], s_kv)
     torch_fn = None
     if mask_mod is not None:
@@ -53,19 +53,18 @@ def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_m
     if torch.compiler.is_compiling():
         # Traced inline: dynamo guards what the mods read, and the trail is a constant argument.
         trail = shadow.trail(score_mod, score_mod_bprop, names, bprop_names)
-        forms = (_registry.constant_form(score_mod), _registry.constant_form(score_mod_bprop), tuple(names),
-                 dtypes, tuple(bprop_names), bprop_dtypes, trail)
-        return forms, tensors, bprop_tensors
+        ids = _registry.traced_ids(_registry.constant_form(score_mod), _registry.constant_form(score_mod_bprop),
+                                   tuple(names), dtypes, tuple(bprop_names), bprop_dtypes, trail)
+        return ids, tensors, bprop_tensors
     program = _registry.record(score_mod, score_mod_bprop, names, dtypes, bprop_names, bprop_dtypes, shape)
     return program, tensors, bprop_tensors
 
 
 def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape):
-    """(program, views of the captured tensors) of a torch-style mod (with its mask_mod)."""
+    """(program, views of the captured tensors) of a torch-style mod (with its mask_mod); under
+    torch.compile ((mod_id, bprop_id), views)."""
     if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "cudnn_flex: torch-style score_mods and mask_mods do not run under torch.compile yet; "
-            "write the score_mod in the graph DSL (graph, score, tensors) for compiled models")
+        return _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape)
     bprop_slots = _registry.slot_signature(bprop_names, bprop_dtypes)
     guarded = _registry.guarded_key(("torch-style",) + tuple(user_fns) + (score_mod_bprop,), ((), bprop_slots),
                                     shape)
@@ -85,3 +84,49 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     if guarded is not None and not captures:  # with captures, each call must find its tensors
         _registry.remember_guarded(guarded, program)
     return program, views
+
+
+def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape):
+    """A torch-style call inside the code dynamo traces. The mods run once on one-element tensors,
+    inline, so that dynamo guards every value they read (a changed global, closure value or
+    attribute recompiles; their result is unused and dropped from the graph); the program is
+    recorded once outside dynamo (_recorded_for_compile), and the captured tensors are fetched
+    where the user keeps them, so they are inputs of the compiled graph (new values never
+    recompile)."""
+    # One-element index tensors (0-dim ones would make `table[q_idx]` a data-dependent item()).
+    index = torch.zeros(1, dtype=torch.int64, device=q.device)
+    torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)
+    mod_id, bprop_id, recipe = _recorded_for_compile(
+        tuple(captures.describe(f, _registry.constant_form) for f in user_fns),
+        _registry.constant_form(score_mod_bprop), tuple(bprop_names), tuple(bprop_dtypes))
+    views = [torch_style.view_for(captures.fetch(user_fns, path), axes, shape, f"capture {i}")
+             for i, (path, axes) in enumerate(recipe)]
+    return (mod_id, bprop_id), views
+
+
+@torch._dynamo.assume_constant_result
+def _recorded_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtypes: tuple) -> tuple:
+    """Runs in plain Python while dynamo traces: records the torch-style call's program, pins it,
+    and returns (mod_id, bprop_id, ((path, axes), ...)): where each captured tensor lives. The
+    scores' shape is no part of a program (and may be symbolic here): the recording gets none."""
+    user_fns = tuple(captures.rebuild(f, _registry.from_constant_form) for f in forms)
+    mask_mod, score_mod = user_fns
+    torch_fn = torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod
+    recorder = Recorder()
+    fwd_out, found = torch_style.trace(torch_fn, recorder, gathers=False)
+    recipe = []
+    for i, (t, axes) in enumerate(found):
+        path = captures.path_to(user_fns, t)
+        if path is None:
+            raise torch_style.UnsupportedConstruct(
+                f"cudnn_flex: under torch.compile, the tensor of capture {i} was not found where the mod keeps "
+                "its values (closure, default, module global, attribute, list or dict item); capture it "
+                "in one of those")
+        recipe.append((path, axes))
+    names = [f"capture {i}" for i in range(len(found))]
+    slots = (_registry.slot_signature(names, [t.dtype for t, _ in found]),
+             _registry.slot_signature(bprop_names, bprop_dtypes))
+    program = _registry.finish(recorder, fwd_out, _registry.from_constant_form(bprop_form), bprop_names,
+                               bprop_dtypes, slots)
+    _registry.pin(program)
+    return program.mod_id, program.bprop_id, tuple(recipe)

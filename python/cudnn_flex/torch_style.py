@@ -86,8 +86,9 @@ def is_torch_style(fn: Callable) -> bool:
 class _Trace:
     """One recording of a torch-style function: the recorder and the tensors it touched."""
 
-    def __init__(self, recorder: Recorder):
+    def __init__(self, recorder: Recorder, gathers: bool = True):
         self.rec = recorder
+        self.gathers = gathers  # False under torch.compile: a gather runs per call, outside the graph
         self.score = recorder.input(SCORE)
         self._index: dict[int, Value] = {}
         # (id(tensor), axes) -> slot; the tensors are held by `captures` for this call only
@@ -563,6 +564,10 @@ def _getitem(trace, t, index):
             entries.append(("int", i))
         else:
             raise _unsupported(f"a captured tensor indexed by a {type(i).__name__} (a slice?)")
+    if not trace.gathers:
+        raise _unsupported("a gather by a computed index under torch.compile (it would run outside the "
+                           "compiled graph); gather ahead of the call, e.g. rel = table[q_ids[:, None] - "
+                           "kv_ids[None, :]], and index the result by q_idx, kv_idx")
     gathered = gather.gather(t, entries, trace.rec.nodes, trace.captures, trace.rec.shape, view_for)
     return trace.capture(gathered, None)
 
@@ -646,9 +651,10 @@ def mask_to_score_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> Call
     return masked
 
 
-def trace(fn: Callable, recorder: Recorder) -> tuple[int, list[tuple[torch.Tensor, tuple[int, ...]]]]:
-    """Records torch-style fn; returns (its result node, the (tensor, axes) of each input slot)."""
-    tr = _Trace(recorder)
+def trace(fn: Callable, recorder: Recorder, gathers: bool = True) -> tuple[int, list[tuple[torch.Tensor, tuple[int, ...]]]]:
+    """Records torch-style fn; returns (its result node, the (tensor, axes) of each input slot).
+    gathers=False refuses computed-index gathers (under torch.compile)."""
+    tr = _Trace(recorder, gathers)
     args = [Proxy(tr, tr.score)] + [Proxy(tr, axis=a, kind="int") for a in range(4)]
     result = fn(*args)
     if isinstance(result, Proxy) and result.const is not None:
@@ -683,14 +689,29 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
                                  f"along the {'batch head query key'.split()[axis]} axis, but the scores "
                                  f"have {full[axis]}")
             sizes[axis], strides[axis] = full[axis], t.stride(dim)
-        view = t.as_strided(sizes, strides, t.storage_offset())
+        if torch.compiler.is_compiling():
+            view = _view_by_axes(t, axes, full)  # dynamo traces no storage_offset()
+        else:
+            view = t.as_strided(sizes, strides, t.storage_offset())
     if view.dtype in (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
         # cuDNN 9.19 crashes on BOOLEAN inputs (SIGFPE) and reads uint8 rows of odd length at
         # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)
-    if view.is_cuda and view.data_ptr() % 16:
+    if view.is_cuda and not torch.compiler.is_compiling() and view.data_ptr() % 16:
         view = view.clone()
     return view
+
+
+def _view_by_axes(t: torch.Tensor, axes: tuple[int, ...], full: tuple) -> torch.Tensor:
+    """view_for's view built from narrow, permute and unsqueeze (the same elements and strides on
+    the indexed axes), for traced code."""
+    for dim, axis in enumerate(axes):
+        t = t.narrow(dim, 0, full[axis])
+    t = t.permute(sorted(range(len(axes)), key=lambda d: axes[d]))
+    for axis in range(4):
+        if axis not in axes:
+            t = t.unsqueeze(axis)
+    return t
 
 
 def check_mask_mod(mask_mod: Callable, score_mod: Optional[Callable]) -> None:

@@ -241,3 +241,131 @@ def test_a_closure_default_is_guarded_under_compile():
         compiled(q, k, v)
     ids = [op_calls(g)[0].args[5] for g in graphs]
     assert len(set(ids)) == 2 and ids[-1] == _registry.record(holder[0], None, (), ()).mod_id
+
+
+# --- torch-style mods and mask_mods under torch.compile -----------------------------------------
+
+WINDOW = 32
+
+
+def reads_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
+
+
+def eager_id(q, **mods_kwargs):
+    """The id eager mode records for the same mods (the compiled graph must name the same program)."""
+    from cudnn_flex.record_call import record_call
+    program, _, _ = record_call(mods_kwargs.get("score_mod"), None, mods_kwargs.get("mask_mod"), None, None,
+                                q, q.shape[2])
+    return program.mod_id
+
+
+TORCH_STYLE = {
+    "softcap made in the compiled code": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(
+        q, k, v, mods.softcap(30.0)),
+    "causal mask_mod": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal),
+    "document mask over a tensor argument": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(
+        q, k, v, mask_mod=mods.document_mask(doc)),
+    "alibi + document mask": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(
+        q, k, v, mods.alibi(slopes), mask_mod=mods.document_mask(doc)),
+    "lambda over a global": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(q, k, v, mask_mod=reads_window),
+}
+
+
+def fake_doc_and_slopes(mode, s=128, value=0):
+    with mode:
+        return torch.full((s,), value, dtype=torch.long, device="cuda"), torch.empty(4, device="cuda")
+
+
+@pytest.mark.parametrize("name", TORCH_STYLE)
+def test_torch_style_mods_compile_into_one_op_with_captured_tensors_as_inputs(name):
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    doc, slopes = fake_doc_and_slopes(mode)
+    compiled, graphs = compile_recording(TORCH_STYLE[name])
+    with mode:
+        out = compiled(q, k, v, doc, slopes)
+    assert out.shape == q.shape and len(graphs) == 1
+    calls = op_calls(graphs[0])
+    assert len(calls) == 1
+    mod_tensors = calls[0].args[3]
+    # Every captured tensor reaches the op from a graph input, not as a baked constant.
+    assert all(isinstance(t, torch.fx.Node) for t in mod_tensors)
+    placeholders = {n.name for n in graphs[0].graph.nodes if n.op == "placeholder"}
+    if "document" in name:
+        assert "l_doc_" in placeholders
+
+
+def test_new_captured_values_reuse_the_compiled_graph():
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    compiled, graphs = compile_recording(TORCH_STYLE["alibi + document mask"])
+    for value in (0, 1, 2):
+        doc, slopes = fake_doc_and_slopes(mode, value=value)
+        with mode:
+            compiled(q, k, v, doc, slopes)
+    assert len(graphs) == 1
+
+
+def test_the_compiled_program_is_the_eager_one():
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    doc, slopes = fake_doc_and_slopes(mode)
+    compiled, graphs = compile_recording(TORCH_STYLE["document mask over a tensor argument"])
+    with mode:
+        compiled(q, k, v, doc, slopes)
+        want = eager_id(q, mask_mod=mods.document_mask(doc))
+    assert op_calls(graphs[0])[0].args[5] == want
+
+
+def test_a_global_the_torch_style_mod_reads_is_guarded(monkeypatch):
+    """The mod runs inline on one-element tensors, so dynamo guards WINDOW: a new value
+    recompiles and records the new program (never the old graph)."""
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    doc, slopes = fake_doc_and_slopes(mode)
+    compiled, graphs = compile_recording(TORCH_STYLE["lambda over a global"])
+    with mode:
+        compiled(q, k, v, doc, slopes)
+        compiled(q, k, v, doc, slopes)
+    assert len(graphs) == 1
+    monkeypatch.setattr(sys.modules[__name__], "WINDOW", 64)
+    with mode:
+        compiled(q, k, v, doc, slopes)
+        want = eager_id(q, mask_mod=reads_window)
+    assert len(graphs) == 2
+    ids = [op_calls(g)[0].args[5] for g in graphs]
+    assert ids[0] != ids[1] and ids[1] == want
+
+
+def test_torch_style_mods_compile_once_for_three_sequence_lengths():
+    mode = FakeTensorMode()
+    compiled, graphs = compile_recording(TORCH_STYLE["alibi + document mask"], dynamic=True)
+    for s in (128, 256, 384):
+        q, k, v = fake_qkv(mode, s=s)
+        doc, slopes = fake_doc_and_slopes(mode, s=s)
+        with mode:
+            assert compiled(q, k, v, doc, slopes).shape == q.shape
+    assert len(graphs) == 1
+
+
+REL = None  # set by the test below: a module global, as a model's tables usually are
+
+
+def relative_bias_by_gather(s, b, h, q_idx, kv_idx):
+    return s + REL[q_idx - kv_idx + 127]
+
+
+def test_a_gather_by_a_computed_index_is_named_under_compile(monkeypatch):
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    with mode:
+        monkeypatch.setattr(sys.modules[__name__], "REL", torch.zeros(255, device="cuda"))
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, relative_bias_by_gather)
+
+    compiled, _ = compile_recording(fn)
+    with pytest.raises(Exception, match="gather by a computed index"):
+        with mode:
+            compiled(q, k, v)

@@ -7,7 +7,7 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import _registry, dsl_mods, mods
-from gpu_cases import check, compare, make_inputs
+from gpu_cases import check, compare, make_inputs, on_device
 from mod_cases import READY_MODS
 
 pytestmark = pytest.mark.gpu
@@ -197,6 +197,26 @@ def test_compiled_flex_attention_matches_the_formula(case, dynamic):
     q, k, v = make_inputs(b=b, h=h, s_q=s, seed=3)
     got, want = compare(q, k, v, formula, attention=attention, **kwargs)
     check(got, want, label=f"compiled {case}")
+
+
+@pytest.mark.parametrize("case", ["softcap", "alibi", "document_mask", "and_masks", "softcap_causal"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_torch_style_mods_match_the_formula(case, dynamic):
+    """torch-style mods and mask_mods under torch.compile: out, lse, dq, dk, dv against the
+    formula (their captured tensors are inputs of the compiled graph)."""
+    torch._dynamo.reset()
+    b, h, s = 2, 4, 40  # mod_cases' document ids cover 40 positions
+    kwargs, formula = READY_MODS[case](b, h, s, s)
+    kwargs = on_device(kwargs)
+    score_mod, mask_mod = kwargs.pop("score_mod", None), kwargs.pop("mask_mod", None)
+
+    @torch.compile(fullgraph=True, dynamic=dynamic)
+    def attention(q, k, v, **options):
+        return cudnn_flex.flex_attention(q, k, v, score_mod, mask_mod=mask_mod, **options)
+
+    q, k, v = make_inputs(b=b, h=h, s_q=s, seed=5)
+    got, want = compare(q, k, v, formula, attention=attention, **kwargs)
+    check(got, want, label=f"compiled torch-style {case}")
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -369,3 +369,25 @@ def test_a_gather_by_a_computed_index_is_named_under_compile(monkeypatch):
     with pytest.raises(Exception, match="gather by a computed index"):
         with mode:
             compiled(q, k, v)
+
+
+WEIGHTS = None  # a rank-1 tensor a mod uses without indexing it (refused, as in eager)
+
+
+def scales_by_unindexed_weights(s, b, h, q_idx, kv_idx):
+    return s * WEIGHTS
+
+
+def test_an_unindexed_captured_tensor_is_refused_as_in_eager(monkeypatch):
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    with mode:
+        monkeypatch.setattr(sys.modules[__name__], "WEIGHTS", torch.ones(128, device="cuda"))
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, scales_by_unindexed_weights)
+
+    compiled, _ = compile_recording(fn)
+    with pytest.raises(Exception, match="without indexing"):
+        with mode:
+            compiled(q, k, v)

@@ -65,3 +65,24 @@ def test_a_recognised_band_is_the_frontend_band_mask_in_both_graphs():
                        mask_mod=lambda b, h, q, kv: (q >= kv) & (q - kv < 64))
     assert fwd == "DIV TANH_FWD MUL DIAGONAL_BAND_MASK DIAGONAL_BAND_MASK"
     assert bwd.startswith(fwd + f" {PADDING}")
+
+
+def test_a_comparison_a_flipped_select_also_reads_as_a_value_is_emitted():
+    def mod(s, b, h, q, kv):
+        positive = s > 0
+        return torch.where(positive, 0.5, positive) * s
+
+    fwd, _ = lowered(mod)
+    assert fwd.startswith("CMP_GT") and "CMP_LE" in fwd
+
+
+@pytest.mark.parametrize("mask,lowered_as_band", [
+    (lambda b, h, q, kv: q - kv >= -3e9, False),          # keeps everything: no band to skip for
+    (lambda b, h, q, kv: (q - kv >= -3e9) & (q >= kv), True),   # the far bound dropped: causal
+    (lambda b, h, q, kv: (q - kv <= 3e9) & (q - kv >= 0), True),
+    (lambda b, h, q, kv: q - kv >= 3e9, False),           # keeps nothing: stays dense
+])
+def test_bounds_no_length_reaches_never_overflow_the_band(mask, lowered_as_band):
+    """The band node takes its bounds as INT32 constants: -3e9 would wrap around."""
+    fwd, _ = lowered(mask_mod=mask)
+    assert (fwd == "DIAGONAL_BAND_MASK") == lowered_as_band, fwd

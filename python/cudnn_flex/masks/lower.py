@@ -3,9 +3,12 @@
 A band (causal, sliding window, their offsets; masks/recognize.py) written as the user wrote it
 lowers to selects over compares that cuDNN computes on every tile. Lowered instead as the
 frontend's diagonal band mask (the bridge's private `_band_mask`, after the user's other ops, as the
-frontend orders them), cuDNN skips the tiles outside the band: forward and backward run at the
-speed of its native causal and sliding-window masks. The values are the same: the band keeps
-exactly the scores the recorded selects keep and fills the rest with -inf, as they do.
+frontend orders them), cuDNN skips the tiles outside the band, as for its native causal and
+sliding-window masks. The values are the same: the band keeps exactly the scores the recorded
+selects keep and fills the rest with -inf, as they do. A backward graph with a bprop (softcap +
+window) masks the tile padding after the band (csrc/score_mod_bridge.h): the frontend puts the
+padding before the band, and whether cuDNN still skips tiles in that order is not measured yet
+(the values were checked on the H100).
 
 Only the cuDNN lowering reads this; the reference path evaluates the recorded program itself.
 """
@@ -19,15 +22,26 @@ from ..program.replay import Replay
 from .recognize import Band, band
 
 
+# Bounds beyond any sequence length: the band node takes them as INT32 (and FLOAT) constants.
+_FAR = 2 ** 30
+
+
 def tile_skipping_band(program: Program) -> Optional[Band]:
     """The band of the program's forward that cuDNN can skip tiles for, or None (the dense
-    lowering). An empty band (hi < lo: every score masked) stays dense: it has no diagonal."""
+    lowering). A bound no length reaches is dropped (it keeps every score, and would overflow
+    the node's INT32 constant); an empty band (hi < lo, or a bound that keeps nothing) stays
+    dense: it has no diagonal."""
     found = band(program)
     if found is None:
         return None
-    if found.lo is not None and found.hi is not None and found.hi < found.lo:
+    lo, hi = found.lo, found.hi
+    if (lo is not None and lo > _FAR) or (hi is not None and hi < -_FAR):
         return None
-    return found
+    lo = None if lo is not None and lo < -_FAR else lo
+    hi = None if hi is not None and hi > _FAR else hi
+    if (lo is None and hi is None) or (lo is not None and hi is not None and hi < lo):
+        return None
+    return Band(lo, hi, found.inner)
 
 
 def lower_forward(replay: Replay) -> Any:

@@ -132,10 +132,12 @@ def rebuild(desc: tuple, from_constant: Callable) -> Any:
     if kind == "value":
         return desc[1]
     if kind == "tensor":
-        return torch.empty((1,) * desc[2], dtype=desc[1], device="meta")
+        # Two entries per dim: a tensor of rank >= 1 is no scalar to the recording, as in eager.
+        return torch.empty((2,) * desc[2], dtype=desc[1], device="meta")
     if kind == "function":
         _, code, module, name, cells, defaults, kwdefaults = desc
-        fn = types.FunctionType(code, vars(sys.modules[module]), name,
+        module_globals = vars(sys.modules[module]) if module in sys.modules else {"__builtins__": __builtins__}
+        fn = types.FunctionType(code, module_globals, name,
                                 tuple(rebuild(d, from_constant) for d in defaults) or None,
                                 tuple(types.CellType(rebuild(c, from_constant)) for c in cells) or None)
         fn.__kwdefaults__ = {k: rebuild(d, from_constant) for k, d in kwdefaults} or None

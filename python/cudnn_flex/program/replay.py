@@ -84,7 +84,8 @@ class Replay:
                     readers.setdefault(v, []).append(i)
         flipped = {i for i in needed if self._flips(nodes[i])}
         skipped = {i for i in needed if i != index and nodes[i].op in _NEGATED
-                   and all(r in flipped and nodes[r].args[2] == ("n", i) for r in readers.get(i, ()))}
+                   and all(r in flipped and nodes[r].args[2] == ("n", i) and ("n", i) not in nodes[r].args[:2]
+                           for r in readers.get(i, ()))}
         for i in sorted(needed - skipped):
             self.done[i] = self._emit(nodes[i])
         return self.done[index]
@@ -152,8 +153,8 @@ class Replay:
         if n == 0:
             return self.graph.add(self.graph.mul(x, 0.0), 1.0, **attrs)
         out = x
-        for _ in range(abs(n) - 1):
-            out = self.graph.mul(out, x)
+        for _ in range(abs(n) - 1):  # each product in the op's compute type (INT32 index powers)
+            out = self.graph.mul(out, x, **attrs)
         if n < 0:
             return self.graph.reciprocal(out, **attrs)
         return self.graph.identity(x, **attrs) if out is x else out

@@ -186,6 +186,19 @@ void refuse_build_during_capture(const SdpaProblem& p) {
               "cannot be captured.");
 }
 
+// cuDNN before 9.28 frees a plan's runtime-compiled kernels with the plan, and a CUDA graph that
+// captured a launch of them replays whatever is at that address afterwards
+// (../shared/reference/cudnn_masks.md §4). A plan executed during a capture is therefore kept for
+// the rest of the process, whatever the LRU cache or clear_cache() do: CUDA graphs are not
+// tracked, and the plans a process captures are few (one per captured shape and mod).
+void pin_if_captured(const std::shared_ptr<const BuiltGraph>& graph) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return;
+  static std::mutex mutex;
+  static auto* pinned = new std::vector<std::shared_ptr<const BuiltGraph>>();  // leaked on purpose
+  std::lock_guard<std::mutex> lock(mutex);
+  if (std::find(pinned->begin(), pinned->end(), graph) == pinned->end()) pinned->push_back(graph);
+}
+
 // cuDNN's refusals of the user's problem come back as ValueError; Python errors from a score_mod
 // pass through unchanged.
 template <class F>
@@ -225,6 +238,7 @@ void run(const SdpaProblem& p, bool cacheable, std::vector<std::pair<int64_t, vo
   cudnnHandle_t handle = handle_on_stream();
   at::Tensor workspace = at::empty({std::max<int64_t>(workspace_size(*graph), 1)}, like.options().dtype(at::kByte));
   execute(*graph, handle, pointers, workspace.data_ptr());
+  pin_if_captured(graph);
 }
 
 std::string shape_of(const at::Tensor& t) {

@@ -169,6 +169,38 @@ def scaled_by_three(graph, score, tensors):
     return score * 3.0
 
 
+def test_a_captured_plan_outlives_eviction_and_clear_cache():
+    """cuDNN 9.19 frees a plan's runtime-compiled kernels with the plan: a plan a CUDA graph
+    captured is kept (csrc/ops.cpp pin_if_captured), so replays after the cache evicted it and
+    other graphs were built and freed give the same bits."""
+    q, k, v = (torch.randn(1, 2, 136, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    mod = mods.softcap(7.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cudnn_flex.flex_attention(q, k, v, mod)  # builds and caches the plan
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cudnn_flex.flex_attention(q, k, v, mod)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = out.clone()
+    capacity = cudnn_flex.cache_stats()["capacity"]
+    try:
+        cudnn_flex.clear_cache()
+        cudnn_flex.set_cache_capacity(1)
+        for cap in (3.0, 4.0, 5.0, 6.0):  # other plans built, evicted and freed
+            cudnn_flex.flex_attention(q, k, v, mods.softcap(cap))
+        torch.cuda.synchronize()
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want)
+    finally:
+        cudnn_flex.set_cache_capacity(capacity)
+
+
 def test_building_during_capture_is_a_clear_error():
     q = torch.randn(1, 2, 136, 64, device="cuda", dtype=torch.float16)
     graph = torch.cuda.CUDAGraph()

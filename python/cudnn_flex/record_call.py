@@ -72,18 +72,27 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     if known is not None:
         return known, []
     recorder = Recorder(shape)
-    fwd_out, captures = torch_style.trace(torch_fn, recorder)
-    names = [f"capture {i}" for i in range(len(captures))]
-    views = [torch_style.view_for(t, axes, shape, name) for name, (t, axes) in zip(names, captures)]
-    for name, t in zip(names, views):
+    fwd_out, found = torch_style.trace(torch_fn, recorder)
+    views = [torch_style.view_for(t, axes, shape, _capture_name(i)) for i, (t, axes) in enumerate(found)]
+    for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
-            raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({name}) but q "
+            raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({_capture_name(i)}) but q "
                              f"is on {q.device}; move the captured tensor to q's device")
-    slots = (_registry.slot_signature(names, [t.dtype for t, _ in captures]), bprop_slots)
-    program = _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
-    if guarded is not None and not captures:  # with captures, each call must find its tensors
+    program = _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bprop_dtypes)
+    if guarded is not None and not found:  # with captures, each call must find its tensors
         _registry.remember_guarded(guarded, program)
     return program, views
+
+
+def _capture_name(i: int) -> str:
+    return f"capture {i}"
+
+
+def _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bprop_dtypes):
+    """The program of a traced torch-style mod, its captured tensors as input slots in order."""
+    slots = (_registry.slot_signature([_capture_name(i) for i in range(len(found))], [t.dtype for t, _ in found]),
+             _registry.slot_signature(bprop_names, bprop_dtypes))
+    return _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
 
 
 def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape):
@@ -99,7 +108,7 @@ def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     mod_id, bprop_id, recipe = _recorded_for_compile(
         tuple(captures.describe(f, _registry.constant_form) for f in user_fns),
         _registry.constant_form(score_mod_bprop), tuple(bprop_names), tuple(bprop_dtypes))
-    views = [torch_style.view_for(captures.fetch(user_fns, path), axes, shape, f"capture {i}")
+    views = [torch_style.view_for(captures.fetch(user_fns, path), axes, shape, _capture_name(i))
              for i, (path, axes) in enumerate(recipe)]
     return (mod_id, bprop_id), views
 
@@ -123,10 +132,7 @@ def _recorded_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dt
                 "its values (closure, default, module global, attribute, list or dict item); capture it "
                 "in one of those")
         recipe.append((path, axes))
-    names = [f"capture {i}" for i in range(len(found))]
-    slots = (_registry.slot_signature(names, [t.dtype for t, _ in found]),
-             _registry.slot_signature(bprop_names, bprop_dtypes))
-    program = _registry.finish(recorder, fwd_out, _registry.from_constant_form(bprop_form), bprop_names,
-                               bprop_dtypes, slots)
+    program = _program_of_trace(recorder, fwd_out, found, _registry.from_constant_form(bprop_form), bprop_names,
+                                bprop_dtypes)
     _registry.pin(program)
     return program.mod_id, program.bprop_id, tuple(recipe)

@@ -349,45 +349,32 @@ def test_torch_style_mods_compile_once_for_three_sequence_lengths():
     assert len(graphs) == 1
 
 
-REL = None  # set by the test below: a module global, as a model's tables usually are
+CAPTURED = None  # set by the test below: a module global, as a model's tables usually are
 
 
 def relative_bias_by_gather(s, b, h, q_idx, kv_idx):
-    return s + REL[q_idx - kv_idx + 127]
-
-
-def test_a_gather_by_a_computed_index_is_named_under_compile(monkeypatch):
-    mode = FakeTensorMode()
-    q, k, v = fake_qkv(mode)
-    with mode:
-        monkeypatch.setattr(sys.modules[__name__], "REL", torch.zeros(255, device="cuda"))
-
-    def fn(q, k, v):
-        return cudnn_flex.flex_attention(q, k, v, relative_bias_by_gather)
-
-    compiled, _ = compile_recording(fn)
-    with pytest.raises(Exception, match="gather by a computed index"):
-        with mode:
-            compiled(q, k, v)
-
-
-WEIGHTS = None  # a rank-1 tensor a mod uses without indexing it (refused, as in eager)
+    return s + CAPTURED[q_idx - kv_idx + 127]
 
 
 def scales_by_unindexed_weights(s, b, h, q_idx, kv_idx):
-    return s * WEIGHTS
+    return s * CAPTURED
 
 
-def test_an_unindexed_captured_tensor_is_refused_as_in_eager(monkeypatch):
+@pytest.mark.parametrize("mod,captured,match", [
+    (relative_bias_by_gather, lambda: torch.zeros(255, device="cuda"), "gather by a computed index"),
+    # a rank-1 tensor used without indexing: refused, as in eager
+    (scales_by_unindexed_weights, lambda: torch.ones(128, device="cuda"), "without indexing"),
+], ids=["gather", "unindexed"])
+def test_what_a_compiled_torch_style_mod_cannot_do_is_named(monkeypatch, mod, captured, match):
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
     with mode:
-        monkeypatch.setattr(sys.modules[__name__], "WEIGHTS", torch.ones(128, device="cuda"))
+        monkeypatch.setattr(sys.modules[__name__], "CAPTURED", captured())
 
     def fn(q, k, v):
-        return cudnn_flex.flex_attention(q, k, v, scales_by_unindexed_weights)
+        return cudnn_flex.flex_attention(q, k, v, mod)
 
     compiled, _ = compile_recording(fn)
-    with pytest.raises(Exception, match="without indexing"):
+    with pytest.raises(Exception, match=match):
         with mode:
             compiled(q, k, v)

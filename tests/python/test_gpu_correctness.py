@@ -131,7 +131,7 @@ def test_forward_finds_its_backward_after_clear_cache_and_other_programs():
         assert ((a.float() - b).abs().max() / b.abs().max()).item() < TOL
 
 
-# --- derived bprops: what cuDNN 9.19 computes right, and what it refuses -----------------------
+# --- derived bprops, and the backward forms cuDNN 9.19 got wrong until the lowering fixed them ------------
 
 DERIVED = {
     "softcap": lambda s, *i: torch.tanh(s / 3.0) * 3.0,

@@ -198,7 +198,10 @@ std::shared_ptr<const BuiltGraph> load_plans(const std::vector<uint8_t>& blob, c
   built->graph = std::make_shared<fe::graph::Graph>();
   fe::error_t status;
   try {
-    status = built->graph->deserialize(handle, blob);
+    // No warmup: the frontend's warmup captures a throwaway CUDA graph on a stream of its own, and
+    // while it captures, work another thread puts on the legacy stream fails (CUDA error 906).
+    // A loaded plan's first execute loads its kernels, as a freshly built plan's does.
+    status = built->graph->deserialize(handle, blob, /*enforce_precompiled=*/false, /*run_warmup=*/false);
   } catch (const std::exception& e) {  // the frontend's UBJSON parser throws on malformed input
     throw std::runtime_error(std::string("cudnn_flex: cannot load the stored plan: ") + e.what());
   }

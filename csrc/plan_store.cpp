@@ -48,14 +48,12 @@ bool trusted(const struct stat& st) {
 }  // namespace
 
 std::optional<std::string> PlanStore::directory_from_environment() {
-  if (const char* dir = std::getenv("CUDNN_FLEX_CACHE_DIR")) {
-    std::string d(dir);
-    if (d == "off" || d.empty()) return std::nullopt;
-    return d;
-  }
-  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return std::string(xdg) + "/cudnn_flex";
-  if (const char* home = std::getenv("HOME"); home && *home) return std::string(home) + "/.cache/cudnn_flex";
-  return std::nullopt;
+  // Opt-in: on the H100, plans loaded by a second process gave a wrong forward (a plain causal
+  // mask at B=2, S=128) where the process that stored them was right; until that is understood a
+  // process only loads plans when its user asked for them (README, "Plans on disk").
+  const char* dir = std::getenv("CUDNN_FLEX_CACHE_DIR");
+  if (dir == nullptr || *dir == '\0' || std::string(dir) == "off") return std::nullopt;
+  return std::string(dir);
 }
 
 PlanStore::PlanStore(std::string directory, uint64_t max_bytes)

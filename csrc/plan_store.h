@@ -20,8 +20,8 @@ namespace cudnn_flex {
 
 class PlanStore {
  public:
-  // Where the store lives: CUDNN_FLEX_CACHE_DIR if set ("off" disables it), else
-  // $XDG_CACHE_HOME/cudnn_flex or ~/.cache/cudnn_flex. nullopt when disabled or no home is known.
+  // Where the store lives: CUDNN_FLEX_CACHE_DIR; nullopt (no store) when it is unset, empty or
+  // "off".
   static std::optional<std::string> directory_from_environment();
 
   PlanStore(std::string directory, uint64_t max_bytes);

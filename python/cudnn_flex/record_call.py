@@ -8,6 +8,8 @@ traced code (program/shadow.py) and the program is recorded once, while dynamo t
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from . import _registry, torch_style
@@ -95,6 +97,22 @@ def _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bp
     return _registry.finish(recorder, fwd_out, score_mod_bprop, bprop_names, bprop_dtypes, slots)
 
 
+# Dynamo follows a function's __closure__ (what captures.describe and captures.fetch read) from
+# torch 2.14 on; torch 2.11-2.13 fail inside the trace with an error that names no fix.
+_DYNAMO_READS_CLOSURES = torch.__version__ >= "2.14"
+
+
+@torch._dynamo.assume_constant_result
+def _refuse_closure(name: str, free: tuple) -> None:
+    """Raised in plain Python while dynamo traces: an error raised in the traced code reaches the
+    user as dynamo's "Observed exception", without this message."""
+    raise torch_style.UnsupportedConstruct(
+        f"cudnn_flex: under torch.compile, the torch-style mod {name!r} reads variables of the function that "
+        f"made it ({', '.join(free)}), and the dynamo of torch {torch.__version__} cannot read a closure "
+        "(torch >= 2.14 can); upgrade torch, call it outside torch.compile, or write it as a module-level "
+        "function that reads module globals")
+
+
 def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape):
     """A torch-style call inside the code dynamo traces. The mods run once on one-element tensors,
     inline, so that dynamo guards every value they read (a changed global, closure value or
@@ -102,6 +120,10 @@ def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     recorded once outside dynamo (_recorded_for_compile), and the captured tensors are fetched
     where the user keeps them, so they are inputs of the compiled graph (new values never
     recompile)."""
+    if not _DYNAMO_READS_CLOSURES:
+        for fn in user_fns:
+            if isinstance(fn, types.FunctionType) and fn.__code__.co_freevars:
+                _refuse_closure(fn.__name__, fn.__code__.co_freevars)
     # One-element index tensors (0-dim ones would make `table[q_idx]` a data-dependent item()).
     index = torch.zeros(1, dtype=torch.int64, device=q.device)
     torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)

@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cudnn_flex
 from cudnn_flex import _registry, dsl_mods, mods
+from cudnn_flex.record_call import _DYNAMO_READS_CLOSURES
 
 FWD = torch.ops.cudnn_flex.fwd.default
 
@@ -260,6 +261,13 @@ def eager_id(q, **mods_kwargs):
     return program.mod_id
 
 
+# A mod made by a function (mods.softcap(30.0), mods.document_mask(doc)) is a closure, which the
+# dynamo of torch < 2.14 cannot read: there, such a call is refused by name (the test after TORCH_STYLE).
+needs_closures = pytest.mark.skipif(not _DYNAMO_READS_CLOSURES,
+                                    reason=f"torch {torch.__version__} < 2.14: closures are refused under compile")
+MADE_BY_A_FUNCTION = {"softcap made in the compiled code", "document mask over a tensor argument",
+                      "alibi + document mask"}
+
 TORCH_STYLE = {
     "softcap made in the compiled code": lambda q, k, v, doc, slopes: cudnn_flex.flex_attention(
         q, k, v, mods.softcap(30.0)),
@@ -277,7 +285,8 @@ def fake_doc_and_slopes(mode, s=128, value=0):
         return torch.full((s,), value, dtype=torch.long, device="cuda"), torch.empty(4, device="cuda")
 
 
-@pytest.mark.parametrize("name", TORCH_STYLE)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_closures) if n in MADE_BY_A_FUNCTION else n
+                                  for n in TORCH_STYLE])
 def test_torch_style_mods_compile_into_one_op_with_captured_tensors_as_inputs(name):
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
@@ -296,6 +305,22 @@ def test_torch_style_mods_compile_into_one_op_with_captured_tensors_as_inputs(na
         assert "l_doc_" in placeholders
 
 
+def test_a_closure_compiles_from_torch_2_14_and_is_refused_by_name_before():
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    doc, slopes = fake_doc_and_slopes(mode)
+    compiled, graphs = compile_recording(TORCH_STYLE["document mask over a tensor argument"])
+    if _DYNAMO_READS_CLOSURES:
+        with mode:
+            compiled(q, k, v, doc, slopes)
+        assert len(graphs) == 1
+    else:
+        with pytest.raises(Exception, match=r"'document' reads variables .*\(doc_ids\).*\(torch >= 2.14"):
+            with mode:
+                compiled(q, k, v, doc, slopes)
+
+
+@needs_closures
 def test_new_captured_values_reuse_the_compiled_graph():
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
@@ -307,6 +332,7 @@ def test_new_captured_values_reuse_the_compiled_graph():
     assert len(graphs) == 1
 
 
+@needs_closures
 def test_the_compiled_program_is_the_eager_one():
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
@@ -338,6 +364,7 @@ def test_a_global_the_torch_style_mod_reads_is_guarded(monkeypatch):
     assert ids[0] != ids[1] and ids[1] == want
 
 
+@needs_closures
 def test_torch_style_mods_compile_once_for_three_sequence_lengths():
     mode = FakeTensorMode()
     compiled, graphs = compile_recording(TORCH_STYLE["alibi + document mask"], dynamic=True)

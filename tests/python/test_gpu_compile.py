@@ -7,6 +7,7 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import _registry, dsl_mods, mods
+from cudnn_flex.record_call import _DYNAMO_READS_CLOSURES
 from gpu_cases import check, compare, make_inputs, on_device
 from mod_cases import READY_MODS
 
@@ -231,6 +232,9 @@ def test_compiled_flex_attention_matches_the_formula(case, dynamic):
     check(got, want, label=f"compiled {case}")
 
 
+# Each of these mods is made by a function (a closure), which the dynamo of torch < 2.14 cannot read:
+# there the call is refused by name (test_compile.py).
+@pytest.mark.skipif(not _DYNAMO_READS_CLOSURES, reason=f"torch {torch.__version__} < 2.14 refuses closures under compile")
 @pytest.mark.parametrize("case", ["softcap", "alibi", "document_mask", "and_masks", "softcap_causal"])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_torch_style_mods_match_the_formula(case, dynamic):

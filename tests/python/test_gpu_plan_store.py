@@ -64,3 +64,33 @@ def test_a_corrupted_store_is_rebuilt(tmp_path):
 def test_off_stores_nothing(tmp_path):
     stats, _ = run(tmp_path, "off", "off")
     assert stats == {"plan_loads": 0, "plan_stores": 0, "plan_rejected": 0}
+
+
+# The call check_valid_call_works makes in test_gpu_robustness: causal (a band, no other op) at
+# B=2, H=4, S=128. A loaded plan's result is checked against the formula, not against the process
+# that stored it: a plan can be right where it was built and wrong where it is loaded.
+CHECKED_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import json, cudnn_flex
+from gpu_cases import check, compare, make_inputs
+from mod_cases import READY_MODS
+q, k, v = make_inputs(seed=99)
+kwargs, formula = READY_MODS["dsl_causal"](*q.shape[:3], k.shape[2])
+got, want = compare(q, k, v, formula, **kwargs)
+stats = {k: v for k, v in cudnn_flex.cache_stats().items() if k.startswith("plan_")}
+check(got, want, label=json.dumps(stats))
+print(json.dumps(stats))
+"""
+
+
+def test_plans_loaded_by_another_process_match_the_formula(tmp_path):
+    env = dict(os.environ, CUDNN_FLEX_CACHE_DIR=str(tmp_path / "plans"))
+    here = os.path.dirname(__file__)
+    stats = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CHECKED_SCRIPT, here], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert stats == [{"plan_loads": 0, "plan_stores": 2, "plan_rejected": 0},
+                     {"plan_loads": 2, "plan_stores": 0, "plan_rejected": 0}]

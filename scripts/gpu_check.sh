@@ -22,8 +22,16 @@ if [ -x /usr/bin/g++ ]; then
   export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
 fi
 t0=$(date +%s)
-# In-place build: the ninja objects in build/ survive between calls on a warm machine.
-MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
+if [ -n "${PREBUILT:-}" ]; then
+  # An extension built by an earlier call (its $OUT/so, carried back): skips the ~150 s build.
+  cp "$PREBUILT" python/cudnn_flex/ || exit 1
+else
+  # In-place build: the ninja objects in build/ survive between calls on a warm machine.
+  MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log; exit 1; }
+  if [ -n "${OUT:-}" ]; then  # for PREBUILT= on the next call
+    mkdir -p "$OUT/so" && cp python/cudnn_flex/_C*.so "$OUT/so/" && strip --strip-debug "$OUT"/so/*.so
+  fi
+fi
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 echo "build: $(( $(date +%s) - t0 )) s"
 if nm -C --defined-only python/cudnn_flex/_C*.so | grep -q "codecvt_utf8_base"; then
@@ -32,7 +40,15 @@ fi
 LOG=${OUT:-/tmp}/gpu_check.log
 # REPORT: gpu_report.py flags before the tests (default --broadcast); BENCH=0 skips the timings.
 python3 scripts/gpu_report.py ${REPORT---broadcast} 2>&1 | tee "$LOG.report"
-python3 -m pytest -q -m gpu tests/python --tb=line -p no:cacheprovider "$@" 2>&1 | tee "$LOG" | tail -60
+# -v: each result is in the log as it finishes, so a run cut off by TEST_TIMEOUT still says which
+# tests failed; the tracebacks come at the end (--tb=short). JOBS=1 for the timing-free serial run.
+timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -v -m gpu -n "${JOBS:-8}" --tb=short -rf -p no:cacheprovider \
+  "${@:-tests/python}" > "$LOG" 2>&1
+echo "pytest exit: $? (124: cut off after ${TEST_TIMEOUT:-420} s)"
+echo "passed: $(grep -c ' PASSED ' "$LOG"), failed: $(grep -c ' FAILED ' "$LOG")"
+grep ' FAILED ' "$LOG" | sed 's/.* FAILED //' | sort -u | head -40
+grep -E '^E ' "$LOG" | cut -c1-300 | head -40
+tail -3 "$LOG"
 if [ "${BENCH:-1}" != 0 ]; then
   python3 scripts/gpu_report.py --bench 2>&1 | tee -a "$LOG.report" | tail -15
 fi

@@ -12,6 +12,7 @@ from ._C import Graph, Tensor, data_type
 from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
 from .torch_style import UnsupportedConstruct, torch_score_mod
+from .varlen import cu_seqlens_from_document_ids, flex_attention_varlen
 from .program import BpropNotDerivable
 from . import compat, dsl_mods, mods, program, reference
 
@@ -34,8 +35,8 @@ versions = _C.versions
 
 __all__ = [
     "BpropMismatchError", "compat", "BpropNotDerivable", "FlexAttention", "Graph", "ReferencePathWarning", "Tensor", "cache_stats",
-    "UnsupportedConstruct", "check_score_mod_bprop", "clear_cache", "data_type", "dsl_mods",
-    "flex_attention", "mods", "plan_store_directory", "reference", "torch_score_mod",
+    "UnsupportedConstruct", "check_score_mod_bprop", "clear_cache", "cu_seqlens_from_document_ids", "data_type",
+    "dsl_mods", "flex_attention", "flex_attention_varlen", "mods", "plan_store_directory", "reference", "torch_score_mod",
     "set_cache_capacity", "validate_graphs", "versions",
 ]
 __version__ = "0.1.0"

@@ -64,6 +64,10 @@ MUTATIONS = [
     ("q_idx and kv_idx swapped in torch-style mods", P + "torch_style.py", "[Proxy(tr, axis=a, kind=\"int\") for a in range(4)]", "[Proxy(tr, axis=a, kind=\"int\") for a in (0, 1, 3, 2)]"),
     ("relu derivative: clip ignored", P + "program/ops.py", "return g if upper_clip is None else torch.where(x < upper_clip, g, torch.zeros_like(x))", "return g"),
     ("k/v sequence check dropped", P + "_validation.py", "    if s_k != s_v:\n", "    if False:\n"),
+    ("padded keys off by one", P + "reference.py",
+     "scores.masked_fill(index >= lengths.to(", "scores.masked_fill(index > lengths.to("),
+    ("varlen reads the next sequence's last key", P + "varlen.py",
+     "kv_lengths=torch.tensor(lengths_kv,", "kv_lengths=1 + torch.tensor(lengths_kv,"),
 ]
 
 # The recorded program and graph identity (the correctness issue): a stale graph is a wrong

@@ -121,3 +121,31 @@ def use_cudnn(q: torch.Tensor, backend: str) -> bool:
         raise ValueError(f"cudnn_flex: backend='cudnn' needs CUDA float16/bfloat16 tensors, got "
                          f"{q.dtype} on {q.device}")
     return eligible and backend != "reference"
+
+
+def _checked_lengths(lengths, name: str, batch: int, longest: int, q: torch.Tensor) -> torch.Tensor:
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor of int32, got {type(lengths).__name__}")
+    if lengths.dtype != torch.int32 or lengths.shape != (batch,):
+        raise ValueError(f"cudnn_flex: {name} must be int32 [B] = [{batch}] (one length per batch element), "
+                         f"got {lengths.dtype} {tuple(lengths.shape)}")
+    if lengths.device != q.device:
+        raise ValueError(f"cudnn_flex: {name} is on {lengths.device} but q is on {q.device}; put it on q's device")
+    values = lengths.tolist()
+    if any(n < 0 or n > longest for n in values):
+        raise ValueError(f"cudnn_flex: {name} must lie in [0, {longest}] (the padded length), got {values}")
+    return lengths
+
+
+def padded_lengths(seq_lens_q, seq_lens_kv, q, k, backend: str):
+    """(kv lengths, q lengths) of a padded batch, checked, or None without them. They run the
+    reference path for now: backend="cudnn" refuses them, "auto" warns (ReferencePathWarning)."""
+    if seq_lens_q is None and seq_lens_kv is None:
+        return None
+    if backend == "cudnn":
+        raise ValueError("cudnn_flex: seq_lens_q/seq_lens_kv run the reference path for now (the cuDNN padding "
+                         "mask is not wired yet); pass backend='auto' or 'reference', or mask the padding "
+                         "with a mask_mod")
+    kv = None if seq_lens_kv is None else _checked_lengths(seq_lens_kv, "seq_lens_kv", q.shape[0], k.shape[2], q)
+    q_lengths = None if seq_lens_q is None else _checked_lengths(seq_lens_q, "seq_lens_q", q.shape[0], q.shape[2], q)
+    return kv, q_lengths

@@ -11,18 +11,27 @@ import torch
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
-                          check_dense_last_dim, use_cudnn)
+                          check_dense_last_dim, padded_lengths, use_cudnn)
 from .record_call import record_call
 
 _reference_warned = False
+_lengths_warned = False
 
 
 class ReferencePathWarning(UserWarning):
     """flex_attention ran the PyTorch reference path instead of cuDNN (silence with warnings.filterwarnings)."""
 
 
-def _warn_reference(q: torch.Tensor) -> None:
-    global _reference_warned
+def _warn_reference(q: torch.Tensor, lengths_on_cuda: bool = False) -> None:
+    """Once per process for each reason: a dtype or device cuDNN does not take, or seq_lens."""
+    global _reference_warned, _lengths_warned
+    if lengths_on_cuda:
+        if not _lengths_warned:
+            _lengths_warned = True
+            warnings.warn("cudnn_flex: seq_lens_q/seq_lens_kv run the PyTorch reference path (materialized "
+                          "scores, not cuDNN) until the cuDNN padding mask is wired", ReferencePathWarning,
+                          stacklevel=3)
+        return
     if _reference_warned:
         return
     _reference_warned = True
@@ -39,6 +48,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    *, scale: Optional[float] = None, layout: str = "bhsd",
                    return_lse: bool = False, deterministic: bool = False,
                    backend: str = "auto", mask_mod: Optional[Callable] = None,
+                   seq_lens_q: Optional[torch.Tensor] = None, seq_lens_kv: Optional[torch.Tensor] = None,
                    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Attention softmax(score_mod(scale * Q K^T)) V as one fused cuDNN kernel, forward and backward.
 
@@ -61,6 +71,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: "auto", "cudnn" (refuses what cuDNN cannot take) or "reference".
         mask_mod: mask_mod(b, h, q_idx, kv_idx) -> bool, as for torch's flex_attention (with a
             torch-style score_mod or none).
+        seq_lens_q, seq_lens_kv: int32 [B] on q's device, the valid length of each batch
+            element of a padded batch: keys at kv_idx >= seq_lens_kv[b] are masked, and rows at
+            q_idx >= seq_lens_q[b] give out = 0, lse = -inf and no gradient. For now they run
+            the reference path (backend="cudnn" refuses them).
     Returns:
         out [B, H_q, Sq, D_v] in `layout` (q's dtype), and with return_lse=True (out, lse).
     Raises:
@@ -88,7 +102,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "they are inputs of score_mod_bprop only")
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])
-    if use_cudnn(q, backend):
+    lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k, backend)
+    if lengths is None and use_cudnn(q, backend):
         check_dense_last_dim(q, k, v)
         for i, t in enumerate(mod_tensors + bprop_tensors):
             if t.dtype == torch.float64:
@@ -105,11 +120,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # The backward graph may be built long after: its program lives as long as the node.
             out.grad_fn.metadata["cudnn_flex_program"] = program
     else:
-        _warn_reference(q)
+        _warn_reference(q, lengths_on_cuda=lengths is not None and use_cudnn(q, backend))
         if scale is None:
             scale = 1.0 / math.sqrt(q.shape[-1])
         out, lse = reference.attention_program(
-            q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32)
+            q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32,
+            *(lengths or (None, None)))
         out = out.to(q.dtype)
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])

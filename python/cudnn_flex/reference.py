@@ -142,12 +142,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               score_mod: Optional[Callable] = None,
               score_mod_tensors: Optional[Mapping[str, torch.Tensor]] = None,
               scale: Optional[float] = None, float_dtype: torch.dtype = torch.float32,
-              kv_lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+              kv_lengths: Optional[torch.Tensor] = None, q_lengths: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention on BHSD tensors with score_mod, in float_dtype. Returns (out, lse [B,H,Sq]).
 
     Rows in which every score is -inf give out = 0 and lse = -inf, as cuDNN does. With kv_lengths
     ([B] integers), keys at kv_idx >= kv_lengths[b] are masked after the score_mod (padded
-    batches, packed sequences).
+    batches, packed sequences); with q_lengths, so are the rows at q_idx >= q_lengths[b].
     """
     h_q = q.shape[1]
     if scale is None:
@@ -167,10 +168,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise TypeError(f"cudnn_flex: the score_mod returned {type(result).__name__}; it must "
                             "return the graph tensor it computed from its input")
         scores = result.value.to(float_dtype).expand(scores.shape)
-    if kv_lengths is not None:
-        kv_idx = torch.arange(scores.shape[-1], device=scores.device)
-        beyond = kv_idx >= kv_lengths.to(scores.device).view(-1, 1, 1, 1)
-        scores = scores.masked_fill(beyond, float("-inf"))
+    for lengths, axis in ((kv_lengths, -1), (q_lengths, -2)):
+        if lengths is not None:
+            index = torch.arange(scores.shape[axis], device=scores.device)
+            index = index.view(-1, 1) if axis == -2 else index
+            scores = scores.masked_fill(index >= lengths.to(scores.device).view(-1, 1, 1, 1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Fully masked rows (lse = -inf) give 0 as cuDNN does; NaN or inf in the inputs propagate.
     empty_row = (lse == float("-inf")).unsqueeze(-1)
@@ -183,7 +185,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def attention_program(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program,
                       mod_tensors=(), scale: Optional[float] = None,
                       float_dtype: torch.dtype = torch.float32,
-                      kv_lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      kv_lengths: Optional[torch.Tensor] = None, q_lengths: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """attention() of a recorded program (what flex_attention runs off cuDNN): the program's
     forward evaluated on the materialized scores, with mod_tensors in slot order."""
     from .program.record import SCORE, mod_slot
@@ -195,4 +198,5 @@ def attention_program(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program
             t = t.to(score.value.device)
             slots[mod_slot(i)] = RefTensor(t.to(float_dtype) if t.is_floating_point() else t, graph)
         return evaluate(program, graph, slots)
-    return attention(q, k, v, None if program is None else score_mod, None, scale, float_dtype, kv_lengths)
+    return attention(q, k, v, None if program is None else score_mod, None, scale, float_dtype, kv_lengths,
+                     q_lengths)

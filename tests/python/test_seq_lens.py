@@ -1,0 +1,84 @@
+"""flex_attention's seq_lens_q / seq_lens_kv (padded batches) on the CPU reference path: each batch
+element gives what a call on its valid part alone gives (out, lse, dq, dk, dv); the padding gets
+out 0, lse -inf and no gradient; the lengths are checked by name."""
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import dsl_mods, mods
+
+H, H_KV, D, D_V = 4, 2, 16, 8
+LENGTHS = [(1, 1), (127, 129), (129, 127), (0, 5), (5, 0), (64, 100)]  # (q, kv) per batch element
+S = 129  # the padded length
+SOFTCAP = dsl_mods.Softcap(3.0)
+MODS = {
+    "none": {},
+    "causal mask_mod": dict(mask_mod=mods.causal),
+    "alibi torch-style": dict(score_mod=mods.alibi(mods.alibi_slopes(H))),
+    "dsl softcap with its bprop": dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward),
+}
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = len(LENGTHS)
+    q = torch.randn(b, H, S, D, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(b, H_KV, S, D, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(b, H_KV, S, D_V, generator=g, dtype=torch.float64).requires_grad_()
+    d_out = torch.randn(b, H, S, D_V, generator=g, dtype=torch.float64)
+    lengths_q = torch.tensor([n for n, _ in LENGTHS], dtype=torch.int32)
+    lengths_kv = torch.tensor([n for _, n in LENGTHS], dtype=torch.int32)
+    return q, k, v, d_out, lengths_q, lengths_kv
+
+
+@pytest.mark.parametrize("mod", MODS)
+def test_each_batch_element_is_its_valid_part_alone(mod):
+    q, k, v, d_out, lengths_q, lengths_kv = inputs()
+    out, lse = cudnn_flex.flex_attention(q, k, v, **MODS[mod], seq_lens_q=lengths_q, seq_lens_kv=lengths_kv,
+                                         return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+    for i, (n_q, n_kv) in enumerate(LENGTHS):
+        qi, ki, vi = q[i:i + 1, :, :n_q], k[i:i + 1, :, :n_kv], v[i:i + 1, :, :n_kv]
+        want, want_lse = cudnn_flex.flex_attention(qi, ki, vi, **MODS[mod], return_lse=True)
+        grads = torch.autograd.grad(want, (qi, ki, vi), d_out[i:i + 1, :, :n_q], allow_unused=True)
+        torch.testing.assert_close(out[i:i + 1, :, :n_q], want, msg=f"out of element {i}")
+        torch.testing.assert_close(lse[i:i + 1, :, :n_q], want_lse, msg=f"lse of element {i}")
+        # The gradients of the valid part: those of the element alone, read through its slices.
+        for name, got, full, n in (("dq", grads[0], dq, n_q), ("dk", grads[1], dk, n_kv), ("dv", grads[2], dv, n_kv)):
+            want_grad = torch.zeros_like(full[i:i + 1, :, :n]) if got is None else got
+            torch.testing.assert_close(full[i:i + 1, :, :n], want_grad, msg=f"{name} of element {i}")
+        # The padding: no output, an empty row's lse, and no gradient.
+        assert torch.all(out[i, :, n_q:] == 0) and torch.all(lse[i, :, n_q:] == float("-inf"))
+        assert torch.all(dq[i, :, n_q:] == 0) and torch.all(dk[i, :, n_kv:] == 0) and torch.all(dv[i, :, n_kv:] == 0)
+
+
+def test_lengths_of_the_full_size_change_nothing():
+    q, k, v, _, _, _ = inputs(seed=1)
+    full = torch.full((len(LENGTHS),), S, dtype=torch.int32)
+    a = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal)
+    b = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal, seq_lens_q=full, seq_lens_kv=full)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+BAD = {
+    "int64": (dict(seq_lens_kv=torch.zeros(len(LENGTHS), dtype=torch.int64)), ValueError,
+              r"seq_lens_kv must be int32 \[B\] = \[6\]"),
+    "one per head": (dict(seq_lens_q=torch.zeros(len(LENGTHS), H, dtype=torch.int32)), ValueError,
+                     r"seq_lens_q must be int32 \[B\]"),
+    "longer than the padding": (dict(seq_lens_q=torch.full((len(LENGTHS),), S + 1, dtype=torch.int32)), ValueError,
+                                r"seq_lens_q must lie in \[0, 129\]"),
+    "negative": (dict(seq_lens_kv=torch.full((len(LENGTHS),), -1, dtype=torch.int32)), ValueError,
+                 r"seq_lens_kv must lie in \[0, 129\]"),
+    "a list": (dict(seq_lens_kv=[1, 2, 3, 4, 5, 6]), TypeError, r"seq_lens_kv must be a torch.Tensor"),
+    "cudnn backend": (dict(seq_lens_kv=torch.ones(len(LENGTHS), dtype=torch.int32), backend="cudnn"), ValueError,
+                      r"seq_lens_q/seq_lens_kv run the reference path for now"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_lengths_are_named(case):
+    q, k, v, _, _, _ = inputs()
+    kwargs, exc, match = BAD[case]
+    with pytest.raises(exc, match=match):
+        cudnn_flex.flex_attention(q, k, v, **kwargs)

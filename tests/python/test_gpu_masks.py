@@ -115,3 +115,36 @@ def test_one_query_one_key_runs_forward_and_names_the_refused_backward():
     torch.testing.assert_close(out.float(), v.float(), atol=0, rtol=0)  # one key: P = 1
     with pytest.raises(ValueError, match=r"cuDNN refused the backward .*s_q = s_kv = 1"):
         out.float().sum().backward()
+
+
+# Padding and decoding masks written as Hugging Face models write them: per-batch lengths in a
+# captured [B] tensor indexed by b. They stay on the dense path; cudnn_masks.md measured a plain
+# compare of the key index against a [B,1,1,1] length tensor to be silently wrong on cuDNN 9.19,
+# so each form is checked against its formula, rows past a length (fully masked) included.
+LENGTHS = torch.tensor([1, 100])  # B = 2: one nearly empty row, one partial
+OFFSETS = torch.tensor([0, 37])   # decode: the queries are the last ones of a longer cache
+
+PADDING_CASES = {
+    "keys past the length": (dict(mask_mod=lambda b, h, q, kv: kv < LENGTHS[b]),
+                             lambda s, b, h, q, kv: torch.where(kv < LENGTHS[b], s, NEG_INF)),
+    "queries and keys past the length": (
+        dict(mask_mod=lambda b, h, q, kv: (q < LENGTHS[b]) & (kv < LENGTHS[b])),
+        lambda s, b, h, q, kv: torch.where((q < LENGTHS[b]) & (kv < LENGTHS[b]), s, NEG_INF)),
+    "bottom-right causal by a per-batch offset": (
+        dict(mask_mod=lambda b, h, q, kv: q + OFFSETS[b] >= kv),
+        lambda s, b, h, q, kv: torch.where(q + OFFSETS[b] >= kv, s, NEG_INF)),
+    "softcap + keys past the length": (
+        dict(score_mod=mods.softcap(20.0), mask_mod=lambda b, h, q, kv: kv < LENGTHS[b]),
+        lambda s, b, h, q, kv: torch.where(kv < LENGTHS[b], 20.0 * torch.tanh(s / 20.0), NEG_INF)),
+}
+PADDING_SHAPES = {"4x129": (4, 129), "127x127": (127, 127), "129x129": (129, 129), "300x300": (300, 300)}
+
+
+@pytest.mark.parametrize("shape", PADDING_SHAPES)
+@pytest.mark.parametrize("name", PADDING_CASES)
+def test_per_batch_length_masks_match_their_formula(name, shape):
+    s_q, s_kv = PADDING_SHAPES[shape]
+    kwargs, formula = PADDING_CASES[name]
+    q, k, v = make_inputs(b=2, h=4, h_kv=2, s_q=s_q, s_kv=s_kv, d=64, seed=zlib.crc32((name + shape).encode()) % 1000)
+    got, want = compare(q, k, v, formula, **kwargs)
+    check(got, want, label=f"{name} {shape}")

@@ -69,14 +69,19 @@ def lowered_ops(kwargs, q, k, v):
     return cudnn_flex.validate_graphs(q, k, v, **kwargs)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", CASES)
-def test_band_matches_its_formula(name, shape):
-    s_q, s_kv = SHAPES[shape]
-    kwargs, formula = CASES[name]
+def check_case(cases, shapes, name, shape):
+    """cases[name] at shapes[shape] (B=2, H=4, H_kv=2) against its formula: out, lse, dq, dk, dv."""
+    s_q, s_kv = shapes[shape]
+    kwargs, formula = cases[name]
     q, k, v = make_inputs(b=2, h=4, h_kv=2, s_q=s_q, s_kv=s_kv, d=64, seed=zlib.crc32((name + shape).encode()) % 1000)
     got, want = compare(q, k, v, formula, **kwargs)
     check(got, want, label=f"{name} {shape}")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", CASES)
+def test_band_matches_its_formula(name, shape):
+    check_case(CASES, SHAPES, name, shape)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -143,8 +148,4 @@ PADDING_SHAPES = {"4x129": (4, 129), "127x127": (127, 127), "129x129": (129, 129
 @pytest.mark.parametrize("shape", PADDING_SHAPES)
 @pytest.mark.parametrize("name", PADDING_CASES)
 def test_per_batch_length_masks_match_their_formula(name, shape):
-    s_q, s_kv = PADDING_SHAPES[shape]
-    kwargs, formula = PADDING_CASES[name]
-    q, k, v = make_inputs(b=2, h=4, h_kv=2, s_q=s_q, s_kv=s_kv, d=64, seed=zlib.crc32((name + shape).encode()) % 1000)
-    got, want = compare(q, k, v, formula, **kwargs)
-    check(got, want, label=f"{name} {shape}")
+    check_case(PADDING_CASES, PADDING_SHAPES, name, shape)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("python3 -m benchmarks needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    from . import runner
+    from . import fresh_process, runner
     from .environment import environment
     from .paths import frontend
     torch.manual_seed(0)
@@ -141,8 +141,10 @@ def main(argv=None) -> int:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
     runner.warm_up(args, log)
-    cold = {} if args.no_cold or "cudnn_flex" not in args.path_list else \
-        runner.guarded(runner.measure_cold, "cold build", args, log)
+    cold = {}
+    if not args.no_cold and "cudnn_flex" in args.path_list:
+        cold = runner.guarded(runner.measure_cold, "cold build", args, log)
+        cold.update(runner.guarded(fresh_process.measure, "new-process start", args, log))
     host = {} if args.no_host else runner.guarded(runner.measure_host, "host time", args, log)
     rs = runner.run_grid(args, deadline, log)
 

@@ -101,9 +101,12 @@ def cold_lines(cold: dict) -> list:
         if v.get("error"):
             lines.append(f"- {label}: error: {short_error(v['error'], 200)}")
         else:
+            where = (f"plans loaded {v['plan_loads']}, stored {v['plan_stores']}" if "plan_loads" in v
+                     else f"cache builds +{v.get('builds', '?')}")
+            same = {True: "; bitwise the result of the process that built them",
+                    False: "; NOT the result of the process that built them"}.get(v.get("same_bits"), "")
             lines.append(f"- {label}: forward graph {fmt(v.get('fwd_s'), 3)} s, backward graph "
-                         f"{fmt(v.get('bwd_s'), 3)} s (first call, synchronized; cache "
-                         f"builds +{v.get('builds', '?')})")
+                         f"{fmt(v.get('bwd_s'), 3)} s (first call, synchronized; {where}{same})")
     return lines
 
 

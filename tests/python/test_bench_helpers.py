@@ -165,7 +165,10 @@ def test_markdown_and_summary():
     for r in _mask_rows():
         rs.add(r)
     host = {"cudnn_flex": {"fwd": 10.0, "fwd_bwd": 30.0}, "frontend": {"error": "boom"}}
-    cold = {"new score_mod structure": {"fwd_s": 1.2, "bwd_s": 1.5, "builds": 2}}
+    cold = {"new score_mod structure": {"fwd_s": 1.2, "bwd_s": 1.5, "builds": 2},
+            "new process, empty plan store": {"fwd_s": 0.5, "bwd_s": 0.9, "plan_loads": 0, "plan_stores": 2},
+            "new process, warm plan store": {"fwd_s": 0.03, "bwd_s": 0.04, "plan_loads": 2, "plan_stores": 0,
+                                             "same_bits": False}}
     meta = {"device": "H100", "versions": "v", "command": "python3 -m benchmarks", "wall_s": 300.0,
             "budget_s": 420.0, "skipped": 2}
     figures = goals.all_figures(rs, host)
@@ -177,6 +180,10 @@ def test_markdown_and_summary():
     assert "error: RuntimeError: cuDNN said / no" in md      # a '|' must not break the table
     assert "| skipped |" in md and "## Errors" in md
     assert "forward graph 1.200 s, backward graph 1.500 s" in md
+    assert "new process, empty plan store: forward graph 0.500 s, backward graph 0.900 s (first call, " \
+           "synchronized; plans loaded 0, stored 2)" in md
+    assert "warm plan store: forward graph 0.030 s, backward graph 0.040 s (first call, synchronized; plans " \
+           "loaded 2, stored 0; NOT the result of the process that built them)" in md
     assert report.first_call_totals(rs)["torch_flex"] == pytest.approx(2 * 6 * 1.5)
     assert "torch_flex 18.0" in md
     table = report.gpu_table(rs)

@@ -137,15 +137,10 @@ def _checked_lengths(lengths, name: str, batch: int, longest: int, q: torch.Tens
     return lengths
 
 
-def padded_lengths(seq_lens_q, seq_lens_kv, q, k, backend: str):
-    """(kv lengths, q lengths) of a padded batch, checked, or None without them. They run the
-    reference path for now: backend="cudnn" refuses them, "auto" warns (ReferencePathWarning)."""
+def padded_lengths(seq_lens_q, seq_lens_kv, q, k):
+    """(kv lengths, q lengths) of a padded batch, checked (on the host), or None without them."""
     if seq_lens_q is None and seq_lens_kv is None:
         return None
-    if backend == "cudnn":
-        raise ValueError("cudnn_flex: seq_lens_q/seq_lens_kv run the reference path for now (the cuDNN padding "
-                         "mask is not wired yet); pass backend='auto' or 'reference', or mask the padding "
-                         "with a mask_mod")
     kv = None if seq_lens_kv is None else _checked_lengths(seq_lens_kv, "seq_lens_kv", q.shape[0], k.shape[2], q)
     q_lengths = None if seq_lens_q is None else _checked_lengths(seq_lens_q, "seq_lens_q", q.shape[0], q.shape[2], q)
     return kv, q_lengths

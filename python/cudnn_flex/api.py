@@ -102,8 +102,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "they are inputs of score_mod_bprop only")
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])
-    lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k, backend)
-    if lengths is None and use_cudnn(q, backend):
+    padded = seq_lens_q is not None or seq_lens_kv is not None
+    if padded and backend == "cudnn":
+        raise ValueError("cudnn_flex: seq_lens_q/seq_lens_kv run the reference path for now (the cuDNN padding "
+                         "mask is not wired yet); pass backend='auto' or 'reference', or mask the padding "
+                         "with a mask_mod")
+    if not padded and use_cudnn(q, backend):
         check_dense_last_dim(q, k, v)
         for i, t in enumerate(mod_tensors + bprop_tensors):
             if t.dtype == torch.float64:
@@ -120,16 +124,25 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # The backward graph may be built long after: its program lives as long as the node.
             out.grad_fn.metadata["cudnn_flex_program"] = program
     else:
-        _warn_reference(q, lengths_on_cuda=lengths is not None and use_cudnn(q, backend))
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = reference.attention_program(
-            q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32,
-            *(lengths or (None, None)))
-        out = out.to(q.dtype)
+        _warn_reference(q, lengths_on_cuda=padded and use_cudnn(q, backend))
+        out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable  # reads lengths on the host and evaluates the program in Python: eager under compile
+def _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv):
+    """flex_attention's reference path: (out in q's dtype, lse)."""
+    if isinstance(program, tuple):  # (mod_id, bprop_id), recorded while dynamo traced (record_call)
+        program = _registry.lookup(program[0]) if program[0] else None
+    lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = reference.attention_program(
+        q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32,
+        *(lengths or (None, None)))
+    return out.to(q.dtype), lse
 
 
 class FlexAttention(torch.nn.Module):

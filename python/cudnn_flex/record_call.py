@@ -8,6 +8,7 @@ traced code (program/shadow.py) and the program is recorded once, while dynamo t
 
 from __future__ import annotations
 
+import re
 import types
 
 import torch
@@ -99,7 +100,8 @@ def _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bp
 
 # Dynamo follows a function's __closure__ (what captures.describe and captures.fetch read) from
 # torch 2.14 on; torch 2.11-2.13 fail inside the trace with an error that names no fix.
-_DYNAMO_READS_CLOSURES = torch.__version__ >= "2.14"
+# (major, minor) only: "2.14.0a0+git..." (NGC, nightly) is a 2.14 whose string compares below "2.14".
+_DYNAMO_READS_CLOSURES = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups()) >= (2, 14)
 
 
 @torch._dynamo.assume_constant_result

@@ -138,6 +138,14 @@ def expand_kv_heads(t: torch.Tensor, h_q: int) -> torch.Tensor:
     return t if t.shape[1] == h_q else t.repeat_interleave(h_q // t.shape[1], dim=1)
 
 
+def _zero_past(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [B, H, S, D] with the rows at s >= lengths[b] set to 0 (no gradient reaches them)."""
+    if lengths is None:
+        return x
+    past = torch.arange(x.shape[2], device=x.device) >= lengths.to(x.device).view(-1, 1, 1)  # [B, 1, S]
+    return torch.where(past.unsqueeze(-1), 0.0, x)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               score_mod: Optional[Callable] = None,
               score_mod_tensors: Optional[Mapping[str, torch.Tensor]] = None,
@@ -156,6 +164,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qf = q.to(float_dtype)
     kf = expand_kv_heads(k, h_q).to(float_dtype)
     vf = expand_kv_heads(v, h_q).to(float_dtype)
+    # Padding past a length is zeroed before it is read: whatever it holds (torch.empty's NaN)
+    # must not reach the valid rows through 0 * NaN, forward or backward.
+    kf, vf = _zero_past(kf, kv_lengths), _zero_past(vf, kv_lengths)
+    qf = _zero_past(qf, q_lengths)
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if score_mod is not None:
         graph = ReferenceGraph(scores.shape, scores.device, float_dtype)

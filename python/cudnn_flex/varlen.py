@@ -15,6 +15,7 @@ layout with tile skipping (issue 13) replaces it without changing this function'
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Callable, Optional, Union
 
@@ -53,14 +54,18 @@ def _lengths(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str) -> l
     return lengths
 
 
-def _longest(lengths: list[int], given: Optional[int], name: str) -> int:
+def _longest(lengths: list[int], given, name: str) -> int:
     longest = max(lengths, default=0)
     if given is None:
         return longest
-    if isinstance(given, bool) or not isinstance(given, int) or given < longest:
+    try:
+        value = operator.index(given)  # int, numpy and 0-dim integer tensors; not floats or bools
+    except TypeError:
+        value = None
+    if isinstance(given, bool) or value is None or value < longest:
         raise ValueError(f"cudnn_flex: {name} must be an int at least the longest sequence ({longest}), "
                          f"got {given!r}")
-    return given
+    return value
 
 
 def _check_tokens(q, k, v) -> None:
@@ -102,7 +107,7 @@ def _warn_reference(q: torch.Tensor) -> None:
     _warned = True
     warnings.warn("cudnn_flex: flex_attention_varlen runs the PyTorch reference path (materialised "
                   "scores of the padded batch, not cuDNN) until its cuDNN ragged path lands",
-                  ReferencePathWarning, stacklevel=3)
+                  ReferencePathWarning, stacklevel=4)  # past torch.compiler.disable's wrapper
 
 
 @torch.compiler.disable  # host reads of the lengths: under torch.compile it runs eagerly (a graph break)
@@ -173,7 +178,12 @@ def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     flex_attention with mask_mod=mods.document_mask(doc) computes (reads the ids on the host)."""
     if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 1:
         raise ValueError("cudnn_flex: document_ids must be a 1-D tensor with one id per token of the packed row")
-    _, counts = torch.unique_consecutive(document_ids, return_counts=True)
+    ids, counts = torch.unique_consecutive(document_ids, return_counts=True)
+    if ids.unique().numel() != ids.numel():
+        # [0, 0, 1, 0]: the document mask lets the last token see the first two; packed sequences cannot.
+        raise ValueError("cudnn_flex: each document's tokens must be contiguous in document_ids (an id comes back "
+                         f"after another one: runs {ids.tolist()}); a document split in parts needs the dense "
+                         "mask_mod=mods.document_mask(document_ids)")
     cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=document_ids.device)
     cu[1:] = counts.cumsum(0)
     return cu

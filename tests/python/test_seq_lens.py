@@ -9,8 +9,8 @@ import cudnn_flex
 from cudnn_flex import dsl_mods, mods
 
 H, H_KV, D, D_V = 4, 2, 16, 8
-LENGTHS = [(1, 1), (127, 129), (129, 127), (0, 5), (5, 0), (64, 100)]  # (q, kv) per batch element
-S = 129  # the padded length
+LENGTHS = [(1, 1), (127, 129), (129, 127), (0, 5), (5, 0), (64, 133)]  # (q, kv) per batch element
+S_Q, S_KV = 129, 133  # the padded lengths (unequal: a q bound checked against Skv would show)
 SOFTCAP = dsl_mods.Softcap(3.0)
 MODS = {
     "none": {},
@@ -23,10 +23,10 @@ MODS = {
 def inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     b = len(LENGTHS)
-    q = torch.randn(b, H, S, D, generator=g, dtype=torch.float64).requires_grad_()
-    k = torch.randn(b, H_KV, S, D, generator=g, dtype=torch.float64).requires_grad_()
-    v = torch.randn(b, H_KV, S, D_V, generator=g, dtype=torch.float64).requires_grad_()
-    d_out = torch.randn(b, H, S, D_V, generator=g, dtype=torch.float64)
+    q = torch.randn(b, H, S_Q, D, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(b, H_KV, S_KV, D, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(b, H_KV, S_KV, D_V, generator=g, dtype=torch.float64).requires_grad_()
+    d_out = torch.randn(b, H, S_Q, D_V, generator=g, dtype=torch.float64)
     lengths_q = torch.tensor([n for n, _ in LENGTHS], dtype=torch.int32)
     lengths_kv = torch.tensor([n for _, n in LENGTHS], dtype=torch.int32)
     return q, k, v, d_out, lengths_q, lengths_kv
@@ -55,10 +55,38 @@ def test_each_batch_element_is_its_valid_part_alone(mod):
 
 def test_lengths_of_the_full_size_change_nothing():
     q, k, v, _, _, _ = inputs(seed=1)
-    full = torch.full((len(LENGTHS),), S, dtype=torch.int32)
     a = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal)
-    b = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal, seq_lens_q=full, seq_lens_kv=full)
+    b = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal,
+                                  seq_lens_q=torch.full((len(LENGTHS),), S_Q, dtype=torch.int32),
+                                  seq_lens_kv=torch.full((len(LENGTHS),), S_KV, dtype=torch.int32))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_in_the_padding_reaches_nothing(where):
+    """Padding is often torch.empty: whatever it holds stays out of the valid rows and gradients."""
+    q, k, v, d_out, lengths_q, lengths_kv = inputs(seed=2)
+    clean = cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+    clean_grads = torch.autograd.grad(clean, (q, k, v), d_out)
+    dirty = {"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone()}
+    lengths = lengths_q if where == "q" else lengths_kv
+    for i, n in enumerate(lengths.tolist()):
+        dirty[where][i, :, n:] = float("nan")
+    qd, kd, vd = (dirty[n].requires_grad_() for n in ("q", "k", "v"))
+    out = cudnn_flex.flex_attention(qd, kd, vd, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+    grads = torch.autograd.grad(out, (qd, kd, vd), d_out)
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+    for a, b in zip(grads, clean_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_under_torch_compile_it_runs_and_matches_eager():
+    q, k, v, _, lengths_q, lengths_kv = inputs(seed=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, lq, lkv: cudnn_flex.flex_attention(
+        q, k, v, mask_mod=mods.causal, seq_lens_q=lq, seq_lens_kv=lkv), backend="eager")
+    want = cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+    torch.testing.assert_close(compiled(q, k, v, lengths_q, lengths_kv), want, rtol=0, atol=0)
 
 
 BAD = {
@@ -66,10 +94,12 @@ BAD = {
               r"seq_lens_kv must be int32 \[B\] = \[6\]"),
     "one per head": (dict(seq_lens_q=torch.zeros(len(LENGTHS), H, dtype=torch.int32)), ValueError,
                      r"seq_lens_q must be int32 \[B\]"),
-    "longer than the padding": (dict(seq_lens_q=torch.full((len(LENGTHS),), S + 1, dtype=torch.int32)), ValueError,
-                                r"seq_lens_q must lie in \[0, 129\]"),
+    "longer than the padding": (dict(seq_lens_q=torch.full((len(LENGTHS),), S_Q + 1, dtype=torch.int32)),
+                                ValueError, r"seq_lens_q must lie in \[0, 129\]"),
+    "keys longer than their padding": (dict(seq_lens_kv=torch.full((len(LENGTHS),), S_KV + 1, dtype=torch.int32)),
+                                       ValueError, r"seq_lens_kv must lie in \[0, 133\]"),
     "negative": (dict(seq_lens_kv=torch.full((len(LENGTHS),), -1, dtype=torch.int32)), ValueError,
-                 r"seq_lens_kv must lie in \[0, 129\]"),
+                 r"seq_lens_kv must lie in \[0, 133\]"),
     "a list": (dict(seq_lens_kv=[1, 2, 3, 4, 5, 6]), TypeError, r"seq_lens_kv must be a torch.Tensor"),
     "cudnn backend": (dict(seq_lens_kv=torch.ones(len(LENGTHS), dtype=torch.int32), backend="cudnn"), ValueError,
                       r"seq_lens_q/seq_lens_kv run the reference path for now"),

@@ -2,6 +2,7 @@
 flex_attention call per sequence gives (out, lse and the three gradients), with b the sequence
 number and q_idx/kv_idx positions within it; its arguments are checked by name."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,21 @@ def test_document_ids_give_the_document_mask(also_causal):
     torch.testing.assert_close(got, want)
 
 
+def test_a_document_split_in_parts_is_refused_not_misread():
+    # document_mask lets the last token see the first two; as packed sequences it would be alone.
+    with pytest.raises(ValueError, match=r"each document's tokens must be contiguous .*runs \[0, 1, 0\]"):
+        cudnn_flex.cu_seqlens_from_document_ids(torch.tensor([0, 0, 1, 0]))
+
+
+def test_max_seqlen_takes_any_integer():
+    lengths = [4, 9]
+    q, k, v, _ = packed(lengths, lengths, seed=6)
+    a = cudnn_flex.flex_attention_varlen(q, k, v, cu_seqlens(lengths), cu_seqlens(lengths))
+    b = cudnn_flex.flex_attention_varlen(q, k, v, cu_seqlens(lengths), cu_seqlens(lengths),
+                                         max_seqlen_q=torch.tensor(9), max_seqlen_kv=np.int64(12))
+    torch.testing.assert_close(a, b)
+
+
 def good_args():
     lengths = [3, 4]
     q, k, v, _ = packed(lengths, lengths)
@@ -139,6 +155,7 @@ BAD = {
     "heads": (dict(k=torch.zeros(7, 3, D, dtype=torch.float64)), ValueError, r"one head count"),
     "max too small": (dict(max_seqlen_q=3), ValueError, r"max_seqlen_q must be an int at least the longest "
                                                          r"sequence \(4\)"),
+    "max a float": (dict(max_seqlen_kv=4.0), ValueError, r"max_seqlen_kv must be an int"),
     "not a tensor": (dict(cu_seqlens_kv=[0, 3, 7]), TypeError, r"cu_seqlens_kv must be a torch.Tensor"),
 }
 

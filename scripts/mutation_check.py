@@ -59,7 +59,7 @@ MUTATIONS = [
     ("torch.where branches swapped", P + "torch_style.py", "binary_select(_operand(trace, a, \"torch.where\"),\n                                             _operand(trace, b, \"torch.where\"), mask)", "binary_select(_operand(trace, b, \"torch.where\"),\n                                             _operand(trace, a, \"torch.where\"), mask)"),
     ("~ of a bool mask ignored", P + "torch_style.py", "return _p(trace, trace.rec.logical_not(_mask(trace, x, \"~\")), \"bool\")", "return _p(trace, _mask(trace, x, \"~\"), \"bool\")"),
     ("captured tensor strides of the first dim", P + "torch_style.py", "sizes[axis], strides[axis] = full[axis], t.stride(dim)", "sizes[axis], strides[axis] = full[axis], t.stride(0)"),
-    ("default scale 1/D instead of 1/sqrt(D)", P + "api.py", "            scale = 1.0 / math.sqrt(q.shape[-1])", "            scale = 1.0 / q.shape[-1]"),
+    ("default scale 1/D instead of 1/sqrt(D)", P + "api.py", "        scale = 1.0 / math.sqrt(q.shape[-1])", "        scale = 1.0 / q.shape[-1]"),
     ("recorded index type FLOAT", P + "program/record.py", 'return {"int": data_type.INT32, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)', 'return {"int": data_type.FLOAT, "bool": data_type.BOOLEAN}.get(kind, data_type.FLOAT)'),
     ("q_idx and kv_idx swapped in torch-style mods", P + "torch_style.py", "[Proxy(tr, axis=a, kind=\"int\") for a in range(4)]", "[Proxy(tr, axis=a, kind=\"int\") for a in (0, 1, 3, 2)]"),
     ("relu derivative: clip ignored", P + "program/ops.py", "return g if upper_clip is None else torch.where(x < upper_clip, g, torch.zeros_like(x))", "return g"),

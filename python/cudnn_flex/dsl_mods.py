@@ -23,6 +23,21 @@ def relative_bias(graph, score, tensors):
     return graph.add(score, graph.sub(row, col))
 
 
+class RelativeBias:
+    """Adds scale * (q_idx - kv_idx), as mods.relative_bias(scale) does torch-style
+    (relative_bias above is RelativeBias(1.0) as a plain function)."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = float(scale)
+
+    def score_mod_graph_cache_key(self):
+        return (self.scale,)
+
+    def __call__(self, graph, score, tensors):
+        distance = graph.sub(graph.gen_index(score, 2), graph.gen_index(score, 3))
+        return graph.add(score, graph.mul(distance, self.scale))
+
+
 def alibi(graph, score, tensors):
     """ALiBi: adds slopes[h] * (kv_idx - q_idx); needs tensors['slopes'] shaped [1, H, 1, 1]."""
     row = graph.gen_index(score, 2)

@@ -139,6 +139,8 @@ READY_MODS = {
     # dsl_mods
     "dsl_causal": _same(dict(score_mod=dsl_mods.causal), lambda s, b, h, q, kv: _where(q >= kv, s)),
     "dsl_relative_bias": _same(dict(score_mod=dsl_mods.relative_bias), lambda s, b, h, q, kv: s + (q - kv)),
+    "dsl_relative_bias_scaled": _same(dict(score_mod=dsl_mods.RelativeBias(0.375)),
+                                      lambda s, b, h, q, kv: s + 0.375 * (q - kv)),
     "dsl_alibi": _dsl_alibi,
     "dsl_add_bias_full": _bias_full,
     "dsl_add_bias_heads_3d": _bias_heads,

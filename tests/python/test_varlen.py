@@ -166,3 +166,23 @@ def test_bad_arguments_are_named(case):
     args = {**good_args(), **change}
     with pytest.raises(exc, match=match):
         cudnn_flex.flex_attention_varlen(**args)
+
+
+def test_packed_documents_match_torch_flex_attention():
+    """Against torch's own flex_attention (not this library's reference): a packed row of documents
+    with a causal document mask, and the same row as packed sequences (out and lse)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+    doc = torch.tensor([0] * 5 + [1] * 60 + [2] * 1 + [3] * 62)  # 128 tokens
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, H, doc.numel(), D, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    block_mask = create_block_mask(causal_document, None, None, doc.numel(), doc.numel(), device="cpu")
+    want, want_lse = torch_flex_attention(q, k, v, block_mask=block_mask, return_lse=True)
+    cu = cudnn_flex.cu_seqlens_from_document_ids(doc)
+    got, lse = cudnn_flex.flex_attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, cu,
+                                                mask_mod=mods.causal, return_lse=True)
+    torch.testing.assert_close(got, want[0].transpose(0, 1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lse.double(), want_lse[0].double(), rtol=1e-6, atol=1e-6)

@@ -3,6 +3,7 @@ call recording): each error names the argument and the fix."""
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -50,6 +51,12 @@ def check_shapes(q, k, v, layout: str) -> None:
         # Formatted only here: the shapes' text cost 8 us of every call's host time.
         raise ValueError(f"cudnn_flex: {problem} (shapes as BHSD from layout '{layout}': q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)})")
+
+
+def check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"cudnn_flex: scale must be a finite number, got {scale!r}")
 
 
 def check_dense_last_dim(q, k, v) -> None:

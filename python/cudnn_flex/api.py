@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Optional, Union
 
@@ -11,33 +10,32 @@ import torch
 from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
-                          check_dense_last_dim, padded_lengths, use_cudnn)
+                          check_dense_last_dim, check_scale, padded_lengths, use_cudnn)
 from .record_call import record_call
 
-_reference_warned = False
-_lengths_warned = False
+_warned: set = set()  # the reasons ReferencePathWarning was given for in this process
 
 
 class ReferencePathWarning(UserWarning):
     """flex_attention ran the PyTorch reference path instead of cuDNN (silence with warnings.filterwarnings)."""
 
 
+def warn_reference_once(reason: str, message: str, stacklevel: int) -> None:
+    """ReferencePathWarning with `message`, once per process for each reason; stacklevel as
+    warnings.warn's, counted from the caller of this function (1: that caller)."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(message, ReferencePathWarning, stacklevel=stacklevel + 1)
+
+
 def _warn_reference(q: torch.Tensor, lengths_on_cuda: bool = False) -> None:
-    """Once per process for each reason: a dtype or device cuDNN does not take, or seq_lens."""
-    global _reference_warned, _lengths_warned
+    """A dtype or device cuDNN does not take, or seq_lens (on inputs cuDNN would take)."""
     if lengths_on_cuda:
-        if not _lengths_warned:
-            _lengths_warned = True
-            warnings.warn("cudnn_flex: seq_lens_q/seq_lens_kv run the PyTorch reference path (materialized "
-                          "scores, not cuDNN) until the cuDNN padding mask is wired", ReferencePathWarning,
-                          stacklevel=3)
-        return
-    if _reference_warned:
-        return
-    _reference_warned = True
-    warnings.warn(f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference path "
-                  "(materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN",
-                  ReferencePathWarning, stacklevel=3)
+        warn_reference_once("seq_lens", "cudnn_flex: seq_lens_q/seq_lens_kv run the PyTorch reference path "
+                            "(materialized scores, not cuDNN) until the cuDNN padding mask is wired", 3)
+    else:
+        warn_reference_once("dtype", f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference "
+                            "path (materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN", 3)
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -85,9 +83,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = bhsd_views(q, k, v, layout)
     # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)
     # the head dim can stay symbolic here.
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"cudnn_flex: scale must be a finite number, got {scale!r}")
+    check_scale(scale)
     for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
         if fn is not None and not callable(fn):
             raise TypeError(f"cudnn_flex: {role} must be a callable (graph, tensor, tensors) -> tensor, "
@@ -136,12 +132,9 @@ def _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_k
     """flex_attention's reference path: (out in q's dtype, lse)."""
     if isinstance(program, tuple):  # (mod_id, bprop_id), recorded while dynamo traced (record_call)
         program = _registry.lookup(program[0]) if program[0] else None
-    lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out, lse = reference.attention_program(
-        q, k, v, program, mod_tensors, scale, torch.float64 if q.dtype == torch.float64 else torch.float32,
-        *(lengths or (None, None)))
+    kv_lengths, q_lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k) or (None, None)
+    out, lse = reference.attention_program(q, k, v, program, mod_tensors, scale, kv_lengths=kv_lengths,
+                                           q_lengths=q_lengths)
     return out.to(q.dtype), lse
 
 

@@ -138,12 +138,16 @@ def expand_kv_heads(t: torch.Tensor, h_q: int) -> torch.Tensor:
     return t if t.shape[1] == h_q else t.repeat_interleave(h_q // t.shape[1], dim=1)
 
 
-def _zero_past(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [B, H, S, D] with the rows at s >= lengths[b] set to 0 (no gradient reaches them)."""
+def _past(lengths: Optional[torch.Tensor], size: int, device) -> Optional[torch.Tensor]:
+    """[B, 1, size, 1]: where a position is at or past lengths[b] (None without lengths)."""
     if lengths is None:
-        return x
-    past = torch.arange(x.shape[2], device=x.device) >= lengths.to(x.device).view(-1, 1, 1)  # [B, 1, S]
-    return torch.where(past.unsqueeze(-1), 0.0, x)
+        return None
+    return (torch.arange(size, device=device) >= lengths.to(device).view(-1, 1, 1)).unsqueeze(-1)
+
+
+def _zero_past(x: torch.Tensor, past: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [B, H, S, D] with the rows `past` marks set to 0 (no gradient reaches them)."""
+    return x if past is None else torch.where(past, 0.0, x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -166,8 +170,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     vf = expand_kv_heads(v, h_q).to(float_dtype)
     # Padding past a length is zeroed before it is read: whatever it holds (torch.empty's NaN)
     # must not reach the valid rows through 0 * NaN, forward or backward.
-    kf, vf = _zero_past(kf, kv_lengths), _zero_past(vf, kv_lengths)
-    qf = _zero_past(qf, q_lengths)
+    past_kv, past_q = _past(kv_lengths, kf.shape[2], kf.device), _past(q_lengths, qf.shape[2], qf.device)
+    kf, vf, qf = _zero_past(kf, past_kv), _zero_past(vf, past_kv), _zero_past(qf, past_q)
     scores = (qf @ kf.transpose(-1, -2)) * scale
     if score_mod is not None:
         graph = ReferenceGraph(scores.shape, scores.device, float_dtype)
@@ -180,11 +184,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise TypeError(f"cudnn_flex: the score_mod returned {type(result).__name__}; it must "
                             "return the graph tensor it computed from its input")
         scores = result.value.to(float_dtype).expand(scores.shape)
-    for lengths, axis in ((kv_lengths, -1), (q_lengths, -2)):
-        if lengths is not None:
-            index = torch.arange(scores.shape[axis], device=scores.device)
-            index = index.view(-1, 1) if axis == -2 else index
-            scores = scores.masked_fill(index >= lengths.to(scores.device).view(-1, 1, 1, 1), float("-inf"))
+    if past_kv is not None:
+        scores = scores.masked_fill(past_kv.transpose(-1, -2), float("-inf"))  # [B, 1, 1, Skv]
+    if past_q is not None:
+        scores = scores.masked_fill(past_q, float("-inf"))  # [B, 1, Sq, 1]
     lse = torch.logsumexp(scores, dim=-1)
     # Fully masked rows (lse = -inf) give 0 as cuDNN does; NaN or inf in the inputs propagate.
     empty_row = (lse == float("-inf")).unsqueeze(-1)
@@ -196,11 +199,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_program(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, program,
                       mod_tensors=(), scale: Optional[float] = None,
-                      float_dtype: torch.dtype = torch.float32,
+                      float_dtype: Optional[torch.dtype] = None,
                       kv_lengths: Optional[torch.Tensor] = None, q_lengths: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """attention() of a recorded program (what flex_attention runs off cuDNN): the program's
-    forward evaluated on the materialized scores, with mod_tensors in slot order."""
+    forward evaluated on the materialized scores, with mod_tensors in slot order; by default in
+    float64 for float64 inputs, float32 otherwise."""
+    if float_dtype is None:
+        float_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     from .program.record import SCORE, mod_slot
     from .program.replay import evaluate
 

@@ -14,20 +14,15 @@ layout with tile skipping (issue 13) replaces it without changing this function'
 
 from __future__ import annotations
 
-import math
 import operator
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
 from . import reference
-from ._validation import TensorDict
-from .api import ReferencePathWarning
+from ._validation import TensorDict, check_scale
+from .api import warn_reference_once
 from .record_call import record_call
-
-_warned = False
-
 
 def _lengths(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str) -> list[int]:
     """The sequence lengths that cu_seqlens describes, checked against the token count."""
@@ -88,26 +83,18 @@ def _check_tokens(q, k, v) -> None:
         raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes})")
 
 
-def _padded(x: torch.Tensor, lengths: list[int], longest: int):
-    """([n, H, longest, D] with zeros after each sequence (a copy; differentiable), and the
-    (sequence, position) of each token, which read the rows back)."""
-    device = x.device
+def _token_places(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position within it) of each packed token."""
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
                                   torch.tensor(lengths, device=device, dtype=torch.long))
     starts = torch.tensor([0] + lengths[:-1], device=device, dtype=torch.long).cumsum(0)
-    pos = torch.arange(x.shape[0], device=device) - starts[seq]
-    out = x.new_zeros((len(lengths), longest) + tuple(x.shape[1:]))
-    return out.index_put((seq, pos), x).permute(0, 2, 1, 3), (seq, pos)
+    return seq, torch.arange(seq.numel(), device=device) - starts[seq]
 
 
-def _warn_reference(q: torch.Tensor) -> None:
-    global _warned
-    if _warned or not q.is_cuda:
-        return
-    _warned = True
-    warnings.warn("cudnn_flex: flex_attention_varlen runs the PyTorch reference path (materialised "
-                  "scores of the padded batch, not cuDNN) until its cuDNN ragged path lands",
-                  ReferencePathWarning, stacklevel=4)  # past torch.compiler.disable's wrapper
+def _padded(x: torch.Tensor, places: tuple, n: int, longest: int) -> torch.Tensor:
+    """[total, H, D] -> [n, H, longest, D], zeros after each sequence (a copy; differentiable)."""
+    out = x.new_zeros((n, longest) + tuple(x.shape[1:]))
+    return out.index_put(places, x).permute(0, 2, 1, 3)
 
 
 @torch.compiler.disable  # host reads of the lengths: under torch.compile it runs eagerly (a graph break)
@@ -151,24 +138,24 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{len(lengths_kv)}; each sequence needs both")
     longest_q = _longest(lengths_q, max_seqlen_q, "max_seqlen_q")
     longest_kv = _longest(lengths_kv, max_seqlen_kv, "max_seqlen_kv")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
-        raise ValueError(f"cudnn_flex: scale must be a finite number, got {scale!r}")
-    qp, (seq_q, pos_q) = _padded(q, lengths_q, longest_q)
-    kp, _ = _padded(k, lengths_kv, longest_kv)
-    vp, _ = _padded(v, lengths_kv, longest_kv)
+    check_scale(scale)
+    places_q, places_kv = _token_places(lengths_q, q.device), _token_places(lengths_kv, q.device)
+    n = len(lengths_q)
+    qp = _padded(q, places_q, n, longest_q)
+    kp, vp = _padded(k, places_kv, n, longest_kv), _padded(v, places_kv, n, longest_kv)
     program, mod_tensors, _ = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                           score_mod_bprop_tensors, qp, longest_kv)
-    _warn_reference(q)
-    float_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = reference.attention_program(
-        qp, kp, vp, program, mod_tensors, scale, float_dtype,
-        kv_lengths=torch.tensor(lengths_kv, device=q.device))
+    if q.is_cuda:  # 3: past torch.compiler.disable's wrapper, to the caller
+        warn_reference_once("varlen", "cudnn_flex: flex_attention_varlen runs the PyTorch reference path "
+                            "(materialised scores of the padded batch, not cuDNN) until its cuDNN ragged path "
+                            "lands", 3)
+    out, lse = reference.attention_program(qp, kp, vp, program, mod_tensors, scale,
+                                           kv_lengths=torch.tensor(lengths_kv, device=q.device))
     # [n, H, longest_q, *] -> the valid rows, in token order.
-    out = out.permute(0, 2, 1, 3)[seq_q, pos_q].to(q.dtype)
+    out = out.permute(0, 2, 1, 3)[places_q].to(q.dtype)
     if not return_lse:
         return out
-    return out, lse.permute(0, 2, 1)[seq_q, pos_q].t().contiguous()
+    return out, lse.permute(0, 2, 1)[places_q].t().contiguous()
 
 
 def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ def _random(shape, seed: int) -> torch.Tensor:
 
 
 def _same(mod_kwargs, formula):
-    return lambda b, h_q, s_q, s_kv: (mod_kwargs, formula)
+    # a new dict per call: a test that pops from it leaves the next test's intact
+    return lambda b, h_q, s_q, s_kv: (dict(mod_kwargs), formula)
 
 
 def _alibi_slopes_tensor(b, h_q, s_q, s_kv):

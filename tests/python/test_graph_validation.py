@@ -249,3 +249,25 @@ def test_huge_finite_fills_are_lowered_as_minus_two_to_the_fourteen(fill, lowere
     Replay(program, graph, {SCORE: object()}, for_cudnn=True).value(program.fwd_out)
     (select_args,) = [args for op, args in graph.calls if op == "binary_select"]
     assert select_args[1] == lowered
+
+
+def test_fmod_backward_masks_the_tile_padding():
+    """fmod(-inf, c) is NaN: its pass-through derivative still gets an explicit bprop, so the
+    backward masks the padding of a partial tile after the score_mod (program/autodiff.py)."""
+    text = cudnn_flex.validate_graphs(*qkv(), lambda g, s, t: g.mod(s, 1.5))
+    forward, backward = re.findall(r"score_mod ops: (.*)", text)
+    assert forward == "MOD"
+    pad = "GEN_INDEX CMP_LT BINARY_SELECT GEN_INDEX CMP_LT BINARY_SELECT"
+    assert backward == f"MOD {pad} IDENTITY {pad}"  # score_mod, -inf padding, bprop dP, 0 padding
+    # a plain additive bias keeps passing dP through: no bprop, no padding ops
+    _, bias_backward = re.findall(r"score_mod ops: (.*)", cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias))
+    assert "BINARY_SELECT" not in bias_backward
+
+
+def test_add_square_of_a_tensor_and_the_score_is_lowered_with_the_score_first():
+    """add_square(bias, s) = bias + s*s would lift bias to the score's shape (zero + bias), and with
+    that lift cuDNN 9.19's backward gave dq off by 4e9 on the GPU: it is lowered as s*s + bias."""
+    bias = torch.empty(B, H, S, S, device="meta")
+    text, _ = validate(*qkv(), lambda g, s, t: g.add_square(t["bias"], s), score_mod_tensors={"bias": bias})
+    forward = re.findall(r"score_mod ops: (.*)", text)[0]
+    assert forward == "MUL ADD"

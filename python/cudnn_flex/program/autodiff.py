@@ -89,11 +89,26 @@ def passes_through(recorder: Recorder, fwd_out: int) -> bool:
         return False
 
 
+# Ops whose value at -inf is NaN (fmod(-inf, c)). cuDNN's backward feeds the padding of a partial
+# tile through the score_mod, and without a bprop nothing masks it afterwards: such a program
+# gave NaN gradients at Sq, Skv = 129, 127 on the H100 (test_gpu_correctness, fmod). A backward
+# with a bprop masks the padding after the score_mod (csrc/score_mod_bridge.h), so these programs
+# get an explicit pass-through bprop instead of none.
+_NAN_AT_MINUS_INF = frozenset({"mod"})
+
+
+def _reads_minus_inf_into_nan(recorder: Recorder, fwd_out: int) -> bool:
+    depends = _depends(recorder, fwd_out + 1)
+    return any(node.op in _NAN_AT_MINUS_INF and depends[i] for i, node in enumerate(recorder.nodes[:fwd_out + 1]))
+
+
 def append_bprop(recorder: Recorder, fwd_out: int) -> Optional[int]:
     """Records the derived bprop after the forward nodes; returns its result node, or None when
     dP passes through. Raises BpropNotDerivable when an op on the score's path has no rule."""
     if passes_through(recorder, fwd_out):
-        return None
+        if not _reads_minus_inf_into_nan(recorder, fwd_out):
+            return None
+        return recorder.identity(recorder.input(D_P)).index
     length = len(recorder.nodes)
     d_p = recorder.input(D_P)
     result = _derive(recorder, length, fwd_out, recorder, d_p)

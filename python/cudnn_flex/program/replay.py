@@ -14,8 +14,9 @@ cuDNN 9.19; docs/dsl_ops.md has the table):
   lowered with the computed value first: the bridge would otherwise lift the first input to the
   score's shape (zero + x), and with such a lift cuDNN's backward was wrong even on whole tiles
   (`1 - s / 2`: dq off by 1e10; `torch.where(kv > q, -inf, s)`: dq off by 1e9) although the
-  forward was right. Commutative ops swap, comparisons mirror, `c - x` becomes `-x + c`, and a
-  select swaps its branches under the negated condition;
+  forward was right. Commutative ops swap, comparisons mirror, `c - x` becomes `-x + c`,
+  `add_square(t, s)` (t + s*s: dq off by 4e9) becomes `s * s + t`, and a select swaps its
+  branches under the negated condition;
 - `x ** n` for an integer |n| <= 4 is lowered as products: cuDNN's POW is NaN for a negative base.
 """
 
@@ -135,6 +136,8 @@ class Replay:
                 arg_kinds = (arg_kinds[1], arg_kinds[0])
             elif op == "sub":
                 return graph.add(graph.neg(args[1]), args[0], **attrs)
+            elif op == "add_square":
+                return graph.add(graph.mul(args[1], args[1], **attrs), args[0], **attrs)
             elif op == "binary_select":
                 return graph.binary_select(args[1], args[0], self._negated(arg_kinds[2]), **attrs)
         if op == "pow" and arg_kinds[1][0] == "c" and arg_kinds[1][1] in _SMALL_POWERS:

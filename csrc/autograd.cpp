@@ -20,27 +20,28 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             at::TensorList mod_tensors, at::TensorList bprop_tensors,
                                             int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                            std::optional<double> scale, bool deterministic) {
+                                            std::optional<double> scale, bool deterministic, at::TensorList seq_lens) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cudnn_flex::fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-                           at::TensorList, int64_t, int64_t, bool, std::optional<double>, bool)>();
-  return op.call(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic);
+                           at::TensorList, int64_t, int64_t, bool, std::optional<double>, bool, at::TensorList)>();
+  return op.call(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, at::TensorList mod_tensors, at::TensorList bprop_tensors,
-    int64_t mod_id, int64_t bprop_id, bool cacheable, std::optional<double> scale, bool deterministic) {
+    int64_t mod_id, int64_t bprop_id, bool cacheable, std::optional<double> scale, bool deterministic,
+    at::TensorList seq_lens) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cudnn_flex::bwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, int64_t,
-                           int64_t, bool, std::optional<double>, bool)>();
+                           int64_t, bool, std::optional<double>, bool, at::TensorList)>();
   return op.call(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable,
-                 scale, deterministic);
+                 scale, deterministic, seq_lens);
 }
 
 // A gradient g through lse, folded into the one backward cuDNN has. d lse_i / d S_ij = P_ij, so
@@ -75,17 +76,20 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, std::vector<at::Tensor> mod_tensors,
                                std::vector<at::Tensor> bprop_tensors, int64_t mod_id, int64_t bprop_id,
-                               bool cacheable, std::optional<double> scale, bool deterministic) {
+                               bool cacheable, std::optional<double> scale, bool deterministic,
+                               std::vector<at::Tensor> seq_lens) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
-                               deterministic);
+                               deterministic, seq_lens);
     // Saving the score_mod tensors makes autograd's version check catch an in-place change of
     // one of them between forward and backward.
     variable_list saved{q, k, v, out, lse};
     saved.insert(saved.end(), mod_tensors.begin(), mod_tensors.end());
     saved.insert(saved.end(), bprop_tensors.begin(), bprop_tensors.end());
+    saved.insert(saved.end(), seq_lens.begin(), seq_lens.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["n_mod"] = static_cast<int64_t>(mod_tensors.size());
+    ctx->saved_data["n_bprop"] = static_cast<int64_t>(bprop_tensors.size());
     ctx->saved_data["mod_id"] = mod_id;
     ctx->saved_data["bprop_id"] = bprop_id;
     ctx->saved_data["cacheable"] = cacheable;
@@ -100,7 +104,9 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
     variable_list saved = ctx->get_saved_variables();
     const int64_t n_mod = ctx->saved_data["n_mod"].toInt();
     std::vector<at::Tensor> mod_tensors(saved.begin() + 5, saved.begin() + 5 + n_mod);
-    std::vector<at::Tensor> bprop_tensors(saved.begin() + 5 + n_mod, saved.end());
+    const int64_t n_bprop = ctx->saved_data["n_bprop"].toInt();
+    std::vector<at::Tensor> bprop_tensors(saved.begin() + 5 + n_mod, saved.begin() + 5 + n_mod + n_bprop);
+    std::vector<at::Tensor> seq_lens(saved.begin() + 5 + n_mod + n_bprop, saved.end());
     const c10::IValue& scale_value = ctx->saved_data["scale"];
     std::optional<double> scale;
     if (!scale_value.isNone()) scale = scale_value.toDouble();
@@ -110,20 +116,21 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
     auto [dq, dk, dv] = call_bwd(grad_out, saved[0], saved[1], v, out, saved[4], mod_tensors, bprop_tensors,
                                  ctx->saved_data["mod_id"].toInt(), ctx->saved_data["bprop_id"].toInt(),
                                  ctx->saved_data["cacheable"].toBool(), scale,
-                                 ctx->saved_data["deterministic"].toBool());
+                                 ctx->saved_data["deterministic"].toBool(), seq_lens);
     if (grads[1].defined()) dv = dv.narrow(-1, 0, saved[2].size(-1));
     // One gradient per forward argument: the score_mod tensors and options get none.
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 at::TensorList mod_tensors, at::TensorList bprop_tensors,
                                                 int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                                std::optional<double> scale, bool deterministic) {
+                                                std::optional<double> scale, bool deterministic,
+                                                at::TensorList seq_lens) {
   auto outs = FlexAttentionFunction::apply(q, k, v, mod_tensors.vec(), bprop_tensors.vec(), mod_id, bprop_id,
-                                           cacheable, scale, deterministic);
+                                           cacheable, scale, deterministic, seq_lens.vec());
   return {outs[0], outs[1]};
 }
 

@@ -136,9 +136,11 @@ TensorDesc lse_desc(const at::Tensor& q) {
 }
 
 SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, std::optional<double> scale, bool deterministic) {
+                         TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, std::optional<double> scale, bool deterministic,
+                         bool padded) {
   SdpaProblem p;
   p.pass = pass;
+  p.padded = padded;
   p.device = q.device().is_cuda() ? q.device().index() : -1;
   p.q = describe(q, "q");
   p.k = describe(k, "k");
@@ -296,6 +298,31 @@ std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const
   return out;
 }
 
+// The valid lengths of a padded batch: none, or [seq_lens_q, seq_lens_kv], each int32 [B] with
+// unit stride (cuDNN reads them as [B,1,1,1]) on q's device. Their values are checked in Python
+// (cudnn_flex.flex_attention): a length past the padded one makes cuDNN read out of bounds.
+bool padded_batch(TensorList seq_lens, const at::Tensor& q, bool on_device) {
+  if (seq_lens.empty()) return false;
+  TORCH_CHECK_VALUE(seq_lens.size() == 2, "cudnn_flex: seq_lens must be empty or [seq_lens_q, seq_lens_kv], got ",
+                    seq_lens.size(), " tensors");
+  for (size_t i = 0; i < 2; ++i) {
+    const at::Tensor& t = seq_lens[i];
+    const char* name = i == 0 ? "seq_lens_q" : "seq_lens_kv";
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0) && t.stride(0) == 1,
+                      "cudnn_flex: ", name, " must be a contiguous int32 [B] = [", q.size(0), "] tensor, got ",
+                      t.scalar_type(), " ", shape_of(t));
+    TORCH_CHECK_VALUE(!on_device || t.device() == q.device(), "cudnn_flex: ", name, " is on ", t.device(),
+                      " but q is on ", q.device());
+  }
+  return true;
+}
+
+void add_seq_lens(std::vector<std::pair<int64_t, void*>>& pointers, TensorList seq_lens) {
+  if (seq_lens.empty()) return;
+  pointers.emplace_back(kSeqLenQ, seq_lens[0].data_ptr());
+  pointers.emplace_back(kSeqLenKV, seq_lens[1].data_ptr());
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_shapes(q, k, v);
   for (const at::Tensor* t : {&q, &k, &v}) {
@@ -313,13 +340,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                            std::optional<double> scale, bool deterministic) {
+                                            std::optional<double> scale, bool deterministic, TensorList seq_lens) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
   const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
   SdpaProblem p = make_problem(Pass::Forward, q, k, v, mods, bprop_mods, mod_id,
-                               bprop_id, scale, deterministic);
+                               bprop_id, scale, deterministic, padded_batch(seq_lens, q, true));
   at::Tensor out = empty_from(p.o, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || k.size(2) == 0) {
@@ -328,9 +355,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  run(p, cacheable,
-      {{kQ, q.data_ptr()}, {kK, k.data_ptr()}, {kV, v.data_ptr()}, {kO, out.data_ptr()}, {kLse, lse.data_ptr()}},
-      mods, {}, q);
+  std::vector<std::pair<int64_t, void*>> pointers{
+      {kQ, q.data_ptr()}, {kK, k.data_ptr()}, {kV, v.data_ptr()}, {kO, out.data_ptr()}, {kLse, lse.data_ptr()}};
+  add_seq_lens(pointers, seq_lens);
+  run(p, cacheable, std::move(pointers), mods, {}, q);
   return {out, lse};
 }
 
@@ -340,13 +368,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         TensorList mod_tensors, TensorList bprop_tensors,
                                                         int64_t mod_id,
                                                         int64_t bprop_id, bool cacheable, std::optional<double> scale,
-                                                        bool deterministic) {
+                                                        bool deterministic, TensorList seq_lens) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
   const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
   SdpaProblem p = make_problem(Pass::Backward, q, k, v, mods, bprop_mods, mod_id,
-                               bprop_id, scale, deterministic);
+                               bprop_id, scale, deterministic, padded_batch(seq_lens, q, true));
   TORCH_CHECK(out.strides().vec() == p.o.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
   // The graph reads dO with O's layout; autograd may hand over another one (or an expanded zero).
   at::Tensor d_o = grad_out;
@@ -357,23 +385,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   at::Tensor dq = empty_from(p.dq, q.options());
   at::Tensor dk = empty_from(p.dk, k.options());
   at::Tensor dv = empty_from(p.dv, v.options());
+  if (p.padded) {
+    // cuDNN skips the tiles past the lengths and may leave their gradients unwritten: padding
+    // gets no gradient.
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
   if (q.numel() == 0 || k.numel() == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
     return {dq, dk, dv};
   }
-  run(p, cacheable,
-      {{kQ, q.data_ptr()},
-       {kK, k.data_ptr()},
-       {kV, v.data_ptr()},
-       {kO, out.data_ptr()},
-       {kLse, lse.data_ptr()},
-       {kDO, d_o.data_ptr()},
-       {kDQ, dq.data_ptr()},
-       {kDK, dk.data_ptr()},
-       {kDV, dv.data_ptr()}},
-      mods, bprop_mods, q);
+  std::vector<std::pair<int64_t, void*>> pointers{
+      {kQ, q.data_ptr()},   {kK, k.data_ptr()},   {kV, v.data_ptr()},   {kO, out.data_ptr()},  {kLse, lse.data_ptr()},
+      {kDO, d_o.data_ptr()}, {kDQ, dq.data_ptr()}, {kDK, dk.data_ptr()}, {kDV, dv.data_ptr()}};
+  add_seq_lens(pointers, seq_lens);
+  run(p, cacheable, std::move(pointers), mods, bprop_mods, q);
   return {dq, dk, dv};
 }
 
@@ -381,9 +410,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
 // and returns their printed form. The user's score_mod really runs through the bridge.
 std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, TensorList mod_tensors,
                      TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id,
-                     std::optional<double> scale, bool deterministic, int64_t sm_version) {
+                     std::optional<double> scale, bool deterministic, int64_t sm_version, TensorList seq_lens) {
   TORCH_CHECK_VALUE(sm_version > 0, "cudnn_flex: validate needs an SM version such as 90");
   check_shapes(q, k, v);
+  const bool padded = padded_batch(seq_lens, q, false);
   const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), false);
   const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), false);
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
@@ -394,7 +424,7 @@ std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::string text;
   for (Pass pass : {Pass::Forward, Pass::Backward}) {
     SdpaProblem p = make_problem(pass, q, k, v, mods, bprop_mods, mod_id,
-                                 bprop_id, scale, deterministic);
+                                 bprop_id, scale, deterministic, padded);
     p.sm_version = sm_version;
     // Counted like any other build, never stored: these graphs have no plans to run.
     auto graph = translate_errors(
@@ -415,14 +445,14 @@ void set_broadcast_repr(int64_t repr) { broadcast_repr = repr; }
 TORCH_LIBRARY(cudnn_flex, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, bool cacheable, float? scale, bool deterministic) -> (Tensor out, Tensor lse)");
+      "int bprop_id, bool cacheable, float? scale, bool deterministic, Tensor[] seq_lens) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] mod_tensors, "
       "Tensor[] bprop_tensors, int mod_id, int bprop_id, bool cacheable, "
-      "float? scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float? scale, bool deterministic, Tensor[] seq_lens) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "validate(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, float? scale, bool deterministic, int sm_version) -> str");
+      "int bprop_id, float? scale, bool deterministic, int sm_version, Tensor[] seq_lens) -> str");
   m.impl("validate", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(validate));
 }
 

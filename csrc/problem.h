@@ -34,6 +34,9 @@ struct SdpaProblem {
   bool deterministic = false;  // backward only
   int64_t mod_id = 0;          // 0: no score_mod
   int64_t bprop_id = 0;        // 0: no score_mod_bprop (dP passes through)
+  // A padded batch: int32 [B] valid lengths of q and kv (seq_len tensors, read at execution), and
+  // the padding mask inside the score_mod; cuDNN skips the tiles past the lengths.
+  bool padded = false;
   // > 0: build for this SM version without a GPU, up to the operation graph (validation only).
   int64_t sm_version = 0;
 

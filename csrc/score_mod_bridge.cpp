@@ -8,6 +8,7 @@
 #include <limits>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <sstream>
 
 namespace py = pybind11;
@@ -41,6 +42,8 @@ struct OpRecord {
 };
 thread_local std::unordered_map<const fe::graph::Tensor_attributes*, OpRecord> op_inputs;
 thread_local std::vector<TensorPtr> callback_results;
+// The seq_len tensors of a padded batch whose padding mask the current score_mod has yet to get.
+thread_local TensorPtr pending_seq_len_q, pending_seq_len_kv;
 
 // The graph handed to a score_mod: the cuDNN frontend graph with the score_mod DSL on it.
 struct BridgeGraph {
@@ -395,6 +398,7 @@ void bind_graph_ops(GraphClass& c) {
       [](BridgeGraph& self, py::object input, std::optional<int64_t> lo, std::optional<int64_t> hi) {
         TensorPtr x = operand(self.graph, input, "_band_mask", "input");
         if (!lo && !hi) raise(PyExc_ValueError, "cudnn_flex: _band_mask needs a lower or an upper bound");
+        x = apply_pending_padding(self.graph, x);  // the frontend's order: padding, then the band
         auto band = [&](const TensorPtr& in, TensorPtr left, TensorPtr shift, fe::PointwiseMode_t mode,
                         const char* name) {
           auto out = self.graph->diagonal_band_mask(
@@ -443,6 +447,7 @@ void begin_build() {
   callback_inputs.clear();
   op_inputs.clear();
   callback_results.clear();
+  expect_padding(nullptr, nullptr);
 }
 
 std::vector<std::string> unused_ops() {
@@ -527,6 +532,22 @@ TensorPtr zero_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_
 
 TensorPtr minus_inf_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv) {
   return outside_the_scores(g, std::move(value), s_q, s_kv, -std::numeric_limits<float>::infinity());
+}
+
+void expect_padding(TensorPtr seq_len_q, TensorPtr seq_len_kv) {
+  pending_seq_len_q = std::move(seq_len_q);
+  pending_seq_len_kv = std::move(seq_len_kv);
+}
+
+TensorPtr apply_pending_padding(const GraphPtr& g, TensorPtr value) {
+  if (!pending_seq_len_q) return value;
+  auto out = fe::graph::attn::score_modifiers::padding_mask(g, value, std::exchange(pending_seq_len_kv, nullptr),
+                                                            std::exchange(pending_seq_len_q, nullptr));
+  out->set_data_type(fe::DataType_t::FLOAT);
+  op_log().push_back("PADDING_MASK");
+  op_inputs[out.get()] = OpRecord{{value.get()}, "PADDING_MASK"};
+  callback_results.push_back(out);  // a result of the score_mod, used even when nothing follows it
+  return out;
 }
 
 void bind(py::module_& m) {

@@ -43,6 +43,16 @@ TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, con
 TensorPtr minus_inf_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
 TensorPtr zero_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
 
+// The padding mask of a padded batch (seq_len tensors [B,1,1,1] int32), in the frontend's own
+// pattern (attn::score_modifiers::padding_mask: INT32 indices, CMP_LT against the lengths,
+// LOGICAL_AND, select -inf): a plain compare against the lengths was wrong on the H100, and with
+// this pattern cuDNN masks the last partial tile right (../shared/reference/cudnn_masks.md §2).
+// It goes where the frontend puts it: after the user's ops, before a diagonal band.
+// expect_padding arms it for the score_mod about to be lowered (nullptrs: no padding); a band
+// applies it to its input; apply_pending_padding applies it when nothing has yet.
+void expect_padding(TensorPtr seq_len_q, TensorPtr seq_len_kv);
+TensorPtr apply_pending_padding(const GraphPtr& g, TensorPtr value);
+
 // Starts a new graph build on this thread: tensors kept from earlier builds become invalid, and
 // the op log is emptied.
 void begin_build();

@@ -111,17 +111,32 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
   auto v = graph->tensor(attributes("V", kV, p.v));
   bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
   bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
-  auto score_mod = [&p, mod_inputs](bridge::GraphPtr g, bridge::TensorPtr score) {
-    // In a backward graph the score_mod is lowered as part of the program of the bprop that
-    // follows (which continues its replay and decides what the backward refuses), so it is asked
-    // for by the bprop's id.
-    if (p.pass == Pass::Backward) {
-      auto result = bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g,
-                                        score, mod_inputs);
-      // With a bprop, cuDNN needs the padding masked here (see minus_inf_outside_the_scores).
-      return p.bprop_id ? bridge::minus_inf_outside_the_scores(g, result, p.q.dims[2], p.k.dims[2]) : result;
+  // A padded batch: cuDNN bounds its loops by the lengths (whole tiles) and the padding mask in
+  // the score_mod masks inside the last partial tile (bridge::expect_padding).
+  bridge::TensorPtr seq_len_q, seq_len_kv;
+  if (p.padded) {
+    const TensorDesc lengths{{p.q.dims[0], 1, 1, 1}, {1, 1, 1, 1}, DType::Int32, false};
+    seq_len_q = graph->tensor(attributes("seq_len_q", kSeqLenQ, lengths));
+    seq_len_kv = graph->tensor(attributes("seq_len_kv", kSeqLenKV, lengths));
+  }
+  auto score_mod = [&p, mod_inputs, seq_len_q, seq_len_kv](bridge::GraphPtr g, bridge::TensorPtr score) {
+    bridge::expect_padding(seq_len_q, seq_len_kv);
+    bridge::TensorPtr result = score;
+    if (p.mod_id && p.pass == Pass::Backward) {
+      // In a backward graph the score_mod is lowered as part of the program of the bprop that
+      // follows (which continues its replay and decides what the backward refuses), so it is
+      // asked for by the bprop's id.
+      result = bridge::call_python(p.bprop_id ? p.bprop_id : p.mod_id, bridge::Role::BackwardScoreMod, g, score,
+                                   mod_inputs);
+    } else if (p.mod_id) {
+      result = bridge::call_python(p.mod_id, bridge::Role::ScoreMod, g, score, mod_inputs);
     }
-    return bridge::call_python(p.mod_id, bridge::Role::ScoreMod, g, score, mod_inputs);
+    result = bridge::apply_pending_padding(g, result);  // unless a band took it
+    // With a bprop, cuDNN needs the tile padding masked here (see minus_inf_outside_the_scores).
+    if (p.pass == Pass::Backward && p.bprop_id) {
+      result = bridge::minus_inf_outside_the_scores(g, result, p.q.dims[2], p.k.dims[2]);
+    }
+    return result;
   };
 
   if (p.pass == Pass::Forward) {
@@ -129,7 +144,8 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
                        .set_name("cudnn_flex_fwd")
                        .set_generate_stats(true)
                        .set_attn_scale(static_cast<float>(p.scale));
-    if (p.mod_id) options.set_score_mod(score_mod);
+    if (p.mod_id || p.padded) options.set_score_mod(score_mod);
+    if (p.padded) options.set_seq_len_q(seq_len_q).set_seq_len_kv(seq_len_kv);
     auto [o, stats] = graph->sdpa(q, k, v, options);
     set_output(o, "O", kO, p.o);
     set_output(stats, "Stats", kLse, p.lse);
@@ -141,7 +157,8 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
                        .set_name("cudnn_flex_bwd")
                        .set_attn_scale(static_cast<float>(p.scale))
                        .set_deterministic_algorithm(p.deterministic);
-    if (p.mod_id) options.set_score_mod(score_mod);
+    if (p.mod_id || p.padded) options.set_score_mod(score_mod);
+    if (p.padded) options.set_seq_len_q(seq_len_q).set_seq_len_kv(seq_len_kv);
     if (p.bprop_id) {
       options.set_score_mod_bprop([&p, bprop_inputs](bridge::GraphPtr g, bridge::TensorPtr d_p) {
         return bridge::zero_outside_the_scores(

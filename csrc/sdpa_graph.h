@@ -16,7 +16,7 @@ namespace cudnn_flex {
 
 // Fixed uids of the variant pack; score_mod tensors follow from kModTensorUid / kBpropTensorUid.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kLse, kDO, kDQ, kDK, kDV,
+  kQ = 1, kK, kV, kO, kLse, kDO, kDQ, kDK, kDV, kSeqLenQ, kSeqLenKV,
   kModTensorUid = 1000,
   kBpropTensorUid = 2000,
 };

@@ -67,7 +67,7 @@ MUTATIONS = [
     ("padding off by one", P + "reference.py",
      "(torch.arange(size, device=device) >= lengths", "(torch.arange(size, device=device) > lengths"),
     ("varlen reads the next sequence's last key", P + "varlen.py",
-     "kv_lengths=torch.tensor(lengths_kv,", "kv_lengths=1 + torch.tensor(lengths_kv,"),
+     "seq_lens_kv=lengths(cu_seqlens_kv)", "seq_lens_kv=lengths(cu_seqlens_kv) + 1"),
 ]
 
 # The recorded program and graph identity (the correctness issue): a stale graph is a wrong

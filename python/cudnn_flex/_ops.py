@@ -42,7 +42,7 @@ def _check(q, k, v, mod_tensors, bprop_tensors) -> None:
 
 
 @torch.library.register_fake("cudnn_flex::fwd")
-def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic):
+def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens=()):
     _check(q, k, v, mod_tensors, bprop_tensors)
     out = _empty_like_layout(q, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
@@ -51,6 +51,6 @@ def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, 
 
 @torch.library.register_fake("cudnn_flex::bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
-              deterministic):
+              deterministic, seq_lens=()):
     _check(q, k, v, mod_tensors, bprop_tensors)
     return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape))

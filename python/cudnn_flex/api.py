@@ -11,6 +11,7 @@ from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
                           check_dense_last_dim, check_scale, padded_lengths, use_cudnn)
+from .padded_batch import cudnn_seq_lens, without_padded_rows
 from .record_call import record_call
 
 _warned: set = set()  # the reasons ReferencePathWarning was given for in this process
@@ -28,14 +29,10 @@ def warn_reference_once(reason: str, message: str, stacklevel: int) -> None:
         warnings.warn(message, ReferencePathWarning, stacklevel=stacklevel + 1)
 
 
-def _warn_reference(q: torch.Tensor, lengths_on_cuda: bool = False) -> None:
-    """A dtype or device cuDNN does not take, or seq_lens (on inputs cuDNN would take)."""
-    if lengths_on_cuda:
-        warn_reference_once("seq_lens", "cudnn_flex: seq_lens_q/seq_lens_kv run the PyTorch reference path "
-                            "(materialized scores, not cuDNN) until the cuDNN padding mask is wired", 3)
-    else:
-        warn_reference_once("dtype", f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference "
-                            "path (materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN", 3)
+def _warn_reference(q: torch.Tensor) -> None:
+    """A dtype or device cuDNN does not take."""
+    warn_reference_once("dtype", f"cudnn_flex: {q.dtype} tensors on {q.device} run the PyTorch reference "
+                        "path (materialized scores, not cuDNN); CUDA float16/bfloat16 tensors take cuDNN", 3)
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -71,8 +68,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             torch-style score_mod or none).
         seq_lens_q, seq_lens_kv: int32 [B] on q's device, the valid length of each batch
             element of a padded batch: keys at kv_idx >= seq_lens_kv[b] are masked, and rows at
-            q_idx >= seq_lens_q[b] give out = 0, lse = -inf and no gradient. For now they run
-            the reference path (backend="cudnn" refuses them).
+            q_idx >= seq_lens_q[b] give out = 0, lse = -inf and no gradient. On cuDNN the tiles
+            past the lengths are skipped; the padding must hold finite values (cuDNN reads the
+            last partial tile; the reference path zeroes it).
     Returns:
         out [B, H_q, Sq, D_v] in `layout` (q's dtype), and with return_lse=True (out, lse).
     Raises:
@@ -98,13 +96,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "they are inputs of score_mod_bprop only")
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])
-    padded = seq_lens_q is not None or seq_lens_kv is not None
-    if padded and backend == "cudnn":
-        raise ValueError("cudnn_flex: seq_lens_q/seq_lens_kv run the reference path for now (the cuDNN padding "
-                         "mask is not wired yet); pass backend='auto' or 'reference', or mask the padding "
-                         "with a mask_mod")
-    if not padded and use_cudnn(q, backend):
+    if use_cudnn(q, backend):
         check_dense_last_dim(q, k, v)
+        seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
         for i, t in enumerate(mod_tensors + bprop_tensors):
             if t.dtype == torch.float64:
                 raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
@@ -115,12 +109,14 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
         out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                             True, None if scale is None else float(scale),
-                                            bool(deterministic))
+                                            bool(deterministic), seq_lens)
         if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
             # The backward graph may be built long after: its program lives as long as the node.
             out.grad_fn.metadata["cudnn_flex_program"] = program
+        if seq_lens:
+            out, lse = without_padded_rows(out, lse, *seq_lens)
     else:
-        _warn_reference(q, lengths_on_cuda=padded and use_cudnn(q, backend))
+        _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
@@ -171,17 +167,24 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     score_mod: Optional[Callable] = None, score_mod_bprop: Optional[Callable] = None,
                     score_mod_tensors: TensorDict = None, score_mod_bprop_tensors: TensorDict = None,
                     *, scale: Optional[float] = None, layout: str = "bhsd", deterministic: bool = False,
-                    sm_version: int = 90, mask_mod: Optional[Callable] = None) -> str:
+                    sm_version: int = 90, mask_mod: Optional[Callable] = None,
+                    seq_lens_q: Optional[torch.Tensor] = None, seq_lens_kv: Optional[torch.Tensor] = None) -> str:
     """Builds the forward and backward cuDNN graphs for these arguments up to cuDNN's operation
     graph, for `sm_version`, without a GPU (q, k, v may be CPU or meta tensors of any float dtype:
     they are described as float16 unless bfloat16). Runs the score_mods through the bridge.
-    Returns the graphs' printed form; raises what flex_attention would raise for a refused graph."""
+    Returns the graphs' printed form; raises what flex_attention would raise for a refused graph.
+    seq_lens_q/seq_lens_kv (int32 [B], any device; their values are not read) build the padded
+    batch's graphs."""
     q, k, v = bhsd_views(q, k, v, layout)
     if q.dtype not in _CUDNN_DTYPES:
         q, k, v = (t.to(torch.float16) for t in (q, k, v))
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])
     mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+    seq_lens = []
+    if seq_lens_q is not None or seq_lens_kv is not None:
+        batch = lambda t: torch.zeros(q.shape[0], dtype=torch.int32) if t is None else t  # noqa: E731
+        seq_lens = [batch(seq_lens_q), batch(seq_lens_kv)]
     return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                          None if scale is None else float(scale), bool(deterministic),
-                                         sm_version)
+                                         sm_version, seq_lens)

@@ -6,10 +6,12 @@ takes them: q [total_q, H, D], k and v [total_kv, H_kv, D / D_v], and `cu_seqlen
 mods, `b` is the sequence number and `q_idx`/`kv_idx` are positions within that sequence, so a
 causal mask_mod or an ALiBi score_mod means what it means for one sequence.
 
-This first version runs the reference path (the padded batch's scores materialised in float32)
-on every device, CUDA included, and says so once with ReferencePathWarning: it is right, not fast.
-It copies q, k and v into a padded batch and reads the lengths on the host. The cuDNN ragged
-layout with tile skipping (issue 13) replaces it without changing this function's contract.
+The sequences are copied into a padded batch [n, H, longest, D] and run as flex_attention with
+seq_lens_q/seq_lens_kv: on cuDNN the tiles past each sequence are skipped (padded_batch.py), so
+n sequences cost what n separate calls would, not one call over the whole packed row. With
+max_seqlen_q/kv given, a call reads nothing on the host once its cu_seqlens tensors were checked
+(once per tensor and version). The copies remain: the cuDNN ragged (THD) layout would remove
+them without changing this function's contract.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import reference
-from ._validation import TensorDict, check_scale
-from .api import warn_reference_once
-from .record_call import record_call
+from ._validation import TensorDict, check_scale, check_values_once
+from .api import flex_attention
 
-def _lengths(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str) -> list[int]:
-    """The sequence lengths that cu_seqlens describes, checked against the token count."""
+def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str, given, max_name: str) -> None:
+    """Checks cu_seqlens (and max_seqlen against it); its values are read on the host once per
+    tensor and version (_validation.check_values_once)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor of int32, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -37,30 +38,35 @@ def _lengths(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str) -> l
     if cu_seqlens.device != tokens.device:
         raise ValueError(f"cudnn_flex: {name} is on {cu_seqlens.device} but {tokens_name} is on "
                          f"{tokens.device}; put it on {tokens_name}'s device")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0:
-        raise ValueError(f"cudnn_flex: {name} must start at 0, got {bounds[0]}")
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"cudnn_flex: {name} must not decrease (it is a running sum of lengths), got {bounds}")
-    if bounds[-1] != tokens.shape[0]:
-        raise ValueError(f"cudnn_flex: {name} ends at {bounds[-1]} but {tokens_name} has {tokens.shape[0]} "
-                         "tokens; the last entry is the total length")
-    return lengths
+    if given is not None:
+        try:
+            value = operator.index(given)  # int, numpy and 0-dim integer tensors; not floats or bools
+        except TypeError:
+            value = None
+        if isinstance(given, bool) or value is None:
+            raise ValueError(f"cudnn_flex: {max_name} must be an int, got {given!r}")
+
+    def check(bounds):
+        if bounds[0] != 0:
+            raise ValueError(f"cudnn_flex: {name} must start at 0, got {bounds[0]}")
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"cudnn_flex: {name} must not decrease (it is a running sum of lengths), got {bounds}")
+        if bounds[-1] != tokens.shape[0]:
+            raise ValueError(f"cudnn_flex: {name} ends at {bounds[-1]} but {tokens_name} has {tokens.shape[0]} "
+                             "tokens; the last entry is the total length")
+        if given is not None and given < max(lengths, default=0):
+            raise ValueError(f"cudnn_flex: {max_name} must be an int at least the longest sequence "
+                             f"({max(lengths)}), got {given!r}")
+
+    check_values_once(cu_seqlens, (tokens.shape[0], None if given is None else int(given)), check)
 
 
-def _longest(lengths: list[int], given, name: str) -> int:
-    longest = max(lengths, default=0)
-    if given is None:
-        return longest
-    try:
-        value = operator.index(given)  # int, numpy and 0-dim integer tensors; not floats or bools
-    except TypeError:
-        value = None
-    if isinstance(given, bool) or value is None or value < longest:
-        raise ValueError(f"cudnn_flex: {name} must be an int at least the longest sequence ({longest}), "
-                         f"got {given!r}")
-    return value
+def _longest(cu_seqlens: torch.Tensor, given) -> int:
+    """max_seqlen as given, else read from cu_seqlens (a host read)."""
+    if given is not None:
+        return int(given)
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
 def _check_tokens(q, k, v) -> None:
@@ -83,12 +89,11 @@ def _check_tokens(q, k, v) -> None:
         raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes})")
 
 
-def _token_places(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, position within it) of each packed token."""
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                  torch.tensor(lengths, device=device, dtype=torch.long))
-    starts = torch.tensor([0] + lengths[:-1], device=device, dtype=torch.long).cumsum(0)
-    return seq, torch.arange(seq.numel(), device=device) - starts[seq]
+def _token_places(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position within it) of each packed token, on the device (no host read)."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    return seq, (tokens - cu_seqlens[seq]).long()
 
 
 def _padded(x: torch.Tensor, places: tuple, n: int, longest: int) -> torch.Tensor:
@@ -121,38 +126,33 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors, mask_mod: as for
             flex_attention, with b the sequence number and q_idx, kv_idx positions within the
             sequence; score_mod tensors broadcast against [n, H_q, max_seqlen_q, max_seqlen_kv].
-        max_seqlen_q, max_seqlen_kv: the longest query / key sequence (read from cu_seqlens when
-            not given; a smaller value is an error).
+        max_seqlen_q, max_seqlen_kv: the longest query / key sequence (read from cu_seqlens, a
+            device sync, when not given; a smaller value is an error).
         scale: default 1/sqrt(D).
         return_lse: also return the float32 log-sum-exp [H_q, total_q] (FlashAttention's layout).
-        deterministic: accepted; the reference path is deterministic.
+        deterministic: deterministic backward.
     Returns:
         out [total_q, H_q, D_v] in q's dtype, and with return_lse=True (out, lse). A query whose
         sequence has no keys gets out = 0 and lse = -inf.
     """
     _check_tokens(q, k, v)
-    lengths_q = _lengths(cu_seqlens_q, "cu_seqlens_q", q, "q")
-    lengths_kv = _lengths(cu_seqlens_kv, "cu_seqlens_kv", k, "k")
-    if len(lengths_q) != len(lengths_kv):
-        raise ValueError(f"cudnn_flex: cu_seqlens_q describes {len(lengths_q)} sequences but cu_seqlens_kv "
-                         f"{len(lengths_kv)}; each sequence needs both")
-    longest_q = _longest(lengths_q, max_seqlen_q, "max_seqlen_q")
-    longest_kv = _longest(lengths_kv, max_seqlen_kv, "max_seqlen_kv")
+    _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
+    _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
+    if cu_seqlens_q.numel() != cu_seqlens_kv.numel():
+        raise ValueError(f"cudnn_flex: cu_seqlens_q describes {cu_seqlens_q.numel() - 1} sequences but "
+                         f"cu_seqlens_kv {cu_seqlens_kv.numel() - 1}; each sequence needs both")
+    longest_q, longest_kv = _longest(cu_seqlens_q, max_seqlen_q), _longest(cu_seqlens_kv, max_seqlen_kv)
     check_scale(scale)
-    places_q, places_kv = _token_places(lengths_q, q.device), _token_places(lengths_kv, q.device)
-    n = len(lengths_q)
+    places_q, places_kv = _token_places(cu_seqlens_q, q.shape[0]), _token_places(cu_seqlens_kv, k.shape[0])
+    n = cu_seqlens_q.numel() - 1
     qp = _padded(q, places_q, n, longest_q)
     kp, vp = _padded(k, places_kv, n, longest_kv), _padded(v, places_kv, n, longest_kv)
-    program, mod_tensors, _ = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
-                                          score_mod_bprop_tensors, qp, longest_kv)
-    if q.is_cuda:  # 3: past torch.compiler.disable's wrapper, to the caller
-        warn_reference_once("varlen", "cudnn_flex: flex_attention_varlen runs the PyTorch reference path "
-                            "(materialised scores of the padded batch, not cuDNN) until its cuDNN ragged path "
-                            "lands", 3)
-    out, lse = reference.attention_program(qp, kp, vp, program, mod_tensors, scale,
-                                           kv_lengths=torch.tensor(lengths_kv, device=q.device))
+    lengths = lambda cu: (cu[1:] - cu[:-1]).contiguous()  # noqa: E731
+    out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
+                              mask_mod=mask_mod, scale=scale, return_lse=True, deterministic=deterministic,
+                              seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))
     # [n, H, longest_q, *] -> the valid rows, in token order.
-    out = out.permute(0, 2, 1, 3)[places_q].to(q.dtype)
+    out = out.permute(0, 2, 1, 3)[places_q]
     if not return_lse:
         return out
     return out, lse.permute(0, 2, 1)[places_q].t().contiguous()

@@ -330,13 +330,13 @@ def _expected(case, x):
 def test_cudnn_flex_mods_match_plain_torch_on_the_cpu_reference(case):
     """cudnn-flex's mods, as the benchmark passes them, run on the reference path (CPU tensors)
     and give the attention the case names."""
-    cudnn_flex = pytest.importorskip("cudnn_flex")
+    pytest.importorskip("cudnn_flex")
     from benchmarks.paths import ours
     for shape in _tiny_shapes(case):
         x = _inputs(case, shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            got = cudnn_flex.flex_attention(x["q"], x["k"], x["v"], **ours.kwargs(case, x))
+            got = ours.runner(case, x)(x["q"], x["k"], x["v"])
         torch.testing.assert_close(got.double(), _expected(case, x), atol=1e-4, rtol=1e-4, msg=case)
 
 

@@ -271,3 +271,45 @@ def test_add_square_of_a_tensor_and_the_score_is_lowered_with_the_score_first():
     text, _ = validate(*qkv(), lambda g, s, t: g.add_square(t["bias"], s), score_mod_tensors={"bias": bias})
     forward = re.findall(r"score_mod ops: (.*)", text)[0]
     assert forward == "MUL ADD"
+
+
+LENGTHS = torch.tensor([100, 128], dtype=torch.int32)  # values are not read while validating
+
+
+@pytest.mark.parametrize("mods_, forward", [
+    ({}, "PADDING_MASK"),
+    (dict(mask_mod=mods.causal), "PADDING_MASK DIAGONAL_BAND_MASK"),
+    (dict(score_mod=dsl_mods.relative_bias), "GEN_INDEX GEN_INDEX SUB ADD PADDING_MASK"),
+    (dict(score_mod=mods.softcap(30.0), mask_mod=mods.sliding_window(64)),
+     "DIV TANH_FWD MUL PADDING_MASK DIAGONAL_BAND_MASK DIAGONAL_BAND_MASK"),
+], ids=["no mod", "causal", "relative bias", "softcap + window"])
+def test_a_padded_batch_puts_the_padding_mask_where_the_frontend_does(mods_, forward):
+    """The frontend's order (../shared/reference/cudnn_masks.md §2): the user's ops, the padding
+    mask, then the diagonal band; forward and backward, with or without a score_mod."""
+    args = dict(mods_)
+    score_mod = args.pop("score_mod", None)
+    text = cudnn_flex.validate_graphs(*qkv(), score_mod, seq_lens_q=LENGTHS, seq_lens_kv=LENGTHS, **args)
+    fwd, bwd = re.findall(r"score_mod ops: (.*)", text)
+    assert fwd == forward
+    assert bwd.startswith(forward)
+    assert "seq_len_q" in text and "seq_len_kv" in text
+
+
+def test_padded_and_unpadded_calls_build_different_graphs():
+    cudnn_flex.clear_cache()
+    cudnn_flex.validate_graphs(*qkv(), mask_mod=mods.causal)
+    builds = cudnn_flex.cache_stats()["builds"]
+    cudnn_flex.validate_graphs(*qkv(), mask_mod=mods.causal, seq_lens_q=LENGTHS, seq_lens_kv=LENGTHS)
+    assert cudnn_flex.cache_stats()["builds"] == builds + 2
+
+
+@pytest.mark.parametrize("seq_lens, match", [
+    ([torch.zeros(2, dtype=torch.int64), LENGTHS], r"seq_lens_q must be a contiguous int32 \[B\] = \[2\]"),
+    ([LENGTHS, torch.zeros(3, dtype=torch.int32)], r"seq_lens_kv must be a contiguous int32 \[B\] = \[2\]"),
+    ([LENGTHS], r"seq_lens must be empty or \[seq_lens_q, seq_lens_kv\], got 1"),
+])
+def test_the_op_checks_its_seq_lens(seq_lens, match):
+    """Models may call the op directly: its lengths are checked there too, by name."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=match):
+        torch.ops.cudnn_flex.validate(q, k, v, [], [], 0, 0, None, False, 90, seq_lens)

@@ -101,8 +101,6 @@ BAD = {
     "negative": (dict(seq_lens_kv=torch.full((len(LENGTHS),), -1, dtype=torch.int32)), ValueError,
                  r"seq_lens_kv must lie in \[0, 133\]"),
     "a list": (dict(seq_lens_kv=[1, 2, 3, 4, 5, 6]), TypeError, r"seq_lens_kv must be a torch.Tensor"),
-    "cudnn backend": (dict(seq_lens_kv=torch.ones(len(LENGTHS), dtype=torch.int32), backend="cudnn"), ValueError,
-                      r"seq_lens_q/seq_lens_kv run the reference path for now"),
 }
 
 
@@ -112,3 +110,18 @@ def test_bad_lengths_are_named(case):
     kwargs, exc, match = BAD[case]
     with pytest.raises(exc, match=match):
         cudnn_flex.flex_attention(q, k, v, **kwargs)
+
+
+def test_lengths_are_read_once_and_again_after_an_in_place_change(monkeypatch):
+    """Reading lengths is a device sync: a lengths tensor every layer of a step passes is read
+    once, and read again (and refused) after an in-place change makes it wrong."""
+    q, k, v, _, lengths_q, lengths_kv = inputs(seed=4)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+    assert sum(t is lengths_kv for t in reads) == 1 and sum(t is lengths_q for t in reads) == 1
+    lengths_kv.fill_(S_KV + 1)
+    with pytest.raises(ValueError, match=r"seq_lens_kv must lie in \[0, 133\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)

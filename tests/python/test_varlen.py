@@ -186,3 +186,20 @@ def test_packed_documents_match_torch_flex_attention():
                                                 mask_mod=mods.causal, return_lse=True)
     torch.testing.assert_close(got, want[0].transpose(0, 1), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse.double(), want_lse[0].double(), rtol=1e-6, atol=1e-6)
+
+
+def test_with_max_seqlen_given_cu_seqlens_are_read_once(monkeypatch):
+    """Each host read is a device sync: with max_seqlen_q/kv given, a model's layers share one
+    check of the cu_seqlens tensors; a wrong max_seqlen is still caught."""
+    lengths = [3, 0, 5]
+    q, k, v, _ = packed(lengths, lengths, seed=2)
+    cu_q, cu_kv = cu_seqlens(lengths), cu_seqlens(lengths)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    outs = [cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
+            for _ in range(3)]
+    assert sum(t is cu_q for t in reads) == 1 and sum(t is cu_kv for t in reads) == 1
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"max_seqlen_q must be an int at least the longest sequence \(5\)"):
+        cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=4, max_seqlen_kv=5)

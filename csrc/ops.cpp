@@ -349,6 +349,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                bprop_id, scale, deterministic, padded_batch(seq_lens, q, true));
   at::Tensor out = empty_from(p.o, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (p.padded) {
+    // cuDNN leaves the rows of skipped tiles unwritten: padding rows get out 0 and lse -inf (a
+    // row with no keys), as the rows it masks in the last partial tile do.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   if (q.numel() == 0 || k.size(2) == 0) {
     // Nothing to attend to: a defined result instead of a cuDNN launch on empty tensors.
     out.zero_();
@@ -386,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   at::Tensor dk = empty_from(p.dk, k.options());
   at::Tensor dv = empty_from(p.dv, v.options());
   if (p.padded) {
-    // cuDNN skips the tiles past the lengths and may leave their gradients unwritten: padding
-    // gets no gradient.
+    // cuDNN skips the tiles past the lengths and leaves their gradients unwritten: padding gets
+    // no gradient.
     dq.zero_();
     dk.zero_();
     dv.zero_();

@@ -131,23 +131,28 @@ def use_cudnn(q: torch.Tensor, backend: str) -> bool:
     return eligible and backend != "reference"
 
 
-# id -> (weak reference, (version, bounds)) of tensors whose values were checked on the host.
-# Reading values is a device sync: a model passes one lengths tensor to every layer of a step, so
-# it is read once, and again after an in-place change (a new version). Keyed by id, not by the
-# tensor: a tensor's == is elementwise.
-_values_checked: dict = {}
+# (id, what) -> (weak reference, version, value) of what was derived from a tensor's values. A
+# model passes one lengths tensor to every layer of a step: what is read from it on the host (a
+# device sync) is read once, and again after an in-place change (a new version). Keyed by id, not
+# by the tensor: a tensor's == is elementwise.
+_per_version: dict = {}
+
+
+def once_per_version(t: torch.Tensor, what: Hashable, compute: Callable[[], object]) -> object:
+    """compute(), remembered for this tensor object while its version stays the same."""
+    seen = _per_version.get((id(t), what))
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
+        return seen[2]
+    value = compute()
+    if len(_per_version) > 4096:
+        _per_version.clear()
+    _per_version[(id(t), what)] = (weakref.ref(t), t._version, value)
+    return value
 
 
 def check_values_once(t: torch.Tensor, against: Hashable, check: Callable[[list], None]) -> None:
     """check(t.tolist()) unless this tensor, unchanged, passed it against the same bounds."""
-    stamp = (t._version, against)
-    seen = _values_checked.get(id(t))
-    if seen is not None and seen[0]() is t and seen[1] == stamp:
-        return
-    check(t.tolist())
-    if len(_values_checked) > 4096:
-        _values_checked.clear()
-    _values_checked[id(t)] = (weakref.ref(t), stamp)
+    once_per_version(t, ("checked against", against), lambda: check(t.tolist()))
 
 
 def _checked_lengths(lengths, name: str, batch: int, longest: int, q: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from . import _ops  # noqa: F401  (registers the fake kernels)
 from . import _registry, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
                           check_dense_last_dim, check_scale, padded_lengths, use_cudnn)
-from .padded_batch import cudnn_seq_lens, without_padded_rows
+from .padded_batch import cudnn_seq_lens
 from .record_call import record_call
 
 _warned: set = set()  # the reasons ReferencePathWarning was given for in this process
@@ -69,8 +69,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seq_lens_q, seq_lens_kv: int32 [B] on q's device, the valid length of each batch
             element of a padded batch: keys at kv_idx >= seq_lens_kv[b] are masked, and rows at
             q_idx >= seq_lens_q[b] give out = 0, lse = -inf and no gradient. On cuDNN the tiles
-            past the lengths are skipped; the padding must hold finite values (cuDNN reads the
-            last partial tile; the reference path zeroes it).
+            past the lengths are skipped; the padding must hold finite values: cuDNN reads the
+            last partial tile, and NaN there reaches the valid rows through 0 * NaN (the
+            reference path zeroes it).
     Returns:
         out [B, H_q, Sq, D_v] in `layout` (q's dtype), and with return_lse=True (out, lse).
     Raises:
@@ -113,8 +114,6 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
             # The backward graph may be built long after: its program lives as long as the node.
             out.grad_fn.metadata["cudnn_flex_program"] = program
-        if seq_lens:
-            out, lse = without_padded_rows(out, lse, *seq_lens)
     else:
         _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)

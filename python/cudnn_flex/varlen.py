@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._validation import TensorDict, check_scale, check_values_once
+from ._validation import TensorDict, check_scale, check_values_once, once_per_version
 from .api import flex_attention
 
 def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str, given, max_name: str) -> None:
@@ -147,7 +147,8 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n = cu_seqlens_q.numel() - 1
     qp = _padded(q, places_q, n, longest_q)
     kp, vp = _padded(k, places_kv, n, longest_kv), _padded(v, places_kv, n, longest_kv)
-    lengths = lambda cu: (cu[1:] - cu[:-1]).contiguous()  # noqa: E731
+    # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
+    lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
     out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
                               mask_mod=mask_mod, scale=scale, return_lse=True, deterministic=deterministic,
                               seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))

@@ -200,6 +200,7 @@ def test_with_max_seqlen_given_cu_seqlens_are_read_once(monkeypatch):
     outs = [cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
             for _ in range(3)]
     assert sum(t is cu_q for t in reads) == 1 and sum(t is cu_kv for t in reads) == 1
+    assert len(reads) == 4  # and the two lengths tensors made from them, checked once too
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"max_seqlen_q must be an int at least the longest sequence \(5\)"):
         cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=4, max_seqlen_kv=5)

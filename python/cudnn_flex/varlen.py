@@ -89,17 +89,35 @@ def _check_tokens(q, k, v) -> None:
         raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes})")
 
 
-def _token_places(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, position within it) of each packed token, on the device (no host read)."""
+def _padded_rows(cu_seqlens: torch.Tensor, total: int, longest: int) -> torch.Tensor:
+    """The row of each packed token in the padded batch's [n * longest] rows: sequence * longest +
+    position within it (on the device, no host read)."""
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
     seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
-    return seq, (tokens - cu_seqlens[seq]).long()
+    return seq * longest + (tokens - cu_seqlens[seq]).long()
 
 
-def _padded(x: torch.Tensor, places: tuple, n: int, longest: int) -> torch.Tensor:
-    """[total, H, D] -> [n, H, longest, D], zeros after each sequence (a copy; differentiable)."""
-    out = x.new_zeros((n, longest) + tuple(x.shape[1:]))
-    return out.index_put(places, x).permute(0, 2, 1, 3)
+def _padded(x: torch.Tensor, rows: torch.Tensor, n: int, longest: int) -> torch.Tensor:
+    """[total, H, D] -> [n, H, longest, D], zeros after each sequence: one copy of whole token rows
+    (index_copy_, in place into the zeros: the out-of-place form copies them once more; its
+    backward gathers rows), differentiable. Zeros, not garbage: cuDNN reads the padding of the
+    last partial tile, and NaN there would reach the valid rows."""
+    flat = x.reshape(x.shape[0], -1)
+    out = flat.new_zeros((n * longest, flat.shape[1])).index_copy_(0, rows, flat)
+    return out.view((n, longest) + tuple(x.shape[1:])).permute(0, 2, 1, 3)
+
+
+def _unpadded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n, H, longest, *] -> [total, H, *]: the rows of the packed tokens (index_select)."""
+    n, h, longest = x.shape[:3]
+    by_token = x.permute(0, 2, 1, *range(3, x.dim())).reshape(n * longest, -1)
+    return by_token.index_select(0, rows).view((rows.numel(), h) + tuple(x.shape[3:]))
+
+
+def _all_full(cu_seqlens: torch.Tensor, longest: int) -> bool:
+    """Every sequence is `longest` long (read once per cu_seqlens version)."""
+    return once_per_version(cu_seqlens, ("all of length", longest),
+                            lambda: bool(((cu_seqlens[1:] - cu_seqlens[:-1]) == longest).all()))
 
 
 @torch.compiler.disable  # host reads of the lengths: under torch.compile it runs eagerly (a graph break)
@@ -143,20 +161,29 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"cu_seqlens_kv {cu_seqlens_kv.numel() - 1}; each sequence needs both")
     longest_q, longest_kv = _longest(cu_seqlens_q, max_seqlen_q), _longest(cu_seqlens_kv, max_seqlen_kv)
     check_scale(scale)
-    places_q, places_kv = _token_places(cu_seqlens_q, q.shape[0]), _token_places(cu_seqlens_kv, k.shape[0])
     n = cu_seqlens_q.numel() - 1
-    qp = _padded(q, places_q, n, longest_q)
-    kp, vp = _padded(k, places_kv, n, longest_kv), _padded(v, places_kv, n, longest_kv)
+    if n > 0 and _all_full(cu_seqlens_q, longest_q) and _all_full(cu_seqlens_kv, longest_kv):
+        # Sequences of one length are a batch already: views, no copies, no padding.
+        batch = lambda t, s: t.unflatten(0, (n, s)).permute(0, 2, 1, 3)  # noqa: E731
+        out, lse = flex_attention(batch(q, longest_q), batch(k, longest_kv), batch(v, longest_kv), score_mod,
+                                  score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors, mask_mod=mask_mod,
+                                  scale=scale, return_lse=True, deterministic=deterministic)
+        out = out.permute(0, 2, 1, 3).flatten(0, 1)
+        return (out, lse.permute(1, 0, 2).flatten(1, 2)) if return_lse else out
+    rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
+    rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)
+    qp = _padded(q, rows_q, n, longest_q)
+    kp, vp = _padded(k, rows_kv, n, longest_kv), _padded(v, rows_kv, n, longest_kv)
     # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
     lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
     out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
                               mask_mod=mask_mod, scale=scale, return_lse=True, deterministic=deterministic,
                               seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))
     # [n, H, longest_q, *] -> the valid rows, in token order.
-    out = out.permute(0, 2, 1, 3)[places_q]
+    out = _unpadded(out, rows_q)
     if not return_lse:
         return out
-    return out, lse.permute(0, 2, 1)[places_q].t().contiguous()
+    return out, _unpadded(lse.unsqueeze(-1), rows_q)[..., 0].t().contiguous()
 
 
 def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ LENGTHS = {
     "tile edges": ([1, 127, 129], [1, 127, 129]),
     "cross lengths": ([5, 40, 3], [17, 9, 60]),
     "empty sequences": ([0, 6, 4, 0], [3, 0, 7, 0]),
+    "one length (a batch: no copies)": ([33, 33, 33], [129, 129, 129]),
 }
 
 

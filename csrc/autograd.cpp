@@ -20,28 +20,32 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             at::TensorList mod_tensors, at::TensorList bprop_tensors,
                                             int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                            std::optional<double> scale, bool deterministic, at::TensorList seq_lens) {
+                                            std::optional<double> scale, bool deterministic, at::TensorList seq_lens,
+                                            at::TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cudnn_flex::fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-                           at::TensorList, int64_t, int64_t, bool, std::optional<double>, bool, at::TensorList)>();
-  return op.call(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens);
+                           at::TensorList, int64_t, int64_t, bool, std::optional<double>, bool, at::TensorList,
+                           at::TensorList, at::IntArrayRef)>();
+  return op.call(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
+                 cu_seqlens, max_seqlens);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, at::TensorList mod_tensors, at::TensorList bprop_tensors,
     int64_t mod_id, int64_t bprop_id, bool cacheable, std::optional<double> scale, bool deterministic,
-    at::TensorList seq_lens) {
+    at::TensorList seq_lens, at::TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cudnn_flex::bwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, int64_t,
-                           int64_t, bool, std::optional<double>, bool, at::TensorList)>();
+                           int64_t, bool, std::optional<double>, bool, at::TensorList, at::TensorList,
+                           at::IntArrayRef)>();
   return op.call(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable,
-                 scale, deterministic, seq_lens);
+                 scale, deterministic, seq_lens, cu_seqlens, max_seqlens);
 }
 
 // A gradient g through lse, folded into the one backward cuDNN has. d lse_i / d S_ij = P_ij, so
@@ -77,17 +81,21 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
                                const at::Tensor& v, std::vector<at::Tensor> mod_tensors,
                                std::vector<at::Tensor> bprop_tensors, int64_t mod_id, int64_t bprop_id,
                                bool cacheable, std::optional<double> scale, bool deterministic,
-                               std::vector<at::Tensor> seq_lens) {
+                               std::vector<at::Tensor> seq_lens, std::vector<at::Tensor> cu_seqlens,
+                               std::vector<int64_t> max_seqlens) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
-                               deterministic, seq_lens);
+                               deterministic, seq_lens, cu_seqlens, max_seqlens);
     // Saving the score_mod tensors makes autograd's version check catch an in-place change of
     // one of them between forward and backward.
     variable_list saved{q, k, v, out, lse};
     saved.insert(saved.end(), mod_tensors.begin(), mod_tensors.end());
     saved.insert(saved.end(), bprop_tensors.begin(), bprop_tensors.end());
     saved.insert(saved.end(), seq_lens.begin(), seq_lens.end());
+    saved.insert(saved.end(), cu_seqlens.begin(), cu_seqlens.end());
     ctx->save_for_backward(saved);
+    ctx->saved_data["n_seq_lens"] = static_cast<int64_t>(seq_lens.size());
+    ctx->saved_data["max_seqlens"] = max_seqlens;
     ctx->saved_data["n_mod"] = static_cast<int64_t>(mod_tensors.size());
     ctx->saved_data["n_bprop"] = static_cast<int64_t>(bprop_tensors.size());
     ctx->saved_data["mod_id"] = mod_id;
@@ -106,21 +114,28 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
     std::vector<at::Tensor> mod_tensors(saved.begin() + 5, saved.begin() + 5 + n_mod);
     const int64_t n_bprop = ctx->saved_data["n_bprop"].toInt();
     std::vector<at::Tensor> bprop_tensors(saved.begin() + 5 + n_mod, saved.begin() + 5 + n_mod + n_bprop);
-    std::vector<at::Tensor> seq_lens(saved.begin() + 5 + n_mod + n_bprop, saved.end());
+    const int64_t n_seq_lens = ctx->saved_data["n_seq_lens"].toInt();
+    const auto lists = saved.begin() + 5 + n_mod + n_bprop;
+    std::vector<at::Tensor> seq_lens(lists, lists + n_seq_lens);
+    std::vector<at::Tensor> cu_seqlens(lists + n_seq_lens, saved.end());
+    const std::vector<int64_t> max_seqlens = ctx->saved_data["max_seqlens"].toIntVector();
     const c10::IValue& scale_value = ctx->saved_data["scale"];
     std::optional<double> scale;
     if (!scale_value.isNone()) scale = scale_value.toDouble();
     at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[3]);
     at::Tensor v = saved[2], out = saved[3];
+    TORCH_CHECK_NOT_IMPLEMENTED(!grads[1].defined() || cu_seqlens.empty(),
+                                "cudnn_flex: a gradient through the lse of packed sequences "
+                                "(flex_attention_varlen) is not supported yet; use lse.detach() in the loss");
     if (grads[1].defined()) std::tie(grad_out, v, out) = with_lse_gradient(grad_out, grads[1], v, out);
     auto [dq, dk, dv] = call_bwd(grad_out, saved[0], saved[1], v, out, saved[4], mod_tensors, bprop_tensors,
                                  ctx->saved_data["mod_id"].toInt(), ctx->saved_data["bprop_id"].toInt(),
                                  ctx->saved_data["cacheable"].toBool(), scale,
-                                 ctx->saved_data["deterministic"].toBool(), seq_lens);
+                                 ctx->saved_data["deterministic"].toBool(), seq_lens, cu_seqlens, max_seqlens);
     if (grads[1].defined()) dv = dv.narrow(-1, 0, saved[2].size(-1));
     // One gradient per forward argument: the score_mod tensors and options get none.
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -128,9 +143,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::T
                                                 at::TensorList mod_tensors, at::TensorList bprop_tensors,
                                                 int64_t mod_id, int64_t bprop_id, bool cacheable,
                                                 std::optional<double> scale, bool deterministic,
-                                                at::TensorList seq_lens) {
+                                                at::TensorList seq_lens, at::TensorList cu_seqlens,
+                                                at::IntArrayRef max_seqlens) {
   auto outs = FlexAttentionFunction::apply(q, k, v, mod_tensors.vec(), bprop_tensors.vec(), mod_id, bprop_id,
-                                           cacheable, scale, deterministic, seq_lens.vec());
+                                           cacheable, scale, deterministic, seq_lens.vec(), cu_seqlens.vec(),
+                                           max_seqlens.vec());
   return {outs[0], outs[1]};
 }
 

@@ -135,19 +135,91 @@ TensorDesc lse_desc(const at::Tensor& q) {
   return TensorDesc{{b, h, s, 1}, {h * s, s, 1, 1}, DType::Float, false};
 }
 
+std::string shape_of(const at::Tensor& t);
+
+// Packed sequences (flex_attention_varlen): q, k, v are [1, H, total, D] views of token-major
+// tensors, cu_seqlens = [cu_q, cu_kv] (int32 [n + 1]) and max_seqlens = [max_q, max_kv]. cuDNN
+// sees them as [n, H, max_s, D] with ragged offsets. n == 0: not packed.
+struct Packing {
+  int64_t n = 0, max_q = 0, max_kv = 0;
+  explicit operator bool() const { return n > 0; }
+};
+
+Packing packing(TensorList cu_seqlens, at::IntArrayRef max_seqlens, const at::Tensor& q, const at::Tensor& k,
+                bool on_device) {
+  if (cu_seqlens.empty()) return {};
+  TORCH_CHECK_VALUE(cu_seqlens.size() == 2 && max_seqlens.size() == 2,
+                    "cudnn_flex: cu_seqlens and max_seqlens must be empty or [q's, kv's]");
+  const int64_t n = cu_seqlens[0].numel() - 1;
+  for (size_t i = 0; i < 2; ++i) {
+    const at::Tensor& t = cu_seqlens[i];
+    const char* name = i == 0 ? "cu_seqlens_q" : "cu_seqlens_kv";
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.numel() == n + 1 && n > 0 &&
+                          t.stride(0) == 1 && (!on_device || t.device() == q.device()),
+                      "cudnn_flex: ", name, " must be a contiguous int32 [n + 1] tensor on q's device, got ",
+                      t.scalar_type(), " ", shape_of(t));
+  }
+  TORCH_CHECK_VALUE(q.size(0) == 1 && k.size(0) == 1 && max_seqlens[0] > 0 && max_seqlens[1] > 0,
+                    "cudnn_flex: packed sequences come as [1, H, total, D] views with positive max_seqlens");
+  return {n, max_seqlens[0], max_seqlens[1]};
+}
+
+// A [1, H, total, D] tensor (token stride st) as cuDNN's packed [n, H, max_s, D]: the batch
+// stride is unused, the ragged offsets place each sequence.
+TensorDesc packed(TensorDesc d, int64_t n, int64_t max_s) {
+  const int64_t st = d.strides[2];
+  d.dims = {n, d.dims[1], max_s, d.dims[3]};
+  d.strides = {max_s * st, d.strides[1], st, d.strides[3]};
+  return d;
+}
+
+// The ragged offsets of q (and dq), o (and dO), k (and dk), v (and dv): cu_seqlens times each
+// tensor's token stride, in int32 as cuDNN takes them.
+std::vector<at::Tensor> ragged_offsets(const SdpaProblem& p, TensorList cu_seqlens, int64_t total_q,
+                                       int64_t total_kv) {
+  std::vector<at::Tensor> out;
+  const std::tuple<const TensorDesc*, int, int64_t> located[] = {
+      {&p.q, 0, total_q}, {&p.o, 0, total_q}, {&p.k, 1, total_kv}, {&p.v, 1, total_kv}};
+  for (auto [d, which, total] : located) {
+    TORCH_CHECK_VALUE(total * d->strides[2] <= std::numeric_limits<int32_t>::max(),
+                      "cudnn_flex: packed sequences of ", total, " tokens exceed cuDNN's int32 ragged offsets; "
+                      "split the batch");
+    out.push_back(cu_seqlens[which] * d->strides[2]);
+  }
+  return out;
+}
+
+// The scores' shape [B, H, Sq, Skv] (packed: [n, H, max_q, max_kv]), which score_mod tensors
+// broadcast against.
+std::vector<int64_t> scores_shape(const at::Tensor& q, const at::Tensor& k, const Packing& pk) {
+  if (pk) return {pk.n, q.size(1), pk.max_q, pk.max_kv};
+  return {q.size(0), q.size(1), q.size(2), k.size(2)};
+}
+
 SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, std::optional<double> scale, bool deterministic,
-                         bool padded) {
+                         bool padded, const Packing& pk = {}) {
+  TORCH_CHECK_VALUE(!pk || padded, "cudnn_flex: packed sequences need seq_lens (their lengths) too");
   SdpaProblem p;
   p.pass = pass;
   p.padded = padded;
+  p.ragged = bool(pk);
   p.device = q.device().is_cuda() ? q.device().index() : -1;
   p.q = describe(q, "q");
   p.k = describe(k, "k");
   p.v = describe(v, "v");
   p.o = layout_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}, p.q.dtype);
   p.lse = lse_desc(q);
-  const std::vector<int64_t> scores{q.size(0), q.size(1), q.size(2), k.size(2)};
+  std::vector<int64_t> scores{q.size(0), q.size(1), q.size(2), k.size(2)};
+  if (pk) {
+    p.q = packed(p.q, pk.n, pk.max_q);
+    p.k = packed(p.k, pk.n, pk.max_kv);
+    p.v = packed(p.v, pk.n, pk.max_kv);
+    p.o = packed(p.o, pk.n, pk.max_q);
+    const int64_t h = q.size(1);
+    p.lse = TensorDesc{{pk.n, h, pk.max_q, 1}, {h * pk.max_q, pk.max_q, 1, 1}, DType::Float, false};
+    scores = {pk.n, h, pk.max_q, pk.max_kv};
+  }
   p.mod_tensors = describe_mod_tensors(mod_tensors, "score_mod tensor", scores);
   // No scale: the usual 1/sqrt(head dim), decided here so that a traced head dim can stay symbolic.
   p.scale = scale.value_or(1.0 / std::sqrt(double(q.size(3))));
@@ -157,6 +229,11 @@ SdpaProblem make_problem(Pass pass, const at::Tensor& q, const at::Tensor& k, co
     p.dq = layout_like(q, q.sizes(), p.q.dtype);
     p.dk = layout_like(k, k.sizes(), p.k.dtype);
     p.dv = layout_like(v, v.sizes(), p.v.dtype);
+    if (pk) {
+      p.dq = packed(p.dq, pk.n, pk.max_q);
+      p.dk = packed(p.dk, pk.n, pk.max_kv);
+      p.dv = packed(p.dv, pk.n, pk.max_kv);
+    }
     p.bprop_tensors = describe_mod_tensors(bprop_tensors, "score_mod_bprop tensor", scores);
     p.bprop_id = bprop_id;
     p.deterministic = deterministic;
@@ -275,9 +352,8 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 // at most 4-D and broadcastable against the scores. Bool becomes float32 (cuDNN 9.19 crashes on
 // BOOLEAN inputs with SIGFPE, and a uint8 view of an odd-length mask is read misaligned); the
 // recorded program compares it with 0.
-std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const at::Tensor& q, int64_t s_kv,
-                                     bool on_device) {
-  const std::vector<int64_t> full{q.size(0), q.size(1), q.size(2), s_kv};
+std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const at::Tensor& q,
+                                     const std::vector<int64_t>& full, bool on_device) {
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor t = tensors[i];
@@ -301,15 +377,15 @@ std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const
 // The valid lengths of a padded batch: none, or [seq_lens_q, seq_lens_kv], each int32 [B] with
 // unit stride (cuDNN reads them as [B,1,1,1]) on q's device. Their values are checked in Python
 // (cudnn_flex.flex_attention): a length past the padded one makes cuDNN read out of bounds.
-bool padded_batch(TensorList seq_lens, const at::Tensor& q, bool on_device) {
+bool padded_batch(TensorList seq_lens, int64_t batch, const at::Tensor& q, bool on_device) {
   if (seq_lens.empty()) return false;
   TORCH_CHECK_VALUE(seq_lens.size() == 2, "cudnn_flex: seq_lens must be empty or [seq_lens_q, seq_lens_kv], got ",
                     seq_lens.size(), " tensors");
   for (size_t i = 0; i < 2; ++i) {
     const at::Tensor& t = seq_lens[i];
     const char* name = i == 0 ? "seq_lens_q" : "seq_lens_kv";
-    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0) && t.stride(0) == 1,
-                      "cudnn_flex: ", name, " must be a contiguous int32 [B] = [", q.size(0), "] tensor, got ",
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == batch && t.stride(0) == 1,
+                      "cudnn_flex: ", name, " must be a contiguous int32 [B] = [", batch, "] tensor, got ",
                       t.scalar_type(), " ", shape_of(t));
     TORCH_CHECK_VALUE(!on_device || t.device() == q.device(), "cudnn_flex: ", name, " is on ", t.device(),
                       " but q is on ", q.device());
@@ -321,6 +397,12 @@ void add_seq_lens(std::vector<std::pair<int64_t, void*>>& pointers, TensorList s
   if (seq_lens.empty()) return;
   pointers.emplace_back(kSeqLenQ, seq_lens[0].data_ptr());
   pointers.emplace_back(kSeqLenKV, seq_lens[1].data_ptr());
+}
+
+void add_ragged_offsets(std::vector<std::pair<int64_t, void*>>& pointers, const std::vector<at::Tensor>& offsets) {
+  if (offsets.empty()) return;
+  const int64_t uids[] = {kRaggedQ, kRaggedO, kRaggedK, kRaggedV};
+  for (size_t i = 0; i < 4; ++i) pointers.emplace_back(uids[i], offsets[i].data_ptr());
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -340,15 +422,19 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
-                                            std::optional<double> scale, bool deterministic, TensorList seq_lens) {
+                                            std::optional<double> scale, bool deterministic, TensorList seq_lens,
+                                            TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
-  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
-  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
-  SdpaProblem p = make_problem(Pass::Forward, q, k, v, mods, bprop_mods, mod_id,
-                               bprop_id, scale, deterministic, padded_batch(seq_lens, q, true));
-  at::Tensor out = empty_from(p.o, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const Packing pk = packing(cu_seqlens, max_seqlens, q, k, true);
+  const auto scores = scores_shape(q, k, pk);
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, scores, true);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, scores, true);
+  SdpaProblem p = make_problem(Pass::Forward, q, k, v, mods, bprop_mods, mod_id, bprop_id, scale, deterministic,
+                               padded_batch(seq_lens, scores[0], q, true), pk);
+  at::Tensor out = at::empty_strided({q.size(0), q.size(1), q.size(2), v.size(3)},
+                                     strides_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}), q.options());
+  at::Tensor lse = at::empty({p.lse.dims[0], p.lse.dims[1], p.lse.dims[2]}, q.options().dtype(at::kFloat));
   if (p.padded) {
     // cuDNN leaves the rows of skipped tiles unwritten: padding rows get out 0 and lse -inf (a
     // row with no keys), as the rows it masks in the last partial tile do.
@@ -364,6 +450,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   std::vector<std::pair<int64_t, void*>> pointers{
       {kQ, q.data_ptr()}, {kK, k.data_ptr()}, {kV, v.data_ptr()}, {kO, out.data_ptr()}, {kLse, lse.data_ptr()}};
   add_seq_lens(pointers, seq_lens);
+  const auto offsets = pk ? ragged_offsets(p, cu_seqlens, q.size(2), k.size(2)) : std::vector<at::Tensor>{};
+  add_ragged_offsets(pointers, offsets);
   run(p, cacheable, std::move(pointers), mods, {}, q);
   return {out, lse};
 }
@@ -374,23 +462,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         TensorList mod_tensors, TensorList bprop_tensors,
                                                         int64_t mod_id,
                                                         int64_t bprop_id, bool cacheable, std::optional<double> scale,
-                                                        bool deterministic, TensorList seq_lens) {
+                                                        bool deterministic, TensorList seq_lens,
+                                                        TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
-  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), true);
-  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), true);
-  SdpaProblem p = make_problem(Pass::Backward, q, k, v, mods, bprop_mods, mod_id,
-                               bprop_id, scale, deterministic, padded_batch(seq_lens, q, true));
-  TORCH_CHECK(out.strides().vec() == p.o.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
+  const Packing pk = packing(cu_seqlens, max_seqlens, q, k, true);
+  const auto scores = scores_shape(q, k, pk);
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, scores, true);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, scores, true);
+  SdpaProblem p = make_problem(Pass::Backward, q, k, v, mods, bprop_mods, mod_id, bprop_id, scale, deterministic,
+                               padded_batch(seq_lens, scores[0], q, true), pk);
+  // The tensors as allocated (packed: [1, H, total, D]); p holds cuDNN's view of them.
+  const TensorDesc o_layout = layout_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}, p.q.dtype);
+  TORCH_CHECK(out.strides().vec() == o_layout.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
   // The graph reads dO with O's layout; autograd may hand over another one (or an expanded zero).
   at::Tensor d_o = grad_out;
-  if (d_o.strides().vec() != p.d_o.strides) {
-    d_o = empty_from(p.d_o, grad_out.options());
+  if (d_o.strides().vec() != o_layout.strides) {
+    d_o = empty_from(o_layout, grad_out.options());
     d_o.copy_(grad_out);
   }
-  at::Tensor dq = empty_from(p.dq, q.options());
-  at::Tensor dk = empty_from(p.dk, k.options());
-  at::Tensor dv = empty_from(p.dv, v.options());
+  at::Tensor dq = empty_from(layout_like(q, q.sizes(), p.q.dtype), q.options());
+  at::Tensor dk = empty_from(layout_like(k, k.sizes(), p.k.dtype), k.options());
+  at::Tensor dv = empty_from(layout_like(v, v.sizes(), p.v.dtype), v.options());
   if (p.padded) {
     // cuDNN skips the tiles past the lengths and leaves their gradients unwritten: padding gets
     // no gradient.
@@ -408,6 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
       {kQ, q.data_ptr()},   {kK, k.data_ptr()},   {kV, v.data_ptr()},   {kO, out.data_ptr()},  {kLse, lse.data_ptr()},
       {kDO, d_o.data_ptr()}, {kDQ, dq.data_ptr()}, {kDK, dk.data_ptr()}, {kDV, dv.data_ptr()}};
   add_seq_lens(pointers, seq_lens);
+  const auto offsets = pk ? ragged_offsets(p, cu_seqlens, q.size(2), k.size(2)) : std::vector<at::Tensor>{};
+  add_ragged_offsets(pointers, offsets);
   run(p, cacheable, std::move(pointers), mods, bprop_mods, q);
   return {dq, dk, dv};
 }
@@ -416,12 +511,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
 // and returns their printed form. The user's score_mod really runs through the bridge.
 std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, TensorList mod_tensors,
                      TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id,
-                     std::optional<double> scale, bool deterministic, int64_t sm_version, TensorList seq_lens) {
+                     std::optional<double> scale, bool deterministic, int64_t sm_version, TensorList seq_lens,
+                     TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
   TORCH_CHECK_VALUE(sm_version > 0, "cudnn_flex: validate needs an SM version such as 90");
   check_shapes(q, k, v);
-  const bool padded = padded_batch(seq_lens, q, false);
-  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, k.size(2), false);
-  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, k.size(2), false);
+  const Packing pk = packing(cu_seqlens, max_seqlens, q, k, false);
+  const auto scores = scores_shape(q, k, pk);
+  const bool padded = padded_batch(seq_lens, scores[0], q, false);
+  const auto mods = graph_inputs(mod_tensors, "score_mod tensor", q, scores, false);
+  const auto bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, scores, false);
   if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) {
     // flex_attention returns a defined result without cuDNN for these; cuDNN itself divides by
     // the empty dims (SIGFPE), so there is no graph to validate.
@@ -430,7 +528,7 @@ std::string validate(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::string text;
   for (Pass pass : {Pass::Forward, Pass::Backward}) {
     SdpaProblem p = make_problem(pass, q, k, v, mods, bprop_mods, mod_id,
-                                 bprop_id, scale, deterministic, padded);
+                                 bprop_id, scale, deterministic, padded, pk);
     p.sm_version = sm_version;
     // Counted like any other build, never stored: these graphs have no plans to run.
     auto graph = translate_errors(
@@ -451,14 +549,17 @@ void set_broadcast_repr(int64_t repr) { broadcast_repr = repr; }
 TORCH_LIBRARY(cudnn_flex, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, bool cacheable, float? scale, bool deterministic, Tensor[] seq_lens) -> (Tensor out, Tensor lse)");
+      "int bprop_id, bool cacheable, float? scale, bool deterministic, Tensor[] seq_lens, "
+      "Tensor[] cu_seqlens, int[] max_seqlens) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor[] mod_tensors, "
       "Tensor[] bprop_tensors, int mod_id, int bprop_id, bool cacheable, "
-      "float? scale, bool deterministic, Tensor[] seq_lens) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float? scale, bool deterministic, Tensor[] seq_lens, Tensor[] cu_seqlens, int[] max_seqlens) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "validate(Tensor q, Tensor k, Tensor v, Tensor[] mod_tensors, Tensor[] bprop_tensors, int mod_id, "
-      "int bprop_id, float? scale, bool deterministic, int sm_version, Tensor[] seq_lens) -> str");
+      "int bprop_id, float? scale, bool deterministic, int sm_version, Tensor[] seq_lens, "
+      "Tensor[] cu_seqlens, int[] max_seqlens) -> str");
   m.impl("validate", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(validate));
 }
 

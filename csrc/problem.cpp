@@ -25,7 +25,7 @@ GraphKey SdpaProblem::key() const {
     add_all(key, bprop_tensors);
   }
   add_all(key, mod_tensors);
-  key.add(scale).add(mod_id).add(sm_version).add(padded);
+  key.add(scale).add(mod_id).add(sm_version).add(padded).add(ragged);
   return key;
 }
 

@@ -37,6 +37,10 @@ struct SdpaProblem {
   // A padded batch: int32 [B] valid lengths of q and kv (seq_len tensors, read at execution), and
   // the padding mask inside the score_mod; cuDNN skips the tiles past the lengths.
   bool padded = false;
+  // Packed sequences (THD): q, k, v, o and the gradients are [n, H, max_s, D] views of token-major
+  // storage located by ragged offsets (cu_seqlens times the token stride, read at execution).
+  // Always padded too (the seq_len tensors are the sequence lengths).
+  bool ragged = false;
   // > 0: build for this SM version without a GPU, up to the operation graph (validation only).
   int64_t sm_version = 0;
 

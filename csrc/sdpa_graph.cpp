@@ -106,9 +106,23 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
       .set_compute_data_type(fe::DataType_t::FLOAT);
   if (p.sm_version > 0) graph->set_sm_version(static_cast<int32_t>(p.sm_version));
 
-  auto q = graph->tensor(attributes("Q", kQ, p.q));
-  auto k = graph->tensor(attributes("K", kK, p.k));
-  auto v = graph->tensor(attributes("V", kV, p.v));
+  // Packed sequences: each of q (and dq), o (and dO), k (and dk), v (and dv) is located by its
+  // ragged offsets, [n + 1] int32 element offsets of each sequence's first token.
+  std::shared_ptr<fe::graph::Tensor_attributes> ragged_q, ragged_o, ragged_k, ragged_v;
+  if (p.ragged) {
+    const TensorDesc offsets{{p.q.dims[0] + 1, 1, 1, 1}, {1, 1, 1, 1}, DType::Int32, false};
+    ragged_q = graph->tensor(attributes("ragged_offset_q", kRaggedQ, offsets));
+    ragged_o = graph->tensor(attributes("ragged_offset_o", kRaggedO, offsets));
+    ragged_k = graph->tensor(attributes("ragged_offset_k", kRaggedK, offsets));
+    ragged_v = graph->tensor(attributes("ragged_offset_v", kRaggedV, offsets));
+  }
+  auto located = [](fe::graph::Tensor_attributes a, const std::shared_ptr<fe::graph::Tensor_attributes>& offset) {
+    if (offset) a.set_ragged_offset(offset);
+    return a;
+  };
+  auto q = graph->tensor(located(attributes("Q", kQ, p.q), ragged_q));
+  auto k = graph->tensor(located(attributes("K", kK, p.k), ragged_k));
+  auto v = graph->tensor(located(attributes("V", kV, p.v), ragged_v));
   bridge::TensorList mod_inputs = make_inputs(p.mod_tensors, "score_mod_tensor_", kModTensorUid);
   bridge::TensorList bprop_inputs = make_inputs(p.bprop_tensors, "score_mod_bprop_tensor_", kBpropTensorUid);
   // A padded batch: cuDNN bounds its loops by the lengths (whole tiles) and the padding mask in
@@ -148,10 +162,11 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     if (p.padded) options.set_seq_len_q(seq_len_q).set_seq_len_kv(seq_len_kv);
     auto [o, stats] = graph->sdpa(q, k, v, options);
     set_output(o, "O", kO, p.o);
+    if (ragged_o) o->set_ragged_offset(ragged_o);
     set_output(stats, "Stats", kLse, p.lse);
   } else {
-    auto o = graph->tensor(attributes("O", kO, p.o));
-    auto d_o = graph->tensor(attributes("dO", kDO, p.d_o));
+    auto o = graph->tensor(located(attributes("O", kO, p.o), ragged_o));
+    auto d_o = graph->tensor(located(attributes("dO", kDO, p.d_o), ragged_o));
     auto stats = graph->tensor(attributes("Stats", kLse, p.lse));
     auto options = fe::graph::SDPA_backward_attributes()
                        .set_name("cudnn_flex_bwd")
@@ -169,6 +184,11 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
     set_output(dq, "dQ", kDQ, p.dq);
     set_output(dk, "dK", kDK, p.dk);
     set_output(dv, "dV", kDV, p.dv);
+    if (p.ragged) {
+      dq->set_ragged_offset(ragged_q);
+      dk->set_ragged_offset(ragged_k);
+      dv->set_ragged_offset(ragged_v);
+    }
   }
 
   check(graph->validate(), "validate", p);

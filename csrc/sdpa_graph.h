@@ -17,6 +17,7 @@ namespace cudnn_flex {
 // Fixed uids of the variant pack; score_mod tensors follow from kModTensorUid / kBpropTensorUid.
 enum Uid : int64_t {
   kQ = 1, kK, kV, kO, kLse, kDO, kDQ, kDK, kDV, kSeqLenQ, kSeqLenKV,
+  kRaggedQ, kRaggedO, kRaggedK, kRaggedV,  // ragged offsets: q and dq, o and dO, k and dk, v and dv
   kModTensorUid = 1000,
   kBpropTensorUid = 2000,
 };

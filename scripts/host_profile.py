@@ -37,8 +37,8 @@ def main():
     softcap = mods.softcap(20.0)
     rows = [
         ("torch SDPA (cuDNN backend)", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)),
-        ("C++ op alone (torch.ops.cudnn_flex.fwd, no grad)", lambda: op(q, q, q, [], [], mod_id, bprop_id, cacheable, None, False, [])),
-        ("C++ op through the autograd wrapper (inputs require grad)", lambda: op(qg, qg, qg, [], [], mod_id, bprop_id, cacheable, None, False)),
+        ("C++ op alone (torch.ops.cudnn_flex.fwd, no grad)", lambda: op(q, q, q, [], [], mod_id, bprop_id, cacheable, None, False, [], [], [])),
+        ("C++ op through the autograd wrapper (inputs require grad)", lambda: op(qg, qg, qg, [], [], mod_id, bprop_id, cacheable, None, False, [], [], [])),
         ("recording the program (DSL causal)", lambda: _registry.record(dsl_mods.causal, None, (), ())),
         ("flex_attention, no score_mod", lambda: cudnn_flex.flex_attention(q, q, q)),
         ("flex_attention, no grad", lambda: cudnn_flex.flex_attention(q, q, q, dsl_mods.causal)),

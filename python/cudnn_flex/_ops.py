@@ -42,15 +42,18 @@ def _check(q, k, v, mod_tensors, bprop_tensors) -> None:
 
 
 @torch.library.register_fake("cudnn_flex::fwd")
-def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens=()):
+def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
+              cu_seqlens, max_seqlens):
     _check(q, k, v, mod_tensors, bprop_tensors)
     out = _empty_like_layout(q, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
-    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    # Packed sequences ([1, H, total, D] views): lse per sequence and position, [n, H, max_q].
+    rows = (cu_seqlens[0].shape[0] - 1, max_seqlens[0]) if cu_seqlens else (q.shape[0], q.shape[2])
+    lse = q.new_empty((rows[0], q.shape[1], rows[1]), dtype=torch.float32)
     return out, lse
 
 
 @torch.library.register_fake("cudnn_flex::bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
-              deterministic, seq_lens=()):
+              deterministic, seq_lens, cu_seqlens, max_seqlens):
     _check(q, k, v, mod_tensors, bprop_tensors)
     return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape))

@@ -100,26 +100,34 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if use_cudnn(q, backend):
         check_dense_last_dim(q, k, v)
         seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
-        for i, t in enumerate(mod_tensors + bprop_tensors):
-            if t.dtype == torch.float64:
-                raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
-                                 "attention does not read; pass it as float32")
-        if torch.compiler.is_compiling():
-            mod_id, bprop_id = program  # recorded while dynamo traced (record_call)
-        else:
-            mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
-        out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
-                                            True, None if scale is None else float(scale),
-                                            bool(deterministic), seq_lens)
-        if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
-            # The backward graph may be built long after: its program lives as long as the node.
-            out.grad_fn.metadata["cudnn_flex_program"] = program
+        out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens)
     else:
         _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens=(), cu_seqlens=(),
+               max_seqlens=()):
+    """torch.ops.cudnn_flex.fwd for a recorded call (flex_attention's and flex_attention_varlen's
+    cuDNN path): (out, lse)."""
+    for i, t in enumerate(mod_tensors + bprop_tensors):
+        if t.dtype == torch.float64:
+            raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
+                             "attention does not read; pass it as float32")
+    if torch.compiler.is_compiling():
+        mod_id, bprop_id = program  # recorded while dynamo traced (record_call)
+    else:
+        mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+    out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
+                                        True, None if scale is None else float(scale),
+                                        bool(deterministic), list(seq_lens), list(cu_seqlens), list(max_seqlens))
+    if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
+        # The backward graph may be built long after: its program lives as long as the node.
+        out.grad_fn.metadata["cudnn_flex_program"] = program
+    return out, lse
 
 
 @torch.compiler.disable  # reads lengths on the host and evaluates the program in Python: eager under compile
@@ -186,4 +194,4 @@ def validate_graphs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seq_lens = [batch(seq_lens_q), batch(seq_lens_kv)]
     return torch.ops.cudnn_flex.validate(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                          None if scale is None else float(scale), bool(deterministic),
-                                         sm_version, seq_lens)
+                                         sm_version, seq_lens, [], [])

@@ -21,8 +21,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._validation import TensorDict, check_scale, check_values_once, once_per_version
-from .api import flex_attention
+from ._validation import TensorDict, check_dense_last_dim, check_scale, check_values_once, once_per_version, use_cudnn
+from .api import cudnn_call, flex_attention
+from .record_call import record_call
 
 def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str, given, max_name: str) -> None:
     """Checks cu_seqlens (and max_seqlen against it); its values are read on the host once per
@@ -114,6 +115,14 @@ def _unpadded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return by_token.index_select(0, rows).view((rows.numel(), h) + tuple(x.shape[3:]))
 
 
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """x [total, H, D] with each token's heads and dims dense (THD), as cuDNN's ragged offsets
+    address them: x itself, or a contiguous copy."""
+    if x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.stride(0) == x.shape[1] * x.shape[2]:
+        return x
+    return x.contiguous()
+
+
 def _all_full(cu_seqlens: torch.Tensor, longest: int) -> bool:
     """Every sequence is `longest` long (read once per cu_seqlens version)."""
     return once_per_version(cu_seqlens, ("all of length", longest),
@@ -170,12 +179,27 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   scale=scale, return_lse=True, deterministic=deterministic)
         out = out.permute(0, 2, 1, 3).flatten(0, 1)
         return (out, lse.permute(1, 0, 2).flatten(1, 2)) if return_lse else out
+    # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
+    lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
+    if use_cudnn(q, "auto") and n > 0 and longest_q > 0 and longest_kv > 0:
+        # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
+        program, mod_tensors, bprop_tensors = record_call(
+            score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
+            q.new_empty((1, 1, 1, 1)).expand(n, q.shape[1], longest_q, q.shape[2]), longest_kv)
+        as_rows = lambda t: _token_major(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
+        qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
+        check_dense_last_dim(qv, kv, vv)
+        out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic,
+                              [lengths(cu_seqlens_q), lengths(cu_seqlens_kv)], [cu_seqlens_q, cu_seqlens_kv],
+                              [longest_q, longest_kv])
+        out = out[0].transpose(0, 1)
+        if not return_lse:
+            return out
+        return out, _unpadded(lse.unsqueeze(-1), rows_q)[..., 0].t().contiguous()
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)
     qp = _padded(q, rows_q, n, longest_q)
     kp, vp = _padded(k, rows_kv, n, longest_kv), _padded(v, rows_kv, n, longest_kv)
-    # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
-    lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
     out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
                               mask_mod=mask_mod, scale=scale, return_lse=True, deterministic=deterministic,
                               seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))

@@ -138,6 +138,7 @@ std::vector<Change> all_changes() {
   out.push_back({"sm_version", [](SdpaProblem& p) { p.sm_version = 100; }});
   out.push_back({"sm_version 0 (a real build with plans)", [](SdpaProblem& p) { p.sm_version = 0; }});
   out.push_back({"padded (seq_len tensors)", [](SdpaProblem& p) { p.padded = !p.padded; }});
+  out.push_back({"ragged (packed sequences)", [](SdpaProblem& p) { p.ragged = !p.ragged; }});
   return out;
 }
 

@@ -183,7 +183,7 @@ def test_opcheck_fwd(requires_grad, scale):
     q, k, v, mod_id, bprop_id, cacheable = meta_args(requires_grad)
     with torch.device("meta"):
         bias = torch.randn(1, 4, 1, 96)
-    args = (q, k, v, [bias], [], mod_id, bprop_id, cacheable, scale, False, [])
+    args = (q, k, v, [bias], [], mod_id, bprop_id, cacheable, scale, False, [], [], [])
     torch.library.opcheck(FWD, args, test_utils=UTILS)
 
 
@@ -191,15 +191,15 @@ def test_opcheck_fwd_of_a_padded_batch():
     q, k, v, mod_id, bprop_id, cacheable = meta_args(True)
     with torch.device("meta"):
         lengths = [torch.zeros(q.shape[0], dtype=torch.int32) for _ in range(2)]
-    args = (q, k, v, [], [], mod_id, bprop_id, cacheable, None, False, lengths)
+    args = (q, k, v, [], [], mod_id, bprop_id, cacheable, None, False, lengths, [], [])
     torch.library.opcheck(FWD, args, test_utils=UTILS)
 
 
 def test_opcheck_bwd():
     q, k, v, mod_id, bprop_id, cacheable = meta_args(False)
-    out, lse = FWD(q, k, v, [], [], mod_id, bprop_id, cacheable, None, False, [])
+    out, lse = FWD(q, k, v, [], [], mod_id, bprop_id, cacheable, None, False, [], [], [])
     grad_out = torch.randn_like(out)
-    args = (grad_out, q, k, v, out, lse, [], [], mod_id, bprop_id, cacheable, None, True, [])
+    args = (grad_out, q, k, v, out, lse, [], [], mod_id, bprop_id, cacheable, None, True, [], [], [])
     torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, args, test_utils=UTILS)
 
 

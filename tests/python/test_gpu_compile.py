@@ -266,10 +266,10 @@ def test_opcheck_on_cuda(requires_grad):
     slopes = mods.alibi_slopes(4, device="cuda")
     program = _registry.record(dsl_mods.alibi, None, ("slopes",), (slopes.dtype,))
     mod_id, bprop_id, cacheable = program.mod_id, program.bprop_id, True
-    args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True, [])
+    args = (q, k, v, [slopes], [], mod_id, bprop_id, cacheable, None, True, [], [], [])
     # With gradients, opcheck's AOT tests backpropagate through every output, lse included.
     torch.library.opcheck(torch.ops.cudnn_flex.fwd.default, args)
     out, lse = torch.ops.cudnn_flex.fwd(*args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), [slopes], [],
-                mod_id, bprop_id, cacheable, None, True, [])
+                mod_id, bprop_id, cacheable, None, True, [], [], [])
     torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, bwd_args)

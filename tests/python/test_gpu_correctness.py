@@ -256,11 +256,11 @@ def test_captured_bool_mask_and_bool_scalar():
 def test_public_op_refuses_a_host_tensor_instead_of_crashing():
     q, k, v = (t.detach() for t in inputs())
     with pytest.raises(ValueError, match="is on cpu but q is on cuda"):
-        torch.ops.cudnn_flex.fwd(q, k, v, [torch.zeros(1, 1, SQ, SKV)], [], 0, 0, True, None, False, [])
+        torch.ops.cudnn_flex.fwd(q, k, v, [torch.zeros(1, 1, SQ, SKV)], [], 0, 0, True, None, False, [], [], [])
     with pytest.raises(ValueError, match="one dtype"):
-        torch.ops.cudnn_flex.fwd(q, k.half(), v, [], [], 0, 0, True, None, False, [])
+        torch.ops.cudnn_flex.fwd(q, k.half(), v, [], [], 0, 0, True, None, False, [], [], [])
     with pytest.raises(RuntimeError, match="no recorded score_mod program"):
-        torch.ops.cudnn_flex.fwd(q, k, v, [], [], 12345, 0, True, None, False, [])
+        torch.ops.cudnn_flex.fwd(q, k, v, [], [], 12345, 0, True, None, False, [], [], [])
     out = cudnn_flex.flex_attention(q, k, v)  # the CUDA context is fine
     assert torch.isfinite(out).all()
 

@@ -88,27 +88,40 @@ def test_padding_values_do_not_reach_the_valid_rows():
     torch.testing.assert_close(out, clean, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mod", ["causal", "alibi"])
-def test_packed_sequences_match_the_reference_path(mod):
-    """flex_attention_varlen on cuDNN against the same call on the CPU reference path (float64),
-    which test_varlen.py checks against one flex_attention call per sequence."""
-    lengths = [1, 127, 129, 0, 300]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+PACKINGS = {  # (query lengths, key lengths) of the packed sequences
+    "tile edges and an empty one": ([1, 127, 129, 0, 300], [1, 127, 129, 0, 300]),
+    "cross lengths": ([5, 200, 129, 64], [133, 7, 300, 64]),
+}
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("mod", MODS)
+@pytest.mark.parametrize("token_major", [True, False], ids=["thd", "htd view"])
+def test_packed_sequences_match_the_reference_path(mod, packing, token_major):
+    """flex_attention_varlen on cuDNN (ragged offsets into the packed tensors) against the same
+    call on the CPU reference path (float64), which test_varlen.py checks against one
+    flex_attention call per sequence; out, lse and the three gradients."""
+    lengths_q, lengths_kv = PACKINGS[packing]
+    cu_q = torch.tensor([0] + torch.tensor(lengths_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_kv = torch.tensor([0] + torch.tensor(lengths_kv).cumsum(0).tolist(), dtype=torch.int32)
     g = torch.Generator().manual_seed(13)
-    tokens = sum(lengths)
-    host = [torch.randn(tokens, h, D, generator=g).to(torch.bfloat16) for h in (H, H_KV, H_KV)]
-    d_out = torch.randn(tokens, H, D, generator=g).to(torch.bfloat16)
+    host = [torch.randn(sum(n), h, D, generator=g).to(torch.bfloat16)
+            for n, h in ((lengths_q, H), (lengths_kv, H_KV), (lengths_kv, H_KV))]
+    d_out = torch.randn(sum(lengths_q), H, D, generator=g).to(torch.bfloat16)
     kwargs = MODS[mod][0]
     results = {}
     for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float64)):
-        q, k, v = (t.to(device, dtype).requires_grad_() for t in host)
-        c = cu.to(device)
-        out, lse = cudnn_flex.flex_attention_varlen(q, k, v, c, c, **kwargs(device), max_seqlen_q=300,
-                                                    max_seqlen_kv=300, return_lse=True)
+        q, k, v = (t.to(device, dtype) for t in host)
+        if not token_major:  # [total, H, D] views of head-major storage: copied to THD for cuDNN
+            q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out, lse = cudnn_flex.flex_attention_varlen(q, k, v, cu_q.to(device), cu_kv.to(device), **kwargs(device),
+                                                    max_seqlen_q=max(lengths_q), max_seqlen_kv=max(lengths_kv),
+                                                    return_lse=True)
         grads = torch.autograd.grad(out, (q, k, v), d_out.to(device, dtype))
         results[device] = {name: t.detach().double().cpu() for name, t in
                            zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads)}
-    errs = check(results["cuda"], results["cpu"], label=f"varlen {mod}")
+    errs = check(results["cuda"], results["cpu"], label=f"varlen {mod} {packing}")
     assert set(errs) == {"out", "lse", "dq", "dk", "dv"}
 
 
@@ -122,3 +135,16 @@ def test_a_padded_batch_builds_its_graphs_once():
         lengths = torch.tensor([n, 129 - n], dtype=torch.int32, device="cuda")
         cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths, seq_lens_kv=lengths).sum().backward()
     assert cudnn_flex.cache_stats()["builds"] == builds
+
+
+def test_a_gradient_through_packed_lse_is_refused_by_name():
+    lengths = [3, 129]
+    cu = torch.tensor([0, 3, 132], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(132, h, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (H, H_KV, H_KV))
+    out, lse = cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths),
+                                                return_lse=True)
+    out.float().sum().backward()  # out alone: fine
+    assert q.grad is not None
+    out, lse = cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=129, max_seqlen_kv=129, return_lse=True)
+    with pytest.raises(NotImplementedError, match="lse of packed sequences"):
+        lse.sum().backward()

@@ -312,4 +312,23 @@ def test_the_op_checks_its_seq_lens(seq_lens, match):
     """Models may call the op directly: its lengths are checked there too, by name."""
     q, k, v = qkv()
     with pytest.raises(ValueError, match=match):
-        torch.ops.cudnn_flex.validate(q, k, v, [], [], 0, 0, None, False, 90, seq_lens)
+        torch.ops.cudnn_flex.validate(q, k, v, [], [], 0, 0, None, False, 90, seq_lens, [], [])
+
+
+def test_packed_sequences_build_ragged_graphs():
+    """flex_attention_varlen's cuDNN graphs: q, k, v, o and the gradients located by ragged
+    offsets over [n, H, max_s, D], the sequence lengths as seq_len tensors, the padding mask."""
+    n, total_q, total_kv, max_q, max_kv = 3, 200, 250, 129, 127
+    with torch.device("meta"):
+        q = torch.empty(total_q, H, D, dtype=torch.float16).unsqueeze(0).transpose(1, 2)
+        k = torch.empty(total_kv, 2, D, dtype=torch.float16).unsqueeze(0).transpose(1, 2)
+        lengths = [torch.empty(n, dtype=torch.int32) for _ in range(2)]
+        cu = [torch.empty(n + 1, dtype=torch.int32) for _ in range(2)]
+    text = torch.ops.cudnn_flex.validate(q, k, k, [], [], 0, 0, None, False, 90, lengths, cu, [max_q, max_kv])
+    assert re.findall(r"score_mod ops: (.*)", text) == ["PADDING_MASK", "PADDING_MASK"]
+    for name in ("ragged_offset_q", "ragged_offset_o", "ragged_offset_k", "ragged_offset_v", "seq_len_q"):
+        assert name in text
+    # cuDNN's view: [n, H, max_s, D] with the token stride of the packed tensors
+    assert f'"dim":[{n},{H},{max_q},{D}]' in text.replace(" ", "")
+    with pytest.raises(ValueError, match="packed sequences need seq_lens"):
+        torch.ops.cudnn_flex.validate(q, k, k, [], [], 0, 0, None, False, 90, [], cu, [max_q, max_kv])

@@ -19,7 +19,7 @@ def test_ops_are_registered_with_schemas():
 
 
 def fake_fwd(q, k, v):
-    return torch.ops.cudnn_flex.fwd(q, k, v, [], [], 0, 0, True, 0.125, False, [])
+    return torch.ops.cudnn_flex.fwd(q, k, v, [], [], 0, 0, True, 0.125, False, [], [], [])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -39,7 +39,7 @@ def test_fake_shapes_for_layouts_and_gqa(layout, h_kv):
         # The output is laid out in memory like q, so the user's layout comes back as a view.
         assert out.stride() == tuple(strides_like(q, out.shape))
         assert out.permute(FROM_BHSD[layout]).is_contiguous()
-        dq, dk, dv = torch.ops.cudnn_flex.bwd(out, q, k, v, out, lse, [], [], 0, 0, True, 0.125, False, [])
+        dq, dk, dv = torch.ops.cudnn_flex.bwd(out, q, k, v, out, lse, [], [], 0, 0, True, 0.125, False, [], [], [])
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
         assert dk.stride() == tuple(strides_like(k, k.shape))
 
@@ -81,7 +81,7 @@ def test_strides_like_matches_layouts():
 def test_in_place_change_of_a_score_mod_tensor_before_backward_is_an_error():
     q, k, v = meta_qkv()
     bias = torch.empty(1, 2, 16, 16, device="meta")
-    out, lse = torch.ops.cudnn_flex.fwd(q, k, v, [bias], [], 1, 0, True, 0.125, False, [])
+    out, lse = torch.ops.cudnn_flex.fwd(q, k, v, [bias], [], 1, 0, True, 0.125, False, [], [], [])
     bias.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()

@@ -28,13 +28,13 @@ def test_validate_graphs_of_empty_problems_builds_nothing(shape_q, shape_kv):
 def test_validate_op_with_no_kv_heads_is_an_error():
     q, k = torch.randn(1, 2, 8, 8, dtype=torch.float16), torch.randn(1, 0, 8, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match="same number of heads"):
-        VALIDATE(q, k, k, [], [], 0, 0, None, False, 90, [])
+        VALIDATE(q, k, k, [], [], 0, 0, None, False, 90, [], [], [])
 
 
 def test_validate_op_refuses_a_score_mod_tensor_that_does_not_broadcast():
     q = torch.randn(1, 2, 8, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match="does not broadcast"):
-        VALIDATE(q, q, q, [torch.zeros(3, 1, 1, 1)], [], 0, 0, None, False, 90, [])
+        VALIDATE(q, q, q, [torch.zeros(3, 1, 1, 1)], [], 0, 0, None, False, 90, [], [], [])
 
 
 @pytest.mark.parametrize("change,message", [
@@ -46,12 +46,12 @@ def test_validate_op_refuses_a_score_mod_tensor_that_does_not_broadcast():
 def test_fake_kernel_checks_what_the_cuda_kernel_checks(change, message):
     q, k, v, t = change(meta(1, 2, 8, 8), meta(1, 2, 8, 8), meta(1, 2, 8, 8), [])
     with pytest.raises(ValueError, match=message):
-        FWD(q, k, v, t, [], 0, 0, True, None, False, [])
+        FWD(q, k, v, t, [], 0, 0, True, None, False, [], [], [])
 
 
 def test_one_element_cpu_tensor_is_passed_by_value():
     q = meta(1, 2, 8, 8)
-    out, lse = FWD(q, q, q, [torch.tensor(0.5)], [], 0, 0, True, None, False, [])
+    out, lse = FWD(q, q, q, [torch.tensor(0.5)], [], 0, 0, True, None, False, [], [], [])
     assert out.shape == q.shape and lse.shape == (1, 2, 8)
 
 

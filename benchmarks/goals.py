@@ -15,6 +15,8 @@ GOAL_SPEEDUP_VS_TORCH_FLEX = {"softcap": 2.0, "alibi": 1.3, "relbias": 1.3}  # f
 GOAL_CAUSAL_MOD_VS_NATIVE = 1.10    # causal by score_mod within 10% of native causal
 GOAL_HOST_US = 15.0                 # host time per cached forward call
 GOAL_HOST_FRACTION_OF_FRONTEND = 1.0 / 3.0
+GOAL_HOST_VS_SDPA = 1.3             # issue 15: every kind of cached call within 1.3x of SDPA's host time
+HOST_ANCHOR = "sdpa_cudnn"
 
 
 @dataclasses.dataclass
@@ -123,6 +125,27 @@ def figure_host(host: dict) -> list:
     return [Figure("host time per cached forward call", "; ".join(parts), met)]
 
 
+def figure_host_vs_sdpa(host: dict) -> list:
+    """Issue 15: each kind of cudnn-flex call (rows named "cudnn_flex ...") over SDPA's host
+    time in the same run, forward and forward+backward; the worst kind names the figure."""
+    anchor = host.get(HOST_ANCHOR) or {}
+    ratios = []
+    for name, v in host.items():
+        if not name.startswith("cudnn_flex") or v.get("error"):
+            continue
+        for mode in ("fwd", "fwd_bwd"):
+            if v.get(mode) is not None and anchor.get(mode):
+                ratios.append((v[mode] / anchor[mode], name, mode))
+    if not ratios:
+        return [Figure("host time per cached call / SDPA's", "not measured", None)]
+    worst = max(ratios)
+    over = [f"{name} {MODE_LABELS[mode]} {r:.2f}" for r, name, mode in sorted(ratios, reverse=True)
+            if r > GOAL_HOST_VS_SDPA]
+    text = (f"worst {worst[0]:.2f} ({worst[1]}, {MODE_LABELS[worst[2]]}); goal <= {GOAL_HOST_VS_SDPA}"
+            + (f"; over: {', '.join(over)}" if over else ""))
+    return [Figure("host time per cached call / SDPA's", text, worst[0] <= GOAL_HOST_VS_SDPA)]
+
+
 def all_figures(rs: ResultSet, host: dict) -> list:
     return (figure_ours_vs_frontend(rs) + figure_speedup_vs_torch_flex(rs)
-            + figure_causal_mod_vs_native(rs) + figure_host(host))
+            + figure_causal_mod_vs_native(rs) + figure_host(host) + figure_host_vs_sdpa(host))

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .cases import CASES, Shape, make_inputs, seqlen_label
+from .cases import CASES, SOFTCAP, Shape, make_inputs, seqlen_label
 from .paths import PATHS, make_runner, na_reason
 from .results import NA, SKIPPED, Result, ResultSet, error_text, short_error
 from .timing import cuda_median_ms, first_call_s, fwd_and_fwd_bwd, host_us
@@ -138,20 +138,42 @@ def log_line(r: Result) -> str:
             f"fwd {_log_cell(r, 'fwd')}  fwd+bwd {_log_cell(r, 'fwd_bwd')}{first}")
 
 
+def _host_kinds(inputs: dict) -> dict:
+    """label -> attention(q, k, v): one cudnn-flex call of each kind of mod issue 15 names."""
+    import cudnn_flex
+    from cudnn_flex import dsl_mods, mods
+    cap, torch_cap = dsl_mods.Softcap(SOFTCAP), mods.softcap(SOFTCAP)
+    s = inputs["q"].shape[2]
+    cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=inputs["q"].device)  # two sequences: ragged
+    row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+    return {
+        "cudnn_flex no mod": lambda q, k, v: cudnn_flex.flex_attention(q, k, v),
+        "cudnn_flex keyed DSL softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),
+        "cudnn_flex torch-style softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, torch_cap),
+        "cudnn_flex mask_mod causal": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal),
+        "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
+            row(q), row(k), row(v), cu, cu, mask_mod=mods.causal, max_seqlen_q=s,
+            max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),
+    }
+
+
 def measure_host(args, log=print) -> dict:
     """Host us per cached call at a tiny shape: the causal and softcap score_mods on this library
-    and the frontend path, and torch SDPA (cuDNN, is_causal) as the reference point."""
+    and the frontend path, each kind of mod on this library (issue 15), and torch SDPA (cuDNN,
+    is_causal) as the reference point."""
     inputs = make_inputs(HOST_SHAPE)
     q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]
     out = {}
+    kinds = _host_kinds(inputs) if "cudnn_flex" in args.path_list else {}
     for label, case, path in (("cudnn_flex", "causal", "cudnn_flex"), ("frontend", "causal", "frontend"),
                               ("sdpa_cudnn", "causal", "sdpa_cudnn"),
                               ("cudnn_flex softcap", "softcap", "cudnn_flex"),
-                              ("frontend softcap", "softcap", "frontend")):
+                              ("frontend softcap", "softcap", "frontend"),
+                              *((name, None, "cudnn_flex") for name in kinds)):
         if path not in args.path_list:
             continue
         try:
-            run = make_runner(case, path, inputs, args)
+            run = kinds[label] if case is None else make_runner(case, path, inputs, args)
             with torch.no_grad():   # around the loop, so that its cost is not counted per call
                 fwd_us = host_us(lambda: run(q, k, v), args.host_calls)
             fwd_bwd_us = host_us(lambda: torch.autograd.grad(run(q, k, v), (q, k, v), do),

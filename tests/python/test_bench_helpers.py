@@ -354,3 +354,29 @@ def test_torch_flex_mods_match_plain_torch_on_the_cpu(case):
             q, k, v = (x[n].detach() for n in ("q", "k", "v"))     # no flex backward on the CPU
             got = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=shape.hkv != shape.h)
         torch.testing.assert_close(got.double(), _expected(case, x), atol=1e-4, rtol=1e-4, msg=case)
+
+
+def test_host_time_figure_names_the_worst_kind_against_sdpa():
+    host = {"sdpa_cudnn": {"fwd": 20.0, "fwd_bwd": 100.0},
+            "cudnn_flex no mod": {"fwd": 22.0, "fwd_bwd": 110.0},
+            "cudnn_flex torch-style softcap": {"fwd": 30.0, "fwd_bwd": 120.0},
+            "cudnn_flex varlen causal": {"error": "boom"},
+            "frontend": {"fwd": 90.0, "fwd_bwd": 400.0}}       # not a kind of this library: not counted
+    (figure,) = goals.figure_host_vs_sdpa(host)
+    assert figure.met is False
+    assert "worst 1.50 (cudnn_flex torch-style softcap, fwd)" in figure.text
+    assert "over: cudnn_flex torch-style softcap fwd 1.50" in figure.text
+    host["cudnn_flex torch-style softcap"] = {"fwd": 25.0, "fwd_bwd": 120.0}
+    assert goals.figure_host_vs_sdpa(host)[0].met is True
+    assert goals.figure_host_vs_sdpa({})[0].met is None
+
+
+def test_every_kind_of_call_the_host_table_times_runs():
+    pytest.importorskip("cudnn_flex")
+    inputs = cases.make_inputs(runner.HOST_SHAPE, device="cpu", dtype=torch.float32)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, run in runner._host_kinds(inputs).items():
+            out = run(q, k, v)
+            assert out.shape == q.shape and torch.isfinite(out).all(), name

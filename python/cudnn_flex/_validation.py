@@ -140,13 +140,13 @@ _per_version: dict = {}
 
 def once_per_version(t: torch.Tensor, what: Hashable, compute: Callable[[], object]) -> object:
     """compute(), remembered for this tensor object while its version stays the same."""
-    seen = _per_version.get((id(t), what))
+    key = (id(t), what)
+    seen = _per_version.get(key)
     if seen is not None and seen[0]() is t and seen[1] == t._version:
         return seen[2]
     value = compute()
-    if len(_per_version) > 4096:
-        _per_version.clear()
-    _per_version[(id(t), what)] = (weakref.ref(t), t._version, value)
+    # The entry goes with the tensor (what it holds, e.g. a row index on the device, with it).
+    _per_version[key] = (weakref.ref(t, lambda _: _per_version.pop(key, None)), t._version, value)
     return value
 
 

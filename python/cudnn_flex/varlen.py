@@ -92,10 +92,13 @@ def _check_tokens(q, k, v) -> None:
 
 def _padded_rows(cu_seqlens: torch.Tensor, total: int, longest: int) -> torch.Tensor:
     """The row of each packed token in the padded batch's [n * longest] rows: sequence * longest +
-    position within it (on the device, no host read)."""
-    tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
-    return seq * longest + (tokens - cu_seqlens[seq]).long()
+    position within it (on the device, no host read; made once per cu_seqlens version: five
+    launches that cost more host time than the attention call at small sizes)."""
+    def rows():
+        tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+        seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+        return seq * longest + (tokens - cu_seqlens[seq]).long()
+    return once_per_version(cu_seqlens, ("padded rows", total, longest), rows)
 
 
 def _padded(x: torch.Tensor, rows: torch.Tensor, n: int, longest: int) -> torch.Tensor:
@@ -181,7 +184,6 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return (out, lse.permute(1, 0, 2).flatten(1, 2)) if return_lse else out
     # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
     lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
-    rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
     if use_cudnn(q, "auto") and n > 0 and longest_q > 0 and longest_kv > 0:
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
         program, mod_tensors, bprop_tensors = record_call(
@@ -196,7 +198,9 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = out[0].transpose(0, 1)
         if not return_lse:
             return out
+        rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
         return out, _unpadded(lse.unsqueeze(-1), rows_q)[..., 0].t().contiguous()
+    rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)
     qp = _padded(q, rows_q, n, longest_q)
     kp, vp = _padded(k, rows_kv, n, longest_kv), _padded(v, rows_kv, n, longest_kv)

@@ -205,3 +205,17 @@ def test_with_max_seqlen_given_cu_seqlens_are_read_once(monkeypatch):
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"max_seqlen_q must be an int at least the longest sequence \(5\)"):
         cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=4, max_seqlen_kv=5)
+
+
+def test_what_is_kept_per_cu_seqlens_goes_with_it():
+    """Lengths and row indices made from a cu_seqlens tensor are kept while it lives (one host
+    read per version), and dropped with it: a new cu_seqlens each step leaks nothing."""
+    from cudnn_flex import _validation
+    lengths = [3, 0, 5]
+    q, k, v, _ = packed(lengths, lengths, seed=3)
+    before = len(_validation._per_version)
+    for _ in range(5):
+        cu = cu_seqlens(lengths)
+        cudnn_flex.flex_attention_varlen(q, k, v, cu, cu.clone(), max_seqlen_q=5, max_seqlen_kv=5)
+        del cu
+    assert len(_validation._per_version) <= before

@@ -128,11 +128,12 @@ def test_ratios_and_figures_met():
     assert rs.ratio(("softcap", "cudnn_flex"), ("softcap", "frontend"), 4096, 128, "fwd") == pytest.approx(1.01)
     assert rs.ratio(("softcap", "torch_flex"), ("softcap", "cudnn_flex"), 8192, 128, "fwd_bwd") == pytest.approx(2.5)
     assert rs.ratio(("softcap", "cudnn_flex"), ("softcap", "frontend"), 1024, 128, "fwd") is None
-    host = {"cudnn_flex": {"fwd": 10.0, "fwd_bwd": 30.0}, "frontend": {"fwd": 60.0, "fwd_bwd": 150.0}}
+    host = {"cudnn_flex": {"fwd": 10.0, "fwd_bwd": 30.0}, "frontend": {"fwd": 60.0, "fwd_bwd": 150.0},
+            "sdpa_cudnn": {"fwd": 9.0, "fwd_bwd": 28.0}}
     for r in _mask_rows():     # mask cases at other shapes change no figure
         rs.add(r)
     figures = goals.all_figures(rs, host)
-    assert len(figures) == len(GRID_CASES) + len(goals.GOAL_SPEEDUP_VS_TORCH_FLEX) + 2
+    assert len(figures) == len(GRID_CASES) + len(goals.GOAL_SPEEDUP_VS_TORCH_FLEX) + 3
     assert all(f.met for f in figures), [f.line() for f in figures if not f.met]
 
 

@@ -148,3 +148,31 @@ def test_a_gradient_through_packed_lse_is_refused_by_name():
     out, lse = cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=129, max_seqlen_kv=129, return_lse=True)
     with pytest.raises(NotImplementedError, match="lse of packed sequences"):
         lse.sum().backward()
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["plain", "alibi bottom-right"])
+def test_decoding_against_per_batch_cache_lengths(alibi):
+    """One new query per batch element against a KV cache of per-batch length (seq_lens_kv), the
+    query sitting after its cache's last key (bottom-right): plain, and with ALiBi distances
+    measured from that position through a captured lengths tensor. Forward only (inference)."""
+    cache = [1, 129, 300, 77]
+    q, k, v = make_inputs(b=len(cache), h=H, h_kv=H_KV, s_q=1, s_kv=300, d=D, seed=15)
+    len_kv = torch.tensor(cache, dtype=torch.int32, device="cuda")
+    slopes = SLOPES.view(-1).cuda()
+    position = (len_kv - 1).long()  # the new query's position in its sequence
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - (q_idx + position[b]))
+
+    with torch.no_grad():
+        out, lse = cudnn_flex.flex_attention(q, k, v, alibi_mod if alibi else None, seq_lens_kv=len_kv,
+                                             return_lse=True)
+    slopes_cpu, position_cpu = SLOPES.view(-1).double(), position.cpu()
+
+    def formula(s, b, h, q_idx, kv_idx):
+        s = s + slopes_cpu[h] * (kv_idx - (q_idx + position_cpu[b])) if alibi else s
+        return _where(kv_idx < len_kv.cpu().long()[b], s)
+
+    want_out, want_lse = oracle.attention(*(t.detach().double().cpu() for t in (q, k, v)), formula)
+    got = {"out": out.double().cpu(), "lse": lse.double().cpu()}
+    check(got, {"out": want_out, "lse": want_lse}, label=f"decode alibi={alibi}")

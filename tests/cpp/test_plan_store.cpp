@@ -8,6 +8,8 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <initializer_list>
+#include <optional>
 #include <fstream>
 #include <thread>
 
@@ -131,20 +133,38 @@ TEST(PlanStore, ConcurrentWritersLeaveOneValidFile) {
   }
 }
 
+// Restores an environment variable when it goes out of scope (other tests read HOME).
+struct SavedVariable {
+  explicit SavedVariable(const char* name) : name(name) {
+    if (const char* v = std::getenv(name)) value = v;
+  }
+  ~SavedVariable() {
+    if (value) ::setenv(name, value->c_str(), 1); else ::unsetenv(name);
+  }
+  const char* name;
+  std::optional<std::string> value;
+};
+
 TEST(PlanStore, DirectoryFromTheEnvironment) {
+  const SavedVariable saved[] = {SavedVariable("CUDNN_FLEX_CACHE_DIR"), SavedVariable("HOME"),
+                                 SavedVariable("XDG_CACHE_HOME")};
   ::setenv("CUDNN_FLEX_CACHE_DIR", "off", 1);
   EXPECT_FALSE(PlanStore::directory_from_environment().has_value());
   ::setenv("CUDNN_FLEX_CACHE_DIR", "/somewhere/plans", 1);
   EXPECT_EQ(PlanStore::directory_from_environment(), "/somewhere/plans");
-  ::setenv("CUDNN_FLEX_CACHE_DIR", "", 1);
-  EXPECT_FALSE(PlanStore::directory_from_environment().has_value());
-  // Opt-in (plan_store.cpp says why): a cache home or HOME alone turns nothing on.
-  ::unsetenv("CUDNN_FLEX_CACHE_DIR");
-  ::setenv("XDG_CACHE_HOME", "/xdg", 1);
-  EXPECT_FALSE(PlanStore::directory_from_environment().has_value());
-  ::unsetenv("XDG_CACHE_HOME");
-  ::setenv("HOME", "/home/user", 1);
-  EXPECT_FALSE(PlanStore::directory_from_environment().has_value());
+  // Unset or empty: the user's cache directory (XDG's, else ~/.cache).
+  for (const char* unset : std::initializer_list<const char*>{"", nullptr}) {
+    if (unset) ::setenv("CUDNN_FLEX_CACHE_DIR", unset, 1); else ::unsetenv("CUDNN_FLEX_CACHE_DIR");
+    ::setenv("HOME", "/home/user", 1);
+    ::setenv("XDG_CACHE_HOME", "/xdg", 1);
+    EXPECT_EQ(PlanStore::directory_from_environment(), "/xdg/cudnn_flex");
+    ::setenv("XDG_CACHE_HOME", "relative", 1);  // the spec says to ignore a relative path
+    EXPECT_EQ(PlanStore::directory_from_environment(), "/home/user/.cache/cudnn_flex");
+    ::unsetenv("XDG_CACHE_HOME");
+    EXPECT_EQ(PlanStore::directory_from_environment(), "/home/user/.cache/cudnn_flex");
+    ::unsetenv("HOME");
+    EXPECT_FALSE(PlanStore::directory_from_environment().has_value());
+  }
 }
 
 TEST(PlanStore, AnUnusableDirectoryIsNoError) {

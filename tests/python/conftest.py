@@ -13,5 +13,10 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+# Tests count graph builds, so plans stored on disk by an earlier run must not turn them into
+# loads: the store is off unless a run asks for one (the plan store's own tests give each process
+# a temporary directory).
+os.environ.setdefault("CUDNN_FLEX_CACHE_DIR", "off")
+
 # Test helpers (cases.py, gpu_cases.py, oracle.py, ...) are imported by name from this folder.
 sys.path.insert(0, os.path.dirname(__file__))

@@ -30,13 +30,14 @@ def directory_in_a_new_process(**env) -> str:
 def test_the_directory_follows_the_environment(tmp_path):
     assert directory_in_a_new_process(CUDNN_FLEX_CACHE_DIR=str(tmp_path / "plans")) == str(tmp_path / "plans")
     assert directory_in_a_new_process(CUDNN_FLEX_CACHE_DIR="off") == "None"
-    assert directory_in_a_new_process(CUDNN_FLEX_CACHE_DIR="") == "None"
 
 
-def test_without_the_variable_there_is_no_store(tmp_path):
-    # Opt-in (csrc/plan_store.cpp says why): neither a cache home nor HOME turns it on.
-    assert directory_in_a_new_process(XDG_CACHE_HOME=str(tmp_path)) == "None"
-    assert directory_in_a_new_process(HOME=str(tmp_path)) == "None"
+def test_by_default_the_store_is_in_the_users_cache_directory(tmp_path):
+    home = str(tmp_path / "home")
+    assert directory_in_a_new_process(HOME=home) == home + "/.cache/cudnn_flex"
+    assert directory_in_a_new_process(HOME=home, CUDNN_FLEX_CACHE_DIR="") == home + "/.cache/cudnn_flex"
+    assert directory_in_a_new_process(HOME=home, XDG_CACHE_HOME=str(tmp_path)) == str(tmp_path / "cudnn_flex")
+    # Nothing is created before a plan is stored.
     assert list(tmp_path.iterdir()) == []
 
 

@@ -145,6 +145,18 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::T
                                                 std::optional<double> scale, bool deterministic,
                                                 at::TensorList seq_lens, at::TensorList cu_seqlens,
                                                 at::IntArrayRef max_seqlens) {
+  // A call that nothing differentiates (no_grad, or q, k, v needing no gradient: the only inputs
+  // Function::apply records) skips the autograd node that apply would find unneeded anyway; it
+  // costs host time on every inference call. Forward-mode AD goes through apply, which refuses it
+  // by name.
+  const bool needs_grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  const bool has_tangent = q._fw_grad(/*level=*/0).defined() || k._fw_grad(/*level=*/0).defined() ||
+                           v._fw_grad(/*level=*/0).defined();
+  if (!needs_grad && !has_tangent) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
+                    cu_seqlens, max_seqlens);
+  }
   auto outs = FlexAttentionFunction::apply(q, k, v, mod_tensors.vec(), bprop_tensors.vec(), mod_id, bprop_id,
                                            cacheable, scale, deterministic, seq_lens.vec(), cu_seqlens.vec(),
                                            max_seqlens.vec());

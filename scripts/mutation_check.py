@@ -64,6 +64,7 @@ MUTATIONS = [
     ("q_idx and kv_idx swapped in torch-style mods", P + "torch_style.py", "[Proxy(tr, axis=a, kind=\"int\") for a in range(4)]", "[Proxy(tr, axis=a, kind=\"int\") for a in (0, 1, 3, 2)]"),
     ("relu derivative: clip ignored", P + "program/ops.py", "return g if upper_clip is None else torch.where(x < upper_clip, g, torch.zeros_like(x))", "return g"),
     ("k/v sequence check dropped", P + "_validation.py", "    elif s_k != s_v:\n", "    elif False:\n"),
+    ("inference tensors remembered by a version they lack", P + "_validation.py", "    if t.is_inference():\n        return compute()\n", ""),
     ("padding off by one", P + "reference.py",
      "(torch.arange(size, device=device) >= lengths", "(torch.arange(size, device=device) > lengths"),
     ("varlen reads the next sequence's last key", P + "varlen.py",

@@ -139,7 +139,11 @@ _per_version: dict = {}
 
 
 def once_per_version(t: torch.Tensor, what: Hashable, compute: Callable[[], object]) -> object:
-    """compute(), remembered for this tensor object while its version stays the same."""
+    """compute(), remembered for this tensor object while its version stays the same. An
+    inference tensor (made under torch.inference_mode()) has no version counter, so an in-place
+    change would go unseen: it is computed on every call."""
+    if t.is_inference():
+        return compute()
     key = (id(t), what)
     seen = _per_version.get(key)
     if seen is not None and seen[0]() is t and seen[1] == t._version:

@@ -56,6 +56,25 @@ def test_autograd_is_registered_on_fwd():
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
+def test_a_call_nothing_differentiates_makes_no_autograd_node():
+    """No node where autograd would find none needed (no_grad, q, k, v without grad): the fast
+    path of an inference call. Score_mod tensors get no gradient, with or without a node."""
+    q, k, v = meta_qkv()
+    with torch.no_grad():
+        out, lse = fake_fwd(q, k, v)
+    assert out.grad_fn is None and not out.requires_grad and lse.shape == (1, 2, 16)
+    out, _ = fake_fwd(q.detach(), k.detach(), v.detach())
+    assert out.grad_fn is None
+    bias = torch.empty(1, 2, 16, 16, device="meta", requires_grad=True)
+    out, _ = torch.ops.cudnn_flex.fwd(q.detach(), k.detach(), v.detach(), [bias], [], 1, 0, True, 0.125, False,
+                                      [], [], [])
+    assert out.grad_fn is None
+    out, _ = torch.ops.cudnn_flex.fwd(q, k.detach(), v.detach(), [bias], [], 1, 0, True, 0.125, False, [], [], [])
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert q.grad.shape == q.shape and bias.grad is None
+
+
 def test_gradient_through_lse_runs_the_backward_with_widened_values():
     """lse's gradient is folded into the backward by 8 extra value columns (csrc/autograd.cpp):
     the gradients keep the inputs' shapes."""

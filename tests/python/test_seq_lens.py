@@ -125,3 +125,20 @@ def test_lengths_are_read_once_and_again_after_an_in_place_change(monkeypatch):
     lengths_kv.fill_(S_KV + 1)
     with pytest.raises(ValueError, match=r"seq_lens_kv must lie in \[0, 133\]"):
         cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+
+
+def test_lengths_made_in_inference_mode_are_read_on_every_call(monkeypatch):
+    """An inference tensor has no version counter: an in-place change could not be told, so its
+    values are read (and checked) on every call instead of once."""
+    q, k, v, _, lengths_q, lengths_kv = inputs(seed=5)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    with torch.inference_mode():
+        lengths_kv = lengths_kv.clone()
+        for _ in range(2):
+            cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)
+        assert sum(t is lengths_kv for t in reads) == 2
+        lengths_kv.fill_(S_KV + 1)
+        with pytest.raises(ValueError, match=r"seq_lens_kv must lie in \[0, 133\]"):
+            cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths_q, seq_lens_kv=lengths_kv)

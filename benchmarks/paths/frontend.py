@@ -2,7 +2,8 @@
 sdpa(score_mod=) / sdpa_backward(score_mod=, score_mod_bprop=), a dict cache of built graphs keyed
 by shape + mod, and an autograd.Function around them. `frontend` writes every case as a score_mod;
 `frontend_native` uses cuDNN's own masks where one exists (the diagonal band for causal and sliding
-windows, the padding mask for valid lengths): the tile-skipping baseline of the mask cases.
+windows, the padding mask for valid lengths, and for packed documents the ragged THD layout with
+seq_len tensors and the padding mask): the tile-skipping baseline of the mask cases.
 
 Its score_mods take (graph, score, tensors) like the PR's; the frontend itself calls
 score_mod(graph, score), so the wrapper closes over the dict of graph tensors. Constants are
@@ -32,8 +33,6 @@ NATIVE_NA = {
     "decode_alibi": "cuDNN's native ALiBi needs a causal band and refuses the bottom-right one a decode "
                     "query needs",
     "docmask": "packed documents natively need the ragged THD layout (cu_seqlens), not an ids tensor",
-    "docs8x2k": "packed documents natively need the ragged THD layout (cu_seqlens), not an ids tensor",
-    "docsmix": "packed documents natively need the ragged THD layout (cu_seqlens), not an ids tensor",
     "gemma2": "cuDNN takes no native mask beside a score_mod (\"score mod enabled and hence other "
               "subgraphs are disabled\"), and the softcap needs one",
 }
@@ -143,6 +142,37 @@ class FeSoftcap:
 
 
 @dataclasses.dataclass
+class Ragged:
+    """One packed row of documents as cuDNN's THD layout: [n, H, longest, D] descriptors located by
+    ragged offsets (cu_seqlens times the token stride), the lengths as seq_len tensors [n,1,1,1]."""
+    lengths: tuple
+    cu: torch.Tensor            # int32 [n + 1] on the device
+    seq_len: torch.Tensor       # int32 [n, 1, 1, 1] on the device
+
+    @classmethod
+    def of(cls, lengths, device) -> "Ragged":
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        seq_len = torch.tensor(lengths, dtype=torch.int32).view(-1, 1, 1, 1)
+        return cls(tuple(lengths), cu.to(device), seq_len.to(device))
+
+    def place(self, g, d, t: torch.Tensor, pack: dict):
+        """Gives the graph tensor d of t ([1, H, total, D], any token stride) cuDNN's packed dims
+        [n, H, longest, D] and the ragged offsets of t's token stride (one offsets tensor per stride)."""
+        n, st, longest = len(self.lengths), t.stride(2), max(self.lengths)
+        d.set_dim([n, t.shape[1], longest, t.shape[3]]).set_stride([longest * st, t.stride(1), st, 1])
+        key = ("ragged offsets", st)
+        if key not in pack:
+            values = (self.cu * st).view(-1, 1, 1, 1)
+            pack[key] = (g.tensor_like(values), values)
+        d.set_ragged_offset(pack[key][0])
+        return d
+
+    def stats_shape(self, h: int) -> tuple:
+        return (len(self.lengths), h, max(self.lengths), 1)
+
+
+@dataclasses.dataclass
 class FeMod:
     key: str                             # cache key of the mod (the PR keys named fns by qualname)
     fwd: Optional[Callable] = None       # (graph, score, tensors) -> score
@@ -150,6 +180,7 @@ class FeMod:
     tensors: Optional[dict] = None       # name -> torch tensor (one-element CPU: pass by value)
     native: Optional[dict] = None        # cuDNN's own mask: constant sdpa / sdpa_backward kwargs
     native_inputs: tuple = ()            # names in `tensors` passed as sdpa kwargs of that name
+    ragged: Optional[Ragged] = None      # packed documents: q, k, v, o and grads in the THD layout
 
 
 def _scalar(x: float) -> torch.Tensor:
@@ -173,6 +204,9 @@ def frontend_mod(case: str, inputs: dict, native: bool = False) -> FeMod:
         return FeMod("alibi", fe_alibi, None, {"slopes": inputs["slopes"]})
     if case == "relbias":
         return FeMod("relbias", fe_relbias, None, {"c": _scalar(REL_C)})
+    if case in ("docs8x2k", "docsmix") and native:
+        ragged = Ragged.of(inputs["doc_lengths"], inputs["doc_ids"].device)
+        return FeMod(f"docs_ragged{hash(ragged.lengths)}", native={"use_padding_mask": True}, ragged=ragged)
     if case in ("docmask", "docs8x2k", "docsmix"):
         return FeMod("docmask", fe_doc_mask, None, {**neg_inf, "zero": _scalar(0.0),
                                                     "doc_q": inputs["doc_q"], "doc_kv": inputs["doc_kv"]})
@@ -267,42 +301,68 @@ class FrontendPath:
         kw.update({name: gt[name] for name in mod.native_inputs})
         return kw
 
+    @staticmethod
+    def _placer(g, mod: FeMod, gt: dict):
+        """(graph tensor, buffer) -> graph tensor with the buffer's layout: its own dims and strides,
+        or for packed documents the ragged layout (whose offsets and lengths join gt)."""
+        if mod.ragged is None:
+            return lambda d, t: d.set_dim(list(t.shape)).set_stride(list(t.stride()))
+        return lambda d, t: mod.ragged.place(g, d, t, gt)
+
+    def _inputs(self, g, mod: FeMod, gt: dict, *buffers):
+        place = self._placer(g, mod, gt)
+        return tuple(place(g.tensor_like(t), t) for t in buffers)
+
+    def _ragged_kwargs(self, g, mod: FeMod, gt: dict) -> dict:
+        if mod.ragged is None:
+            return {}
+        lengths = g.tensor_like(mod.ragged.seq_len)
+        gt[("seq_len",)] = (lengths, mod.ragged.seq_len)
+        return {"seq_len_q": lengths, "seq_len_kv": lengths}
+
     def _build_fwd(self, q, k, v, o, stats, mod: FeMod, scale: float, bar_python_engines=False):
         g = self._new_graph(q, bar_python_engines)
-        tq, tk, tv = g.tensor_like(q), g.tensor_like(k), g.tensor_like(v)
         gt = {n: g.tensor_like(x) for n, x in (mod.tensors or {}).items()}
+        tq, tk, tv = self._inputs(g, mod, gt, q, k, v)
         to, tstats = g.sdpa(q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale,
-                            **self._callbacks(mod, gt))
-        to.set_output(True).set_dim(list(o.shape)).set_stride(list(o.stride()))
+                            **self._callbacks(mod, gt), **self._ragged_kwargs(g, mod, gt))
+        self._placer(g, mod, gt)(to.set_output(True), o)
         tstats.set_output(True).set_data_type(self.cudnn.data_type.FLOAT)
+        if mod.ragged is not None:
+            tstats.set_dim(list(stats.shape)).set_stride(list(stats.stride()))
         ws = self._finish(g)
         return g, ws, (tq, tk, tv, to, tstats), gt
 
     def _build_bwd(self, q, k, v, o, do, stats, dq, dk, dv, mod: FeMod, scale: float,
                    bar_python_engines=False):
         g = self._new_graph(q, bar_python_engines)
-        ins = tuple(g.tensor_like(x) for x in (q, k, v, o, do, stats))
         gt = {n: g.tensor_like(x) for n, x in (mod.tensors or {}).items()}
-        kw = self._callbacks(mod, gt)
+        ins = self._inputs(g, mod, gt, q, k, v, o, do) + (g.tensor_like(stats),)
+        kw = {**self._callbacks(mod, gt), **self._ragged_kwargs(g, mod, gt)}
         if mod.bwd is not None:
             kw["score_mod_bprop"] = lambda graph, d_p: mod.bwd(graph, d_p, gt)
         tdq, tdk, tdv = g.sdpa_backward(q=ins[0], k=ins[1], v=ins[2], o=ins[3], dO=ins[4], stats=ins[5],
                                         attn_scale=scale, **kw)
+        place = self._placer(g, mod, gt)
         for t, buf in ((tdq, dq), (tdk, dk), (tdv, dv)):
-            t.set_output(True).set_dim(list(buf.shape)).set_stride(list(buf.stride()))
+            place(t.set_output(True), buf)
         ws = self._finish(g)
         return g, ws, ins + (tdq, tdk, tdv), gt
 
     def _execute(self, g, ws: int, graph_tensors: tuple, buffers: tuple, gt: dict, mod: FeMod, dev):
         pack = dict(zip(graph_tensors, buffers))
         pack.update({gt[n]: x for n, x in (mod.tensors or {}).items()})
+        pack.update(dict(v for n, v in gt.items() if isinstance(n, tuple)))  # ragged offsets, lengths
         workspace = torch.empty(ws, dtype=torch.uint8, device=dev)
         self.cudnn.set_stream(self.handle, torch.cuda.current_stream(dev).cuda_stream)
         g.execute(pack, workspace, handle=self.handle)
 
     def forward(self, q, k, v, mod: FeMod, scale: float):
         o = torch.empty_like(q)
-        stats = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
+        if mod.ragged is not None:  # the documents fill the row: every row of o is written
+            stats = torch.empty(mod.ragged.stats_shape(q.shape[1]), dtype=torch.float32, device=q.device)
+        else:
+            stats = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
         key = ("fwd", mod.key, scale) + tuple(_meta(x) for x in (q, k, v)) + \
             tuple((n,) + _meta(x) for n, x in (mod.tensors or {}).items())
         entry = self.graphs.get(key)

@@ -7,7 +7,7 @@ mods, `b` is the sequence number and `q_idx`/`kv_idx` are positions within that 
 causal mask_mod or an ALiBi score_mod means what it means for one sequence.
 
 On cuDNN the packed tokens are read in place (ragged offsets into q, k, v, o and the gradients,
-the lengths as seq_len tensors) and the tiles past each sequence are skipped, so n sequences cost
+in any dimension order without gaps; the lengths as seq_len tensors) and the tiles past each sequence are skipped, so n sequences cost
 what n separate calls would, not one call over the whole packed row. Sequences all of one length
 run as a batch of views. Elsewhere the sequences are copied into a padded batch [n, H, longest, D]
 and run as flex_attention with seq_lens_q/seq_lens_kv (the reference path). With max_seqlen_q/kv
@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ._validation import TensorDict, check_dense_last_dim, check_scale, check_values_once, once_per_version, use_cudnn
+from ._ops import strides_like
 from .api import cudnn_call, flex_attention
 from .record_call import record_call
 
@@ -124,12 +125,14 @@ def _packed_lse(lse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _unpadded(lse.unsqueeze(-1), rows)[..., 0].t().contiguous()
 
 
-def _token_major(x: torch.Tensor) -> torch.Tensor:
-    """x [total, H, D] with each token's heads and dims dense (THD), as cuDNN's ragged offsets
-    address them: x itself, or a contiguous copy."""
-    if x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.stride(0) == x.shape[1] * x.shape[2]:
+def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
+    """x [total, H, D] as cuDNN's ragged offsets read it: in place when it is dense in its own
+    dimension order (THD, or a [total, H, D] view of head-major storage), since its gradient is
+    allocated in that order and shares its ragged offsets; else (e.g. k and v as views of one
+    packed projection, with a gap between tokens) a contiguous copy."""
+    if x.is_contiguous() or x.transpose(0, 1).is_contiguous():  # THD, HTD: the usual two, quickly
         return x
-    return x.contiguous()
+    return x if x.stride() == tuple(strides_like(x, x.shape)) else x.contiguous()
 
 
 def _all_full(cu_seqlens: torch.Tensor, longest: int) -> bool:
@@ -195,7 +198,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         program, mod_tensors, bprop_tensors = record_call(
             score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
             q.new_empty((1, 1, 1, 1)).expand(n, q.shape[1], longest_q, q.shape[2]), longest_kv)
-        as_rows = lambda t: _token_major(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
+        as_rows = lambda t: _readable_in_place(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
         qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
         check_dense_last_dim(qv, kv, vv)
         # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a

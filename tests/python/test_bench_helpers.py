@@ -118,7 +118,54 @@ def test_every_path_expresses_a_case_or_says_why():
         for path in ("cudnn_flex", "frontend", "torch_flex"):    # score_mod paths take every case
             assert path in paths.paths_for(case), (case, path)
     assert [c for c in CASES if "sdpa_flash" in paths.paths_for(c)] == ["nomod", "causal", "decode"]
-    assert [c for c in CASES if "frontend_native" in paths.paths_for(c)] == ["causal", "window1k", "padded"]
+    assert [c for c in CASES if "frontend_native" in paths.paths_for(c)] == ["causal", "window1k", "docs8x2k",
+                                                                              "docsmix", "padded"]
+
+
+class _StubGraph:
+    """The two calls Ragged.place makes on a frontend graph."""
+
+    def __init__(self):
+        self.made = []
+
+    def tensor_like(self, t):
+        self.made.append(t)
+        return ("graph tensor", len(self.made))
+
+
+class _StubTensor:
+    def __init__(self):
+        self.dim = self.stride = self.offset = None
+
+    def set_dim(self, d):
+        self.dim = d
+        return self
+
+    def set_stride(self, s):
+        self.stride = s
+        return self
+
+    def set_ragged_offset(self, o):
+        self.offset = o
+        return self
+
+
+def test_native_packed_documents_use_cudnns_ragged_layout():
+    """frontend_native's packed documents: [n, H, longest, D] located by cu_seqlens times each
+    buffer's token stride, one offsets tensor per stride."""
+    from benchmarks.paths.frontend import Ragged
+    ragged = Ragged.of([3, 5, 2], "cpu")
+    assert ragged.cu.tolist() == [0, 3, 8, 10] and ragged.seq_len.view(-1).tolist() == [3, 5, 2]
+    g, pack = _StubGraph(), {}
+    bhsd = torch.empty(1, 4, 10, 8)                      # token stride 8
+    bshd = torch.empty(1, 10, 4, 8).transpose(1, 2)      # token stride 32
+    a = ragged.place(g, _StubTensor(), bhsd, pack)
+    b = ragged.place(g, _StubTensor(), bhsd, pack)
+    c = ragged.place(g, _StubTensor(), bshd, pack)
+    assert a.dim == [3, 4, 5, 8] and a.stride == [5 * 8, 80, 8, 1]
+    assert c.dim == [3, 4, 5, 8] and c.stride == [5 * 32, 8, 32, 1]
+    assert a.offset == b.offset != c.offset and len(g.made) == 2
+    assert [v.view(-1).tolist() for _, v in pack.values()] == [[0, 24, 64, 80], [0, 96, 256, 320]]
 
 
 # ---- figures, markdown, JSON, plots -------------------------------------------------------------

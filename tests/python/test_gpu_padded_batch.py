@@ -96,11 +96,12 @@ PACKINGS = {  # (query lengths, key lengths) of the packed sequences
 
 @pytest.mark.parametrize("packing", PACKINGS)
 @pytest.mark.parametrize("mod", MODS)
-@pytest.mark.parametrize("token_major", [True, False], ids=["thd", "htd view"])
-def test_packed_sequences_match_the_reference_path(mod, packing, token_major):
-    """flex_attention_varlen on cuDNN (ragged offsets into the packed tensors) against the same
-    call on the CPU reference path (float64), which test_varlen.py checks against one
-    flex_attention call per sequence; out, lse and the three gradients."""
+@pytest.mark.parametrize("layout", ["thd", "htd view", "packed kv"])
+def test_packed_sequences_match_the_reference_path(mod, packing, layout):
+    """flex_attention_varlen on cuDNN (ragged offsets into the packed tensors: read in place in
+    any dimension order, copied when they have gaps) against the same call on the CPU reference path
+    (float64), which test_varlen.py checks against one flex_attention call per sequence; out, lse
+    and the three gradients."""
     lengths_q, lengths_kv = PACKINGS[packing]
     cu_q = torch.tensor([0] + torch.tensor(lengths_q).cumsum(0).tolist(), dtype=torch.int32)
     cu_kv = torch.tensor([0] + torch.tensor(lengths_kv).cumsum(0).tolist(), dtype=torch.int32)
@@ -112,13 +113,18 @@ def test_packed_sequences_match_the_reference_path(mod, packing, token_major):
     results = {}
     for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float64)):
         q, k, v = (t.to(device, dtype) for t in host)
-        if not token_major:  # [total, H, D] views of head-major storage: copied to THD for cuDNN
-            q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        if layout == "htd view":  # [total, H, D] views of head-major storage
+            q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k, v))
+        elif layout == "packed kv":  # k and v are views of one [total, 2, H, D] projection
+            q = q.requires_grad_()
+            kv = torch.stack([k, v], dim=1).requires_grad_()
+            k, v = kv[:, 0], kv[:, 1]
+        else:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
         out, lse = cudnn_flex.flex_attention_varlen(q, k, v, cu_q.to(device), cu_kv.to(device), **kwargs(device),
                                                     max_seqlen_q=max(lengths_q), max_seqlen_kv=max(lengths_kv),
                                                     return_lse=True)
-        grads = torch.autograd.grad(out, (q, k, v), d_out.to(device, dtype))
+        grads = torch.autograd.grad(out, (q, k, v), d_out.to(device, dtype))  # through the views
         results[device] = {name: t.detach().double().cpu() for name, t in
                            zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads)}
     errs = check(results["cuda"], results["cpu"], label=f"varlen {mod} {packing}")

@@ -277,7 +277,7 @@ LENGTHS = torch.tensor([100, 128], dtype=torch.int32)  # values are not read whi
 
 
 @pytest.mark.parametrize("mods_, forward", [
-    ({}, "PADDING_MASK"),
+    ({}, ""),  # no score_mod: cuDNN's native padding mask (the sdpa node's padding_mask)
     (dict(mask_mod=mods.causal), "PADDING_MASK DIAGONAL_BAND_MASK"),
     (dict(score_mod=dsl_mods.relative_bias), "GEN_INDEX GEN_INDEX SUB ADD PADDING_MASK"),
     (dict(score_mod=mods.softcap(30.0), mask_mod=mods.sliding_window(64)),
@@ -285,14 +285,17 @@ LENGTHS = torch.tensor([100, 128], dtype=torch.int32)  # values are not read whi
 ], ids=["no mod", "causal", "relative bias", "softcap + window"])
 def test_a_padded_batch_puts_the_padding_mask_where_the_frontend_does(mods_, forward):
     """The frontend's order (../shared/reference/cudnn_masks.md §2): the user's ops, the padding
-    mask, then the diagonal band; forward and backward, with or without a score_mod."""
+    mask, then the diagonal band; forward and backward. Without a score_mod, no score_mod at all
+    and cuDNN's own padding mask (measured faster for packed documents of mixed lengths)."""
     args = dict(mods_)
     score_mod = args.pop("score_mod", None)
     text = cudnn_flex.validate_graphs(*qkv(), score_mod, seq_lens_q=LENGTHS, seq_lens_kv=LENGTHS, **args)
-    fwd, bwd = re.findall(r"score_mod ops: (.*)", text)
+    fwd, bwd = (ops.strip() for ops in re.findall(r"score_mod ops:(.*)", text))
     assert fwd == forward
     assert bwd.startswith(forward)
     assert "seq_len_q" in text and "seq_len_kv" in text
+    native = "true" if not forward else "false"
+    assert re.findall(r'"padding_mask":(\w+)', text) == [native, native]
 
 
 def test_padded_and_unpadded_calls_build_different_graphs():
@@ -325,7 +328,8 @@ def test_packed_sequences_build_ragged_graphs():
         lengths = [torch.empty(n, dtype=torch.int32) for _ in range(2)]
         cu = [torch.empty(n + 1, dtype=torch.int32) for _ in range(2)]
     text = torch.ops.cudnn_flex.validate(q, k, k, [], [], 0, 0, None, False, 90, lengths, cu, [max_q, max_kv])
-    assert re.findall(r"score_mod ops: (.*)", text) == ["PADDING_MASK", "PADDING_MASK"]
+    assert [ops.strip() for ops in re.findall(r"score_mod ops:(.*)", text)] == ["", ""]
+    assert re.findall(r'"padding_mask":(\w+)', text) == ["true", "true"]  # cuDNN's own, no score_mod
     for name in ("ragged_offset_q", "ragged_offset_o", "ragged_offset_k", "ragged_offset_v", "seq_len_q"):
         assert name in text
     # cuDNN's view: [n, H, max_s, D] with the token stride of the packed tensors

@@ -145,7 +145,7 @@ def _host_kinds(inputs: dict) -> dict:
     cap, torch_cap = dsl_mods.Softcap(SOFTCAP), mods.softcap(SOFTCAP)
     s = inputs["q"].shape[2]
     cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=inputs["q"].device)  # two sequences: ragged
-    row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+    row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
     return {
         "cudnn_flex no mod": lambda q, k, v: cudnn_flex.flex_attention(q, k, v),
         "cudnn_flex keyed DSL softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),

@@ -102,7 +102,7 @@ def _packed_documents(inputs: dict) -> Callable:
     longest = max(inputs["doc_lengths"])
 
     def packed(q, k, v):
-        row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+        row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
         out = cudnn_flex.flex_attention_varlen(row(q), row(k), row(v), cu, cu, max_seqlen_q=longest,
                                                max_seqlen_kv=longest)
         return out.transpose(0, 1).unsqueeze(0)

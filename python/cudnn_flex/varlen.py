@@ -207,7 +207,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               [lengths(cu_seqlens_q), lengths(cu_seqlens_kv)], [cu_seqlens_q, cu_seqlens_kv],
                               [max(longest_q, 2), longest_kv])
         lse = lse[:, :, :longest_q]
-        out = out[0].transpose(0, 1)
+        out = out.squeeze(0).transpose(0, 1)  # views both ways (out[0]'s backward would copy dO into zeros)
         return (out, _packed_lse(lse, _padded_rows(cu_seqlens_q, q.shape[0], longest_q))) if return_lse else out
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)

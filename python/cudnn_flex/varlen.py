@@ -18,18 +18,29 @@ and version).
 from __future__ import annotations
 
 import operator
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from ._validation import TensorDict, check_dense_last_dim, check_scale, check_values_once, once_per_version, use_cudnn
+from ._validation import TensorDict, check_dense_last_dim, check_scale, once_per_version, use_cudnn
 from ._ops import strides_like
 from .api import cudnn_call, flex_attention
 from .record_call import record_call
 
-def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str, given, max_name: str) -> None:
-    """Checks cu_seqlens (and max_seqlen against it); its values are read on the host once per
-    tensor and version (_validation.check_values_once)."""
+
+class _Sequences(NamedTuple):
+    """What a checked cu_seqlens says, from one host read per tensor and version."""
+    n: int
+    longest: int      # max_seqlen as given, else the longest sequence
+    all_full: bool    # every sequence is `longest` long
+    lengths: torch.Tensor  # int32 [n] on cu_seqlens' device: one tensor per version, so that
+    #                        flex_attention (seq_lens) reads it on the host once too
+
+
+def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name: str, given,
+                        max_name: str) -> _Sequences:
+    """Checks cu_seqlens (and max_seqlen against it) and says what it holds; its values are read
+    on the host once per tensor and version (_validation.once_per_version)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor of int32, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -49,7 +60,8 @@ def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name
         if isinstance(given, bool) or value is None:
             raise ValueError(f"cudnn_flex: {max_name} must be an int, got {given!r}")
 
-    def check(bounds):
+    def read() -> _Sequences:
+        bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cudnn_flex: {name} must start at 0, got {bounds[0]}")
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
@@ -61,15 +73,11 @@ def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name
         if given is not None and given < max(lengths, default=0):
             raise ValueError(f"cudnn_flex: {max_name} must be an int at least the longest sequence "
                              f"({max(lengths)}), got {given!r}")
+        longest = int(given) if given is not None else max(lengths, default=0)
+        return _Sequences(len(lengths), longest, all(n == longest for n in lengths),
+                          (cu_seqlens[1:] - cu_seqlens[:-1]).contiguous())
 
-    check_values_once(cu_seqlens, (tokens.shape[0], None if given is None else int(given)), check)
-
-
-def _longest(cu_seqlens: torch.Tensor, given) -> int:
-    """max_seqlen as given, else read from cu_seqlens (a host read)."""
-    if given is not None:
-        return int(given)
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return once_per_version(cu_seqlens, ("sequences", tokens.shape[0], None if given is None else int(given)), read)
 
 
 def _check_tokens(q, k, v) -> None:
@@ -83,13 +91,13 @@ def _check_tokens(q, k, v) -> None:
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"cudnn_flex: q is {q.dtype} on {q.device} but {name} is {t.dtype} on {t.device}; "
                              "q, k and v need one dtype and one device")
-    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    shapes = lambda: f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"  # noqa: E731  (errors only)
     if k.shape[0] != v.shape[0]:
-        raise ValueError(f"cudnn_flex: k and v must have the same number of tokens ({shapes})")
+        raise ValueError(f"cudnn_flex: k and v must have the same number of tokens ({shapes()})")
     if k.shape[1] == 0 or k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"cudnn_flex: k and v need one head count H_kv >= 1 that divides q's ({shapes})")
+        raise ValueError(f"cudnn_flex: k and v need one head count H_kv >= 1 that divides q's ({shapes()})")
     if q.shape[2] != k.shape[2] or q.shape[2] == 0:
-        raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes})")
+        raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes()})")
 
 
 def _padded_rows(cu_seqlens: torch.Tensor, total: int, longest: int) -> torch.Tensor:
@@ -135,12 +143,6 @@ def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == tuple(strides_like(x, x.shape)) else x.contiguous()
 
 
-def _all_full(cu_seqlens: torch.Tensor, longest: int) -> bool:
-    """Every sequence is `longest` long (read once per cu_seqlens version)."""
-    return once_per_version(cu_seqlens, ("all of length", longest),
-                            lambda: bool(((cu_seqlens[1:] - cu_seqlens[:-1]) == longest).all()))
-
-
 @torch.compiler.disable  # host reads of the lengths: under torch.compile it runs eagerly (a graph break)
 def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor,
@@ -175,15 +177,15 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sequence has no keys gets out = 0 and lse = -inf.
     """
     _check_tokens(q, k, v)
-    _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
-    _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
-    if cu_seqlens_q.numel() != cu_seqlens_kv.numel():
-        raise ValueError(f"cudnn_flex: cu_seqlens_q describes {cu_seqlens_q.numel() - 1} sequences but "
-                         f"cu_seqlens_kv {cu_seqlens_kv.numel() - 1}; each sequence needs both")
-    longest_q, longest_kv = _longest(cu_seqlens_q, max_seqlen_q), _longest(cu_seqlens_kv, max_seqlen_kv)
+    seq_q = _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
+    seq_kv = _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
+    if seq_q.n != seq_kv.n:
+        raise ValueError(f"cudnn_flex: cu_seqlens_q describes {seq_q.n} sequences but cu_seqlens_kv "
+                         f"{seq_kv.n}; each sequence needs both")
+    longest_q, longest_kv = seq_q.longest, seq_kv.longest
     check_scale(scale)
-    n = cu_seqlens_q.numel() - 1
-    if n > 0 and _all_full(cu_seqlens_q, longest_q) and _all_full(cu_seqlens_kv, longest_kv):
+    n = seq_q.n
+    if n > 0 and seq_q.all_full and seq_kv.all_full:
         # Sequences of one length are a batch already: views, no copies, no padding.
         batch = lambda t, s: t.unflatten(0, (n, s)).permute(0, 2, 1, 3)  # noqa: E731
         out, lse = flex_attention(batch(q, longest_q), batch(k, longest_kv), batch(v, longest_kv), score_mod,
@@ -191,8 +193,6 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   scale=scale, return_lse=True, deterministic=deterministic)
         out = out.permute(0, 2, 1, 3).flatten(0, 1)
         return (out, lse.permute(1, 0, 2).flatten(1, 2)) if return_lse else out
-    # One lengths tensor per cu_seqlens version: flex_attention then reads it on the host once.
-    lengths = lambda cu: once_per_version(cu, "lengths", lambda: (cu[1:] - cu[:-1]).contiguous())  # noqa: E731
     if use_cudnn(q, "auto") and n > 0 and longest_q > 0 and longest_kv > 0:
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
         program, mod_tensors, bprop_tensors = record_call(
@@ -204,7 +204,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a
         # score_mod when the query dim is 1 (api.cudnn_call); the dim is 2, the padding masks the rest.
         out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic,
-                              [lengths(cu_seqlens_q), lengths(cu_seqlens_kv)], [cu_seqlens_q, cu_seqlens_kv],
+                              [seq_q.lengths, seq_kv.lengths], [cu_seqlens_q, cu_seqlens_kv],
                               [max(longest_q, 2), longest_kv])
         lse = lse[:, :, :longest_q]
         out = out.squeeze(0).transpose(0, 1)  # views both ways (out[0]'s backward would copy dO into zeros)
@@ -215,7 +215,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kp, vp = _padded(k, rows_kv, n, longest_kv), _padded(v, rows_kv, n, longest_kv)
     out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
                               mask_mod=mask_mod, scale=scale, return_lse=True, deterministic=deterministic,
-                              seq_lens_q=lengths(cu_seqlens_q), seq_lens_kv=lengths(cu_seqlens_kv))
+                              seq_lens_q=seq_q.lengths, seq_lens_kv=seq_kv.lengths)
     # [n, H, longest_q, *] -> the valid rows, in token order.
     out = _unpadded(out, rows_q)
     return (out, _packed_lse(lse, rows_q)) if return_lse else out

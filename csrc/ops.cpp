@@ -147,7 +147,7 @@ struct Packing {
 };
 
 Packing packing(TensorList cu_seqlens, at::IntArrayRef max_seqlens, const at::Tensor& q, const at::Tensor& k,
-                bool on_device) {
+                const at::Tensor& v, bool on_device) {
   if (cu_seqlens.empty()) return {};
   TORCH_CHECK_VALUE(cu_seqlens.size() == 2 && max_seqlens.size() == 2,
                     "cudnn_flex: cu_seqlens and max_seqlens must be empty or [q's, kv's]");
@@ -162,6 +162,17 @@ Packing packing(TensorList cu_seqlens, at::IntArrayRef max_seqlens, const at::Te
   }
   TORCH_CHECK_VALUE(q.size(0) == 1 && k.size(0) == 1 && max_seqlens[0] > 0 && max_seqlens[1] > 0,
                     "cudnn_flex: packed sequences come as [1, H, total, D] views with positive max_seqlens");
+  // A gradient is allocated dense in its tensor's dimension order and shares that tensor's ragged
+  // offsets, so each packed tensor must be dense in its own order: k and v as views of one packed
+  // projection (a gap between tokens) would get their gradients written at the wrong rows.
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    const std::vector<int64_t> dense = strides_like(*t, t->sizes());
+    bool ok = true;
+    for (int64_t d = 0; d < t->dim(); ++d) ok = ok && (t->size(d) == 1 || t->stride(d) == dense[d]);
+    TORCH_CHECK_VALUE(ok, "cudnn_flex: packed ", name, " must be dense in its own dimension order, got strides ",
+                      t->strides(), " for shape ", shape_of(*t),
+                      "; pass a .contiguous() copy (flex_attention_varlen makes one)");
+  }
   return {n, max_seqlens[0], max_seqlens[1]};
 }
 
@@ -424,7 +435,7 @@ Call prepare(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tens
              bool deterministic, TensorList seq_lens, TensorList cu_seqlens, at::IntArrayRef max_seqlens,
              bool on_device) {
   Call c;
-  c.pk = packing(cu_seqlens, max_seqlens, q, k, on_device);
+  c.pk = packing(cu_seqlens, max_seqlens, q, k, v, on_device);
   c.scores = scores_shape(q, k, c.pk);
   const bool padded = padded_batch(seq_lens, c.scores[0], q, on_device);
   c.mods = graph_inputs(mod_tensors, "score_mod tensor", q, c.scores, on_device);

@@ -336,3 +336,26 @@ def test_packed_sequences_build_ragged_graphs():
     assert f'"dim":[{n},{H},{max_q},{D}]' in text.replace(" ", "")
     with pytest.raises(ValueError, match="packed sequences need seq_lens"):
         torch.ops.cudnn_flex.validate(q, k, k, [], [], 0, 0, None, False, 90, [], cu, [max_q, max_kv])
+
+
+def test_packed_tensors_are_read_in_place_when_dense_in_their_own_order():
+    """flex_attention_varlen's [1, H, total, D] views: of THD tensors and of head-major ones are
+    taken as they are; k and v as views of one packed kv projection (a gap between tokens) are
+    refused, since their gradients would share offsets computed for another token stride."""
+    n, total, max_s = 2, 200, 129
+    as_rows = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  (varlen's view)
+    with torch.device("meta"):
+        lengths = [torch.empty(n, dtype=torch.int32) for _ in range(2)]
+        cu = [torch.empty(n + 1, dtype=torch.int32) for _ in range(2)]
+        thd = torch.empty(total, H, D, dtype=torch.float16)
+        htd = torch.empty(H, total, D, dtype=torch.float16).transpose(0, 1)
+        kv = torch.empty(total, 2, H, D, dtype=torch.float16)
+
+    def validate(q, k, v):
+        return torch.ops.cudnn_flex.validate(as_rows(q), as_rows(k), as_rows(v), [], [], 0, 0, None, False, 90,
+                                             lengths, cu, [max_s, max_s])
+
+    assert "ragged_offset_q" in validate(thd, thd, thd)
+    assert "ragged_offset_q" in validate(htd, htd, htd)
+    with pytest.raises(ValueError, match=r"packed k must be dense in its own dimension order"):
+        validate(thd, kv[:, 0], kv[:, 1])

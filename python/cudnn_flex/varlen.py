@@ -7,8 +7,9 @@ mods, `b` is the sequence number and `q_idx`/`kv_idx` are positions within that 
 causal mask_mod or an ALiBi score_mod means what it means for one sequence.
 
 On cuDNN the packed tokens are read in place (ragged offsets into q, k, v, o and the gradients,
-in any dimension order without gaps; the lengths as seq_len tensors) and the tiles past each sequence are skipped, so n sequences cost
-what n separate calls would, not one call over the whole packed row. Sequences all of one length
+in any dimension order without gaps; the lengths as seq_len tensors) and the tiles past each
+sequence are skipped, so n sequences cost what n separate calls would, not one call over the
+whole packed row. Sequences all of one length
 run as a batch of views. Elsewhere the sequences are copied into a padded batch [n, H, longest, D]
 and run as flex_attention with seq_lens_q/seq_lens_kv (the reference path). With max_seqlen_q/kv
 given, a call reads nothing on the host once its cu_seqlens tensors were checked (once per tensor

@@ -424,9 +424,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 // What fwd, bwd and validate share: the inputs checked, and cuDNN's view of them (the problem).
 struct Call {
-  Packing pk;
-  std::vector<int64_t> scores;  // [B, H, Sq, Skv]; packed: [n, H, max_q, max_kv]
-  std::vector<at::Tensor> mods, bprop_mods;
+  std::vector<at::Tensor> mods, bprop_mods;  // the score_mod tensors as cuDNN reads them
   SdpaProblem p;
 };
 
@@ -434,14 +432,13 @@ Call prepare(Pass pass, const at::Tensor& q, const at::Tensor& k, const at::Tens
              TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, std::optional<double> scale,
              bool deterministic, TensorList seq_lens, TensorList cu_seqlens, at::IntArrayRef max_seqlens,
              bool on_device) {
+  const Packing pk = packing(cu_seqlens, max_seqlens, q, k, v, on_device);
+  const std::vector<int64_t> scores = scores_shape(q, k, pk);  // [B, H, Sq, Skv]; packed: [n, H, max_q, max_kv]
+  const bool padded = padded_batch(seq_lens, scores[0], q, on_device);
   Call c;
-  c.pk = packing(cu_seqlens, max_seqlens, q, k, v, on_device);
-  c.scores = scores_shape(q, k, c.pk);
-  const bool padded = padded_batch(seq_lens, c.scores[0], q, on_device);
-  c.mods = graph_inputs(mod_tensors, "score_mod tensor", q, c.scores, on_device);
-  c.bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, c.scores, on_device);
-  c.p = make_problem(pass, q, k, v, c.scores, c.mods, c.bprop_mods, mod_id, bprop_id, scale, deterministic, padded,
-                     c.pk);
+  c.mods = graph_inputs(mod_tensors, "score_mod tensor", q, scores, on_device);
+  c.bprop_mods = graph_inputs(bprop_tensors, "score_mod_bprop tensor", q, scores, on_device);
+  c.p = make_problem(pass, q, k, v, scores, c.mods, c.bprop_mods, mod_id, bprop_id, scale, deterministic, padded, pk);
   return c;
 }
 
@@ -453,7 +450,7 @@ std::vector<at::Tensor> add_lengths(std::vector<std::pair<int64_t, void*>>& poin
     pointers.emplace_back(kSeqLenQ, seq_lens[0].data_ptr());
     pointers.emplace_back(kSeqLenKV, seq_lens[1].data_ptr());
   }
-  if (!c.pk) return {};
+  if (!c.p.ragged) return {};
   std::vector<at::Tensor> offsets = ragged_offsets(c.p, cu_seqlens, total_q, total_kv);
   const int64_t uids[] = {kRaggedQ, kRaggedO, kRaggedK, kRaggedV};
   for (size_t i = 0; i < 4; ++i) pointers.emplace_back(uids[i], offsets[i].data_ptr());

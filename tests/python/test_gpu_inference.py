@@ -8,32 +8,12 @@ import torch
 
 import cudnn_flex
 import oracle
-from cudnn_flex import dsl_mods, mods
 from gpu_cases import check, make_inputs
+from length_mods import H, MODS, where_kept
 
 pytestmark = pytest.mark.gpu
 
-H, H_KV, D = 4, 2, 64
-SLOPES = mods.alibi_slopes(H)
-SOFTCAP = dsl_mods.Softcap(20.0)
-NEG_INF = float("-inf")
-
-
-def _where(keep, s):
-    return torch.where(keep, s, torch.tensor(NEG_INF, dtype=s.dtype))
-
-
-# name -> (flex_attention kwargs, the formula of the scores)
-MODS = {
-    "none": (lambda: {}, lambda s, b, h, q, kv: s),
-    "causal": (lambda: dict(mask_mod=mods.causal), lambda s, b, h, q, kv: _where(q >= kv, s)),
-    "alibi": (lambda: dict(score_mod=mods.alibi(SLOPES.cuda())),
-              lambda s, b, h, q, kv: s + SLOPES.view(-1).double()[h] * (kv - q)),
-    "dsl softcap": (lambda: dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward),
-                    lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
-    "softcap + window": (lambda: dict(score_mod=mods.softcap(20.0), mask_mod=mods.sliding_window(50)),
-                         lambda s, b, h, q, kv: _where((q >= kv) & (q - kv < 50), 20.0 * torch.tanh(s / 20.0))),
-}
+H_KV, D = 2, 64
 CONTEXTS = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
 
@@ -51,8 +31,8 @@ def test_inference_forward_matches_its_formula(mod, s_q, s_kv, context):
     q, k, v = make_inputs(b=2, h=H, h_kv=H_KV, s_q=s_q, s_kv=s_kv, d=D, seed=21)
     want_out, want_lse = _formula(q, k, v, formula)
     with CONTEXTS[context]():
-        out = cudnn_flex.flex_attention(q, k, v, **kwargs())
-        out_with_lse, lse = cudnn_flex.flex_attention(q, k, v, **kwargs(), return_lse=True)
+        out = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"))
+        out_with_lse, lse = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"), return_lse=True)
     assert not out.requires_grad
     check({"out": out.double().cpu(), "out (lse asked for)": out_with_lse.double().cpu(), "lse": lse.double().cpu()},
           {"out": want_out, "out (lse asked for)": want_out, "lse": want_lse}, label=f"{mod} {s_q}x{s_kv}")
@@ -68,11 +48,11 @@ def test_padded_batch_and_packed_sequences_in_inference_mode():
     kwargs, formula = MODS["alibi"]
 
     def padded(s, b, h, q_idx, kv_idx):
-        return _where((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
+        return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
 
     want_out, _ = _formula(q, k, v, padded)
     with torch.inference_mode():
-        out = cudnn_flex.flex_attention(q, k, v, **kwargs(), seq_lens_q=len_q.cuda(), seq_lens_kv=len_kv.cuda())
+        out = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"), seq_lens_q=len_q.cuda(), seq_lens_kv=len_kv.cuda())
         assert out.is_inference()
     check({"out": out.double().cpu()}, {"out": want_out}, label="padded")
     for i, (n_q, _) in enumerate(lengths):
@@ -87,22 +67,22 @@ def test_padded_batch_and_packed_sequences_in_inference_mode():
     with torch.inference_mode():
         cu = [c.clone() for c in cu]  # inference tensors
         out_packed = cudnn_flex.flex_attention_varlen(packed(q, 0), packed(k, 1), packed(v, 1), cu[0], cu[1],
-                                                      **kwargs(), max_seqlen_q=129, max_seqlen_kv=129)
+                                                      **kwargs("cuda"), max_seqlen_q=129, max_seqlen_kv=129)
     want_packed = torch.cat([want_out[i, :, :n_q].transpose(0, 1) for i, (n_q, _) in enumerate(lengths)])
     check({"out": out_packed.double().cpu()}, {"out": want_packed}, label="packed")
 
 
 def test_compiled_inference_matches_eager():
-    kwargs, formula = MODS["dsl softcap"]  # DSL: torch-style mods compile from torch 2.14 on
+    kwargs, formula = MODS["dsl softcap with its bprop"]  # DSL: torch-style mods compile from torch 2.14 on
     q, k, v = make_inputs(b=2, h=H, h_kv=H_KV, s_q=129, s_kv=129, d=D, seed=24)
 
     @torch.compile(fullgraph=True)
     def attend(q, k, v):
-        return cudnn_flex.flex_attention(q, k, v, **kwargs())
+        return cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"))
 
     with torch.no_grad():
         compiled = attend(q, k, v)
-        eager = cudnn_flex.flex_attention(q, k, v, **kwargs())
+        eager = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"))
     assert torch.equal(compiled, eager)
     want_out, _ = _formula(q, k, v, formula)
     check({"out": compiled.double().cpu()}, {"out": want_out}, label="compiled")

@@ -9,32 +9,14 @@ import torch
 
 import cudnn_flex
 import oracle
-from cudnn_flex import dsl_mods, mods
+from cudnn_flex import mods
 from gpu_cases import check, make_inputs
+from length_mods import H, MODS, NEG_INF, SLOPES, where_kept
 
 pytestmark = pytest.mark.gpu
 
-H, H_KV, D = 4, 2, 64
-NEG_INF = float("-inf")
-SOFTCAP = dsl_mods.Softcap(20.0)
-SLOPES = mods.alibi_slopes(H)
+H_KV, D = 2, 64
 
-
-def _where(keep, s):
-    return torch.where(keep, s, torch.tensor(NEG_INF, dtype=s.dtype))
-
-
-# name -> (flex_attention kwargs for a device, the formula of the scores)
-MODS = {
-    "none": (lambda device: {}, lambda s, b, h, q, kv: s),
-    "causal": (lambda device: dict(mask_mod=mods.causal), lambda s, b, h, q, kv: _where(q >= kv, s)),
-    "alibi": (lambda device: dict(score_mod=mods.alibi(SLOPES.to(device))),
-              lambda s, b, h, q, kv: s + SLOPES.view(-1).double()[h] * (kv - q)),
-    "dsl softcap with its bprop": (lambda device: dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward),
-                                   lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
-    "softcap + window (a band)": (lambda device: dict(score_mod=mods.softcap(20.0), mask_mod=mods.sliding_window(50)),
-                                  lambda s, b, h, q, kv: _where((q >= kv) & (q - kv < 50), 20.0 * torch.tanh(s / 20.0))),
-}
 # (padded Sq, padded Skv, [(q length, kv length) per batch element])
 SHAPES = {
     "129x133": (129, 133, [(1, 1), (127, 129), (129, 127), (0, 5), (5, 0), (64, 133)]),
@@ -58,7 +40,7 @@ def test_padded_batch_matches_its_formula(mod, shape):
            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
 
     def padded(s, b, h, q_idx, kv_idx):  # the formula, then the padding masked
-        return _where((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
+        return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
 
     qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
     want_out, want_lse = oracle.attention(qf, kf, vf, padded)
@@ -177,7 +159,7 @@ def test_decoding_against_per_batch_cache_lengths(alibi):
 
     def formula(s, b, h, q_idx, kv_idx):
         s = s + slopes_cpu[h] * (kv_idx - (q_idx + position_cpu[b])) if alibi else s
-        return _where(kv_idx < len_kv.cpu().long()[b], s)
+        return where_kept(kv_idx < len_kv.cpu().long()[b], s)
 
     want_out, want_lse = oracle.attention(*(t.detach().double().cpu() for t in (q, k, v)), formula)
     got = {"out": out.double().cpu(), "lse": lse.double().cpu()}

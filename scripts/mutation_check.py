@@ -108,6 +108,8 @@ MUTATIONS += [
      "            return self._power(args[0], int(arg_kinds[1][1]), attrs)", "            pass"),
     ("compiled torch-style mod not run inline (its reads unguarded)", P + "record_call.py",
      "    torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)\n", ""),
+    ("recording left to dynamo after a graph break", P + "record_call.py",
+     "@torch.compiler.disable\ndef _record_for_compile", "def _record_for_compile"),
     ("recognised band lowered dense", P + "masks/lower.py",
      "    found = tile_skipping_band(program)\n", "    found = None\n"),
     ("guard ignores module globals", P + "program/guard.py",

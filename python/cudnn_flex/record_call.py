@@ -140,8 +140,17 @@ def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
 @torch._dynamo.assume_constant_result
 def _recorded_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtypes: tuple) -> tuple:
     """Runs in plain Python while dynamo traces: records the torch-style call's program, pins it,
-    and returns (mod_id, bprop_id, ((path, axes), ...)): where each captured tensor lives. The
-    scores' shape is no part of a program (and may be symbolic here): the recording gets none."""
+    and returns (mod_id, bprop_id, ((path, axes), ...)): where each captured tensor lives."""
+    return _record_for_compile(forms, bprop_form, bprop_names, bprop_dtypes)
+
+
+# Disabled for dynamo: after a graph break (torch.compile without fullgraph, the reference path),
+# dynamo may run the frame above as Python with its frame hook on, and would then try to compile
+# the recording itself (it failed inside the tracer with an internal TypeError).
+@torch.compiler.disable
+def _record_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtypes: tuple) -> tuple:
+    """_recorded_for_compile's work. The scores' shape is no part of a program (and may be
+    symbolic here): the recording gets none."""
     user_fns = tuple(captures.rebuild(f, _registry.from_constant_form) for f in forms)
     mask_mod, score_mod = user_fns
     torch_fn = torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod

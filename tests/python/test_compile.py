@@ -404,3 +404,30 @@ def test_what_a_compiled_torch_style_mod_cannot_do_is_named(monkeypatch, mod, ca
     with pytest.raises(Exception, match=match):
         with mode:
             compiled(q, k, v)
+
+
+def torch_style_closures(q, k, v, doc):
+    return cudnn_flex.flex_attention(q, k, v, mods.softcap(30.0), mask_mod=mods.document_mask(doc))
+
+
+def dsl_keyed_object(q, k, v, doc):
+    return cudnn_flex.flex_attention(q, k, v, SOFTCAP.forward, SOFTCAP.backward)
+
+
+@pytest.mark.parametrize("attend", [torch_style_closures, dsl_keyed_object], ids=lambda f: f.__name__)
+def test_compile_with_graph_breaks_on_the_reference_path_matches_eager(attend):
+    """torch.compile without fullgraph on CPU tensors: the reference path is a graph break, and a
+    graph break in a loop makes dynamo run the loop's frame as Python and compile each callee
+    frame on its own, the recording of the mods among them (it failed with dynamo's internal
+    TypeError). The result is eager's."""
+    def two_layers(q, k, v, doc):
+        for _ in range(2):
+            q = attend(q, k, v, doc)
+        return q
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    doc = (torch.arange(40) >= 17).long()
+    want = two_layers(q, k, v, doc)
+    got = torch.compile(two_layers)(q, k, v, doc)
+    torch.testing.assert_close(got, want)

@@ -1,6 +1,7 @@
 """torch.compile, CUDA graphs and opcheck on the GPU: flex_attention inside a small model."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -273,3 +274,103 @@ def test_opcheck_on_cuda(requires_grad):
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), [slopes], [],
                 mod_id, bprop_id, cacheable, None, True, [], [], [])
     torch.library.opcheck(torch.ops.cudnn_flex.bwd.default, bwd_args)
+
+
+# A model's attention as flex users write it: a torch-style softcap, ALiBi over the slopes it
+# captures, a document mask and a sliding window, in one call. Module-level mods reading globals
+# (what the dynamo of torch 2.11-2.13 can read), and the same made by cudnn_flex.mods' factories
+# inside the compiled forward (closures: torch >= 2.14).
+CAP, WINDOW = 30.0, 48
+SLOPES = None  # [H] float32, set by the test
+DOC_IDS = None  # [S] int64, set by the test before each step
+
+
+def softcap_alibi(score, b, h, q_idx, kv_idx):
+    score = torch.tanh(score / CAP) * CAP
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+def document_window(b, h, q_idx, kv_idx):
+    return (DOC_IDS[q_idx] == DOC_IDS[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
+
+
+def attend_through_globals(q, k, v, doc):
+    return cudnn_flex.flex_attention(q, k, v, softcap_alibi, mask_mod=document_window, layout="bshd")
+
+
+def attend_through_closures(q, k, v, doc):
+    score_mod = mods.compose(mods.softcap(CAP), mods.alibi(SLOPES))
+    mask_mod = mods.and_masks(mods.document_mask(doc), mods.sliding_window(WINDOW))
+    return cudnn_flex.flex_attention(q, k, v, score_mod, mask_mod=mask_mod, layout="bshd")
+
+
+class ModBlock(torch.nn.Module):
+    """Attention (through `attend`) + ReLU MLP with residuals, q, k, v as views of one projection."""
+
+    def __init__(self, dim, heads, attend):
+        super().__init__()
+        self.heads, self.attend = heads, attend
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.up = torch.nn.Linear(dim, 2 * dim, bias=False)
+        self.down = torch.nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x, doc):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).unbind(2)
+        x = x + self.proj(self.attend(q, k, v, doc).reshape(b, s, d))
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class ModModel(torch.nn.Module):
+    def __init__(self, attend, dim=256, heads=4, layers=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(ModBlock(dim, heads, attend) for _ in range(layers))
+
+    def forward(self, x, doc):
+        for layer in self.layers:
+            x = layer(x, doc)
+        return x
+
+
+def mod_step(model, x, doc):
+    out = model(x, doc)
+    out.float().square().mean().backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("attend", [
+    attend_through_globals,
+    pytest.param(attend_through_closures, marks=pytest.mark.skipif(
+        not _DYNAMO_READS_CLOSURES, reason=f"torch {torch.__version__} < 2.14 refuses closures under compile")),
+], ids=["globals", "closures"])
+def test_compiled_block_with_torch_style_mods_matches_eager(attend, monkeypatch):
+    """fullgraph=True, compiled once for two steps whose document boundaries and slopes differ
+    (captured tensors are inputs of the compiled graph); out and every parameter's gradient
+    within one bf16 ulp of eager. S = 200: no multiple of the kernel's tile."""
+    torch._dynamo.reset()
+    frames = []
+
+    def counting_inductor(gm, example_inputs):
+        frames.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    eager = ModModel(attend).cuda().to(torch.bfloat16)
+    compiled = torch.compile(copy.deepcopy(eager), backend=counting_inductor, fullgraph=True)
+    s = 200
+    monkeypatch.setattr(sys.modules[__name__], "SLOPES", mods.alibi_slopes(4, device="cuda").reshape(-1))
+    for step, first_doc in enumerate((70, 151)):
+        doc = (torch.arange(s, device="cuda") >= first_doc).to(torch.int64)
+        monkeypatch.setattr(sys.modules[__name__], "DOC_IDS", doc)
+        SLOPES.mul_(0.5)  # new values in the captured tensor
+        x = torch.randn(2, s, 256, device="cuda", dtype=torch.bfloat16)
+        out_e, grads_e = mod_step(eager, x, doc)
+        out_c, grads_c = mod_step(compiled, x, doc)
+        assert_within_one_bf16_ulp(out_c, out_e)
+        for g_c, g_e in zip(grads_c, grads_e):
+            assert_within_one_bf16_ulp(g_c, g_e)
+    assert len(frames) == 1

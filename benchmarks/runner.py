@@ -142,7 +142,7 @@ def _host_kinds(inputs: dict) -> dict:
     """label -> attention(q, k, v): one cudnn-flex call of each kind of mod issue 15 names."""
     import cudnn_flex
     from cudnn_flex import dsl_mods, mods
-    cap, torch_cap = dsl_mods.Softcap(SOFTCAP), mods.softcap(SOFTCAP)
+    cap, torch_cap = dsl_mods.softcap(SOFTCAP), mods.softcap(SOFTCAP)
     s = inputs["q"].shape[2]
     cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=inputs["q"].device)  # two sequences: ragged
     row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731

@@ -102,7 +102,7 @@ def fwd_bwd(run, q, k, v):
 def bench_table():
     b, h, s, d = 2, 16, 4096, 128
     q, k, v = make_inputs(b=b, h=h, s_q=s, d=d)
-    cap = dsl_mods.Softcap(30.0)
+    cap = dsl_mods.softcap(30.0)
     slopes = mods.alibi_slopes(h, "cuda")
 
     def sdpa(causal):
@@ -121,7 +121,7 @@ def bench_table():
         "cudnn_flex, causal mod": flex(score_mod=dsl_mods.causal),
         "cudnn_flex, softcap": flex(score_mod=cap.forward, score_mod_bprop=cap.backward),
         "cudnn_flex, alibi": flex(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes}),
-        "cudnn_flex, rel. bias": flex(score_mod=dsl_mods.relative_bias),
+        "cudnn_flex, rel. bias": flex(score_mod=dsl_mods.relative_bias()),
     }
     rows = []
     for name, run in cases.items():

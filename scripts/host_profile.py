@@ -34,7 +34,7 @@ def main():
     program = _registry.record(dsl_mods.causal, None, (), ())
     mod_id, bprop_id, cacheable = program.mod_id, program.bprop_id, True
     op = torch.ops.cudnn_flex.fwd.default
-    cap = dsl_mods.Softcap(20.0)
+    cap = dsl_mods.softcap(20.0)
     softcap = mods.softcap(20.0)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731
     backend = torch.nn.attention.SDPBackend

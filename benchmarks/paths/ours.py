@@ -20,20 +20,6 @@ def na_reason(case: str) -> Optional[str]:
     return None if case in CASES else f"unknown case {case}"
 
 
-class RelativeBias:
-    """(q_idx - kv_idx) * c added to the score; keyed by c so its graph is cached."""
-
-    def __init__(self, c: float):
-        self.c = float(c)
-
-    def score_mod_graph_cache_key(self):
-        return (self.c,)
-
-    def __call__(self, graph, score, tensors):
-        dist = graph.sub(graph.gen_index(score, 2), graph.gen_index(score, 3))
-        return graph.add(score, graph.mul(dist, self.c))
-
-
 def doc_mask(graph, score, tensors):
     """Keeps keys in the query's document: doc_q [B,1,S,1] == doc_kv [B,1,1,S]."""
     same = graph.cmp_eq(tensors["doc_q"], tensors["doc_kv"])
@@ -64,12 +50,12 @@ def kwargs(case: str, inputs: dict) -> dict:
     if case == "causal":
         return {"score_mod": dsl_mods.causal}
     if case == "softcap":
-        cap = dsl_mods.Softcap(SOFTCAP)
+        cap = dsl_mods.softcap(SOFTCAP)
         return {"score_mod": cap.forward, "score_mod_bprop": cap.backward}
     if case == "alibi":
         return {"score_mod": dsl_mods.alibi, "score_mod_tensors": {"slopes": inputs["slopes"]}}
     if case == "relbias":
-        return {"score_mod": RelativeBias(REL_C)}
+        return {"score_mod": dsl_mods.relative_bias(REL_C)}
     if case == "docmask":
         return {"score_mod": doc_mask, "score_mod_tensors": {"doc_q": inputs["doc_q"], "doc_kv": inputs["doc_kv"]}}
     if case == "window1k":

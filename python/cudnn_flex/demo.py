@@ -16,13 +16,13 @@ from .api import flex_attention
 
 
 def _examples(h: int, device: str):
-    cap = dsl_mods.Softcap(20.0)
+    cap = dsl_mods.softcap(20.0)
     slopes = mods.alibi_slopes(h, device)
     return [
         ("no score_mod", dict()),
         ("causal", dict(score_mod=dsl_mods.causal)),
         ("softcap 20 (with bprop)", dict(score_mod=cap.forward, score_mod_bprop=cap.backward)),
-        ("relative bias q-kv", dict(score_mod=dsl_mods.relative_bias)),
+        ("relative bias q-kv", dict(score_mod=dsl_mods.relative_bias())),
         ("ALiBi", dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes})),
     ]
 

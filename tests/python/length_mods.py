@@ -7,7 +7,7 @@ from cudnn_flex import dsl_mods, mods
 
 H = 4
 NEG_INF = float("-inf")
-SOFTCAP = dsl_mods.Softcap(20.0)
+SOFTCAP = dsl_mods.softcap(20.0)
 SLOPES = mods.alibi_slopes(H)
 
 

@@ -91,7 +91,7 @@ def _bias_host_scalar(b, h_q, s_q, s_kv):  # one-element CPU tensor: passed by v
 
 
 def _dsl_softcap(b, h_q, s_q, s_kv):
-    cap = dsl_mods.Softcap(2.5)
+    cap = dsl_mods.softcap(2.5)
     return dict(score_mod=cap.forward, score_mod_bprop=cap.backward), lambda s, b_, h, q, kv: 2.5 * torch.tanh(s / 2.5)
 
 
@@ -139,8 +139,8 @@ READY_MODS = {
                                  lambda s, b, h, q, kv: s + 0.25 * (q - kv)),
     # dsl_mods
     "dsl_causal": _same(dict(score_mod=dsl_mods.causal), lambda s, b, h, q, kv: _where(q >= kv, s)),
-    "dsl_relative_bias": _same(dict(score_mod=dsl_mods.relative_bias), lambda s, b, h, q, kv: s + (q - kv)),
-    "dsl_relative_bias_scaled": _same(dict(score_mod=dsl_mods.RelativeBias(0.375)),
+    "dsl_relative_bias": _same(dict(score_mod=dsl_mods.relative_bias()), lambda s, b, h, q, kv: s + (q - kv)),
+    "dsl_relative_bias_scaled": _same(dict(score_mod=dsl_mods.relative_bias(0.375)),
                                       lambda s, b, h, q, kv: s + 0.375 * (q - kv)),
     "dsl_alibi": _dsl_alibi,
     "dsl_add_bias_full": _bias_full,
@@ -149,8 +149,8 @@ READY_MODS = {
     "dsl_add_bias_queries_2d": _bias_queries,
     "dsl_add_bias_host_scalar": _bias_host_scalar,
     "dsl_softcap": _dsl_softcap,
-    "dsl_sliding_window_1": _same(dict(score_mod=dsl_mods.SlidingWindow(1)), _sliding(1)),
-    "dsl_sliding_window_3": _same(dict(score_mod=dsl_mods.SlidingWindow(3)), _sliding(3)),
+    "dsl_sliding_window_1": _same(dict(score_mod=dsl_mods.sliding_window(1)), _sliding(1)),
+    "dsl_sliding_window_3": _same(dict(score_mod=dsl_mods.sliding_window(3)), _sliding(3)),
 }
 
 

@@ -154,7 +154,7 @@ BIAS = torch.zeros(8, 8)
      r"score_mod_tensors\['bias'\] has shape \(1, 1, 1, 8, 8\), which does not broadcast"),
     (qkv() + [dsl_mods.add_bias, None, {"bias": torch.zeros(8, 7)}], {}, ValueError,
      r"score_mod_tensors\['bias'\] has shape \(8, 7\), which does not broadcast .*\[1, 2, 8, 8\]"),
-    (qkv() + [dsl_mods.Softcap(2.0).forward, dsl_mods.Softcap(2.0).backward, None, {"x": torch.zeros(8, 8, requires_grad=True)}],
+    (qkv() + [dsl_mods.softcap(2.0).forward, dsl_mods.softcap(2.0).backward, None, {"x": torch.zeros(8, 8, requires_grad=True)}],
      {}, ValueError, r"score_mod_bprop_tensors\['x'\] requires grad"),
     (qkv(), dict(mask_mod=3), TypeError, r"mask_mod must be a callable .*got int"),
     (qkv(), dict(mask_mod=lambda b, h, q_idx: q_idx >= 0), TypeError, r"mask_mod must take \(b, h, q_idx, kv_idx\)"),
@@ -198,7 +198,7 @@ def test_captured_tensor_shorter_than_its_axis_names_the_axis():
 @pytest.mark.parametrize("call,error,message", [
     (lambda: cudnn_flex.check_score_mod_bprop(dsl_mods.causal, None, shape=(2, 3, 4)), ValueError,
      r"shape must be \[B, H, Sq, Skv\], got \[2, 3, 4\]"),
-    (lambda: cudnn_flex.check_score_mod_bprop(dsl_mods.relative_bias, lambda g, d_p, t: 1.0), TypeError,
+    (lambda: cudnn_flex.check_score_mod_bprop(dsl_mods.relative_bias(), lambda g, d_p, t: 1.0), TypeError,
      r"score_mod_bprop returned float"),
 ])
 def test_check_score_mod_bprop_refusals(call, error, message):

@@ -26,8 +26,8 @@ TO_BHSD = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3), "ba
 MODS = {
     "none": (dict(), None),
     "dsl_causal": (dict(score_mod=dsl_mods.causal), lambda s, b, h, q, kv: torch.where(q >= kv, s, NEG_INF)),
-    "dsl_relative_bias": (dict(score_mod=dsl_mods.relative_bias), lambda s, b, h, q, kv: s + (q - kv)),
-    "dsl_sliding_window_2": (dict(score_mod=dsl_mods.SlidingWindow(2)),
+    "dsl_relative_bias": (dict(score_mod=dsl_mods.relative_bias()), lambda s, b, h, q, kv: s + (q - kv)),
+    "dsl_sliding_window_2": (dict(score_mod=dsl_mods.sliding_window(2)),
                              lambda s, b, h, q, kv: torch.where((q - kv >= 0) & (q - kv < 2), s, NEG_INF)),
     "softcap_causal": (dict(score_mod=mods.softcap(1.5), mask_mod=mods.causal),
                        lambda s, b, h, q, kv: torch.where(q >= kv, 1.5 * torch.tanh(s / 1.5), NEG_INF)),

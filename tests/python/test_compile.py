@@ -45,7 +45,7 @@ def op_calls(gm):
     return [n for n in gm.graph.nodes if n.target in (FWD, torch.ops.cudnn_flex.fwd)]
 
 
-SOFTCAP = dsl_mods.Softcap(30.0)
+SOFTCAP = dsl_mods.softcap(30.0)
 
 
 def module_level_function(q, k, v, slopes):
@@ -115,7 +115,7 @@ def test_compiled_id_matches_eager_id():
 
 def test_another_keyed_object_gets_its_own_id():
     """Dynamo guards the object's identity: a new object with another key recompiles."""
-    caps = [dsl_mods.Softcap(30.0)]
+    caps = [dsl_mods.softcap(30.0)]
 
     def fn(q, k, v):
         return cudnn_flex.flex_attention(q, k, v, caps[0].forward, caps[0].backward)
@@ -127,7 +127,7 @@ def test_another_keyed_object_gets_its_own_id():
         compiled(q, k, v)
         compiled(q, k, v)
     assert len(graphs) == 1
-    caps[0] = dsl_mods.Softcap(20.0)
+    caps[0] = dsl_mods.softcap(20.0)
     with mode:
         compiled(q, k, v)
     assert len(graphs) == 2

@@ -55,7 +55,7 @@ def test_gqa_unequal_lengths_and_value_head_dim(mod, d, d_v):
 @pytest.mark.parametrize("scale", [0.05, 0.3])
 def test_explicit_scale(scale):
     q, k, v = make_inputs(s_q=96, s_kv=160)
-    got, want = compare(q, k, v, dsl_formula(dsl_mods.relative_bias), score_mod=dsl_mods.relative_bias,
+    got, want = compare(q, k, v, dsl_formula(dsl_mods.relative_bias()), score_mod=dsl_mods.relative_bias(),
                         scale=scale)
     check(got, want, label=f"scale {scale}")
 
@@ -74,10 +74,10 @@ def test_deterministic_backward_is_bitwise_repeatable_and_right():
 
 def test_second_identical_call_builds_nothing():
     q, k, v = make_inputs()
-    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias)
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias())
     out.sum().backward()
     before = cudnn_flex.cache_stats()
-    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias)
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.relative_bias())
     out.sum().backward()
     after = cudnn_flex.cache_stats()
     assert after["builds"] == before["builds"]

@@ -14,7 +14,7 @@ from mod_cases import READY_MODS
 
 pytestmark = pytest.mark.gpu
 
-SOFTCAP = dsl_mods.Softcap(20.0)
+SOFTCAP = dsl_mods.softcap(20.0)
 
 
 class Block(torch.nn.Module):

@@ -48,7 +48,7 @@ CASES = {
     "causal": (dict(mask_mod=mods.causal), band(lo=0)),
     "window 40": (dict(mask_mod=mods.sliding_window(40)), band(lo=0, hi=39)),
     "user window kv > q - 40": (dict(mask_mod=lambda b, h, q, kv: (kv <= q) & (kv > q - 40)), band(lo=0, hi=39)),
-    "dsl SlidingWindow(40)": (dict(score_mod=dsl_mods.SlidingWindow(40)), band(lo=0, hi=39)),
+    "dsl SlidingWindow(40)": (dict(score_mod=dsl_mods.sliding_window(40)), band(lo=0, hi=39)),
     "two-sided |q - kv| <= 8": (dict(mask_mod=lambda b, h, q, kv: (q - kv).abs() <= 8), band(lo=-8, hi=8)),
     "causal shifted right q + 5 >= kv": (dict(mask_mod=lambda b, h, q, kv: q + 5 >= kv), band(lo=-5)),
     "strictly below q - kv >= 3 (empty first rows)": (dict(mask_mod=lambda b, h, q, kv: q - kv >= 3), band(lo=3)),

@@ -85,7 +85,7 @@ def check_valid_call_works() -> None:
 
 # --- Concurrency -----------------------------------------------------------------------------
 
-SOFTCAP = dsl_mods.Softcap(2.0)  # one stateful object shared by every thread, as a model would have it
+SOFTCAP = dsl_mods.softcap(2.0)  # one stateful object shared by every thread, as a model would have it
 
 
 class Spec:

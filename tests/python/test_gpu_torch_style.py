@@ -72,10 +72,10 @@ def test_second_call_with_new_captured_values_builds_nothing():
 
 def softcap_kwargs(variant, cap):
     if variant == "hand_written_bprop":
-        softcap = dsl_mods.Softcap(cap)
+        softcap = dsl_mods.softcap(cap)
         return dict(score_mod=softcap.forward, score_mod_bprop=softcap.backward)
     if variant == "derived_bprop":
-        return dict(score_mod=dsl_mods.Softcap(cap).forward)
+        return dict(score_mod=dsl_mods.softcap(cap).forward)
     return dict(score_mod=mods.softcap(cap))
 
 

@@ -41,14 +41,14 @@ def test_causal_runs_the_score_mod_in_fwd_and_bwd():
 
 
 def test_softcap_with_stateful_bprop():
-    cap = dsl_mods.Softcap(30.0)
+    cap = dsl_mods.softcap(30.0)
     text, calls = validate(*qkv(), cap.forward, cap.backward)
     assert calls >= 3, "fwd score_mod, bwd recompute, bwd bprop"
     assert "TANH_FWD" in text and "TANH_BWD" in text
 
 
 def test_post_scale_relative_bias():
-    text, calls = validate(*qkv(), dsl_mods.relative_bias)
+    text, calls = validate(*qkv(), dsl_mods.relative_bias())
     assert calls >= 2 and "SUB" in text and "ADD" in text
 
 
@@ -59,7 +59,7 @@ def test_alibi_with_a_cuda_shaped_slopes_tensor():
 
 
 def test_gqa_and_different_kv_length():
-    text, _ = validate(*qkv(h_kv=2, s_kv=256), dsl_mods.relative_bias)
+    text, _ = validate(*qkv(h_kv=2, s_kv=256), dsl_mods.relative_bias())
     assert "GEN_INDEX" in text
 
 
@@ -77,7 +77,7 @@ def test_operators_and_numbers_build_the_same_ops():
 
 def test_layouts_are_views_and_validate():
     q, k, v = (torch.empty(B, S, H, D, dtype=torch.bfloat16, device="meta") for _ in range(3))
-    text, _ = validate(q, k, v, dsl_mods.relative_bias, layout="bshd")
+    text, _ = validate(q, k, v, dsl_mods.relative_bias(), layout="bshd")
     assert "GEN_INDEX" in text
 
 
@@ -125,7 +125,7 @@ def test_tensor_of_another_graph_is_an_error():
     with pytest.raises(ValueError, match="tensor of another graph"):
         cudnn_flex.validate_graphs(*qkv(), keeps)
     # ... and the next valid call works.
-    assert "score_mod ops: GEN_INDEX GEN_INDEX SUB ADD" in cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias)
+    assert "score_mod ops: GEN_INDEX GEN_INDEX SUB ADD" in cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias())
 
 
 def test_torch_tensor_inside_score_mod_is_explained():
@@ -260,7 +260,7 @@ def test_fmod_backward_masks_the_tile_padding():
     pad = "GEN_INDEX CMP_LT BINARY_SELECT GEN_INDEX CMP_LT BINARY_SELECT"
     assert backward == f"MOD {pad} IDENTITY {pad}"  # score_mod, -inf padding, bprop dP, 0 padding
     # a plain additive bias keeps passing dP through: no bprop, no padding ops
-    _, bias_backward = re.findall(r"score_mod ops: (.*)", cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias))
+    _, bias_backward = re.findall(r"score_mod ops: (.*)", cudnn_flex.validate_graphs(*qkv(), dsl_mods.relative_bias()))
     assert "BINARY_SELECT" not in bias_backward
 
 
@@ -279,7 +279,7 @@ LENGTHS = torch.tensor([100, 128], dtype=torch.int32)  # values are not read whi
 @pytest.mark.parametrize("mods_, forward", [
     ({}, ""),  # no score_mod: cuDNN's native padding mask (the sdpa node's padding_mask)
     (dict(mask_mod=mods.causal), "PADDING_MASK DIAGONAL_BAND_MASK"),
-    (dict(score_mod=dsl_mods.relative_bias), "GEN_INDEX GEN_INDEX SUB ADD PADDING_MASK"),
+    (dict(score_mod=dsl_mods.relative_bias()), "GEN_INDEX GEN_INDEX SUB ADD PADDING_MASK"),
     (dict(score_mod=mods.softcap(30.0), mask_mod=mods.sliding_window(64)),
      "DIV TANH_FWD MUL PADDING_MASK DIAGONAL_BAND_MASK DIAGONAL_BAND_MASK"),
 ], ids=["no mod", "causal", "relative bias", "softcap + window"])

@@ -23,7 +23,7 @@ MATCH = {
     "user causal kv <= q": (dict(mask_mod=lambda b, h, q, kv: kv <= q), (0, None)),
     "mods.sliding_window(1024)": (dict(mask_mod=mods.sliding_window(1024)), (0, 1023)),
     "user window": (dict(mask_mod=lambda b, h, q, kv: (q >= kv) & (q - kv < 1024)), (0, 1023)),
-    "dsl SlidingWindow": (dict(score_mod=dsl_mods.SlidingWindow(1024)), (0, 1023)),
+    "dsl SlidingWindow": (dict(score_mod=dsl_mods.sliding_window(1024)), (0, 1023)),
     "window written kv > q - w": (dict(mask_mod=lambda b, h, q, kv: (kv <= q) & (kv > q - 1024)), (0, 1023)),
     "two-sided |q - kv| <= 8": (dict(mask_mod=lambda b, h, q, kv: (q - kv).abs() <= 8), (-8, 8)),
     "offset causal q + 5 >= kv": (dict(mask_mod=lambda b, h, q, kv: q + 5 >= kv), (-5, None)),
@@ -80,6 +80,6 @@ def test_minus_inf_where_two_conditions_hold_is_not_a_band():
 
 def test_a_bias_or_no_mask_is_not_a_band():
     assert recognised(score_mod=mods.softcap(3.0)) is None
-    assert recognised(score_mod=dsl_mods.relative_bias) is None
+    assert recognised(score_mod=dsl_mods.relative_bias()) is None
     finite = lambda s, b, h, q, kv: torch.where(q >= kv, s, -1e9)  # noqa: E731  (a finite fill)
     assert recognised(score_mod=finite) is None

@@ -55,11 +55,49 @@ def test_alibi_with_eight_heads_and_gqa_uses_the_query_head_slope(style):
     check_against_formula(shape, kwargs, lambda s, b, h, q, kv: s + slopes[h] * (kv - q))
 
 
+# --- one family, two dialects: the same name and arguments mean the same attention --------------
+
+def _dsl_softcap(cap):
+    mod = dsl_mods.softcap(cap)
+    return dict(score_mod=mod.forward, score_mod_bprop=mod.backward)
+
+
+# family -> (torch-style kwargs, DSL kwargs), both made from the same name and arguments.
+DIALECTS = {
+    "causal": (dict(mask_mod=mods.causal), dict(score_mod=dsl_mods.causal)),
+    "sliding_window(3)": (dict(mask_mod=mods.sliding_window(3)), dict(score_mod=dsl_mods.sliding_window(3))),
+    "softcap(2.5)": (dict(score_mod=mods.softcap(2.5)), _dsl_softcap(2.5)),
+    "relative_bias()": (dict(score_mod=mods.relative_bias()), dict(score_mod=dsl_mods.relative_bias())),
+    "relative_bias(0.375)": (dict(score_mod=mods.relative_bias(0.375)), dict(score_mod=dsl_mods.relative_bias(0.375))),
+    "alibi": (dict(score_mod=mods.alibi(mods.alibi_slopes(4))),
+              dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": mods.alibi_slopes(4)})),
+}
+
+
+def test_every_dsl_family_has_a_torch_style_form_of_the_same_name():
+    families = {n for n in dsl_mods.__all__ if n.islower()} - {"add_bias", "alibi_slopes"}  # DSL-only helpers
+    assert families <= set(mods.__all__)
+    assert families == {name.split("(")[0] for name in DIALECTS}
+
+
+@pytest.mark.parametrize("family", DIALECTS)
+def test_both_dialects_of_a_family_compute_the_same_attention(family):
+    torch_kwargs, dsl_kwargs = DIALECTS[family]
+    results = []
+    for kwargs in (torch_kwargs, dsl_kwargs):
+        q, k, v = make_qkv((2, 4, 2, 9, 11, 8, 8))
+        out, lse = cudnn_flex.flex_attention(q, k, v, return_lse=True, backend="reference", **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        results.append((out, lse) + grads)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 # --- the hand-written bprop of dsl_mods.Softcap -------------------------------------------------
 
 @pytest.mark.parametrize("cap", [0.5, 2.5, 30.0])
 def test_dsl_softcap_backward_is_the_derivative_of_its_forward(cap):
-    soft = dsl_mods.Softcap(cap)
+    soft = dsl_mods.softcap(cap)
     assert cudnn_flex.check_score_mod_bprop(soft.forward, soft.backward, shape=(2, 3, 5, 7)) < 1e-12
     # and the derived one agrees with it
     assert cudnn_flex.check_score_mod_bprop(soft.forward, None, shape=(2, 3, 5, 7)) < 1e-12
@@ -89,9 +127,9 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradients():
     (lambda: mods.softcap(float("nan")), "cap"),
     (lambda: mods.document_mask(torch.zeros(2, 3, 4, dtype=torch.long)), "doc_ids"),
     (lambda: mods.document_mask(torch.tensor(3)), "doc_ids"),
-    (lambda: dsl_mods.Softcap(0.0), "cap"),
-    (lambda: dsl_mods.Softcap(-2.0), "cap"),
-    (lambda: dsl_mods.SlidingWindow(0), "window"),
+    (lambda: dsl_mods.softcap(0.0), "cap"),
+    (lambda: dsl_mods.softcap(-2.0), "cap"),
+    (lambda: dsl_mods.sliding_window(0), "window"),
 ])
 def test_mod_factories_refuse_bad_arguments_naming_them(make, arg):
     with pytest.raises(ValueError, match=rf"^cudnn_flex: .*\b{arg}\b") as info:

@@ -28,11 +28,11 @@ SLOPES = mods.alibi_slopes(H, dtype=torch.float64).flatten()
 CASES = {
     "causal": (dict(score_mod=dsl_mods.causal),
                lambda s, b, h, q, kv: s.masked_fill(q < kv, float("-inf"))),
-    "softcap": (dict(score_mod=dsl_mods.Softcap(2.0).forward), lambda s, b, h, q, kv: 2.0 * torch.tanh(s / 2.0)),
-    "relative_bias": (dict(score_mod=dsl_mods.relative_bias), lambda s, b, h, q, kv: s + (q - kv)),
+    "softcap": (dict(score_mod=dsl_mods.softcap(2.0).forward), lambda s, b, h, q, kv: 2.0 * torch.tanh(s / 2.0)),
+    "relative_bias": (dict(score_mod=dsl_mods.relative_bias()), lambda s, b, h, q, kv: s + (q - kv)),
     "alibi": (dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": SLOPES.view(1, H, 1, 1)}),
               lambda s, b, h, q, kv: s + SLOPES[h] * (kv - q)),
-    "sliding_window": (dict(score_mod=dsl_mods.SlidingWindow(3)),
+    "sliding_window": (dict(score_mod=dsl_mods.sliding_window(3)),
                        lambda s, b, h, q, kv: s.masked_fill((q < kv) | (q - kv >= 3), float("-inf"))),
 }
 
@@ -56,7 +56,7 @@ def test_reference_matches_hand_written_formula(case, h_kv, layout):
 
 
 def test_gradients_match_finite_differences():
-    cap = dsl_mods.Softcap(1.5)
+    cap = dsl_mods.softcap(1.5)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     slopes = torch.rand(1, 2, 1, 1, generator=g, dtype=torch.float64)
@@ -99,12 +99,12 @@ def test_backend_reference_and_lse():
 
 
 def test_bprop_checker_accepts_the_right_softcap_bprop():
-    cap = dsl_mods.Softcap(2.0)
+    cap = dsl_mods.softcap(2.0)
     assert cudnn_flex.check_score_mod_bprop(cap.forward, cap.backward) < 1e-12
 
 
 def test_bprop_checker_rejects_a_bprop_missing_the_one_over_cap_factor():
-    cap = dsl_mods.Softcap(2.0)
+    cap = dsl_mods.softcap(2.0)
 
     def missing_div(graph, d_p, tensors):  # (dP * cap) * tanh'(s / cap) without the final / cap
         return graph.tanh_backward(graph.mul(d_p, cap.cap), cap._before_tanh)

@@ -11,7 +11,7 @@ from cudnn_flex import dsl_mods, mods
 H, H_KV, D, D_V = 4, 2, 16, 8
 LENGTHS = [(1, 1), (127, 129), (129, 127), (0, 5), (5, 0), (64, 133)]  # (q, kv) per batch element
 S_Q, S_KV = 129, 133  # the padded lengths (unequal: a q bound checked against Skv would show)
-SOFTCAP = dsl_mods.Softcap(3.0)
+SOFTCAP = dsl_mods.softcap(3.0)
 MODS = {
     "none": {},
     "causal mask_mod": dict(mask_mod=mods.causal),

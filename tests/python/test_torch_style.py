@@ -154,7 +154,7 @@ def test_mask_mod_passed_as_score_mod_is_explained():
 
 def test_mask_mod_with_a_dsl_score_mod_is_explained():
     with pytest.raises(TypeError, match="combines with a torch-style score_mod"):
-        validate(dsl_mods.relative_bias, mods.causal)
+        validate(dsl_mods.relative_bias(), mods.causal)
 
 
 # --- automatic bprop ------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def scale_times_score(graph, score, tensors):
 
 @pytest.mark.parametrize("fn", [softcap, scale_times_score, exp_log_chain, mods.softcap(7.0),
                                 mods.compose(mods.softcap(5.0), mods.masked(mods.sliding_window(5))),
-                                where_and_cast, dsl_mods.Softcap(9.0).forward,
+                                where_and_cast, dsl_mods.softcap(9.0).forward,
                                 mods.compose(lambda s, b, h, q, k: torch.sigmoid(s) * torch.sqrt(torch.abs(s) + 1.0))])
 def test_derived_bprop_matches_autograd_of_the_reference(fn):
     forward, backward, tensors = derived(fn)

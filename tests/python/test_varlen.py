@@ -52,7 +52,7 @@ def varlen(q, k, v, d_out, lengths_q, lengths_kv, **kwargs):
 
 
 SLOPES = mods.alibi_slopes(H)
-SOFTCAP = dsl_mods.Softcap(3.0)
+SOFTCAP = dsl_mods.softcap(3.0)
 MODS = {
     "none": {},
     "causal mask_mod": dict(mask_mod=mods.causal),

@@ -18,6 +18,7 @@ and version).
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -62,6 +63,10 @@ def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name
             raise ValueError(f"cudnn_flex: {max_name} must be an int, got {given!r}")
 
     def read() -> _Sequences:
+        if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"cudnn_flex: {name} is new or changed since it was last checked, and its values "
+                             "cannot be read on the host during CUDA graph capture; call flex_attention_varlen "
+                             "once with it before capturing (the warm-up call), then capture")
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cudnn_flex: {name} must start at 0, got {bounds[0]}")
@@ -101,15 +106,28 @@ def _check_tokens(q, k, v) -> None:
         raise ValueError(f"cudnn_flex: q and k need one head dim of at least 1 ({shapes()})")
 
 
-def _padded_rows(cu_seqlens: torch.Tensor, total: int, longest: int) -> torch.Tensor:
+def _padded_rows(cu_seqlens: torch.Tensor, total: int, longest: int, capturing: bool = False) -> torch.Tensor:
     """The row of each packed token in the padded batch's [n * longest] rows: sequence * longest +
     position within it (on the device, no host read; made once per cu_seqlens version: five
-    launches that cost more host time than the attention call at small sizes)."""
+    launches that cost more host time than the attention call at small sizes; made in the graph
+    while a CUDA graph is captured, so that replays follow new values)."""
     def rows():
         tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
         seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
         return seq * longest + (tokens - cu_seqlens[seq]).long()
-    return once_per_version(cu_seqlens, ("padded rows", total, longest), rows)
+    return rows() if capturing else once_per_version(cu_seqlens, ("padded rows", total, longest), rows)
+
+
+def _replayable(seq: _Sequences, cu_seqlens: torch.Tensor, given, which: str) -> _Sequences:
+    """What a CUDA graph captured now may use of cu_seqlens: its replays run with whatever values
+    the tensor holds then (static buffers updated in place, as servers do), so the lengths are
+    computed inside the graph, the longest sequence is the caller's bound, and no shortcut is
+    taken on what the values were at capture (all sequences full)."""
+    if given is None:
+        raise ValueError(f"cudnn_flex: under CUDA graph capture, pass max_seqlen_{which} (the bound every "
+                         "replay's sequences keep to); the longest sequence at capture time would be baked "
+                         "into the graph")
+    return seq._replace(all_full=False, lengths=cu_seqlens[1:] - cu_seqlens[:-1])
 
 
 def _padded(x: torch.Tensor, rows: torch.Tensor, n: int, longest: int) -> torch.Tensor:
@@ -134,6 +152,17 @@ def _packed_lse(lse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _unpadded(lse.unsqueeze(-1), rows)[..., 0].t().contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _stand_in(device: torch.device, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    return torch.empty((1, 1, 1, 1), device=device, dtype=dtype).expand(shape)
+
+
+def _queries_shaped(q: torch.Tensor, n: int, longest_q: int) -> torch.Tensor:
+    """A stand-in for the queries as a padded batch [n, H, longest_q, D] (record_call reads the
+    shape, device and dtype): one element, made once per shape (an allocation a call otherwise)."""
+    return _stand_in(q.device, q.dtype, (n, q.shape[1], longest_q, q.shape[2]))
+
+
 def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
     """x [total, H, D] as cuDNN's ragged offsets read it: in place when it is dense in its own
     dimension order (THD, or a [total, H, D] view of head-major storage), since its gradient is
@@ -144,7 +173,6 @@ def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == tuple(strides_like(x, x.shape)) else x.contiguous()
 
 
-@torch.compiler.disable  # host reads of the lengths: under torch.compile it runs eagerly (a graph break)
 def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor,
                           score_mod: Optional[Callable] = None,
@@ -177,6 +205,15 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out [total_q, H_q, D_v] in q's dtype, and with return_lse=True (out, lse). A query whose
         sequence has no keys gets out = 0 and lse = -inf.
     """
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, score_mod_tensors,
+            score_mod_bprop_tensors, mask_mod, max_seqlen_q, max_seqlen_kv, scale, return_lse, deterministic)
+    # Host reads of the lengths: under torch.compile the call runs eagerly (a graph break). Eager
+    # callers skip the disabled wrapper, whose frame switching costs ~5 us of host time a call.
+    return _varlen_eagerly(*args) if torch.compiler.is_compiling() else _varlen(*args)
+
+
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, score_mod_tensors,
+            score_mod_bprop_tensors, mask_mod, max_seqlen_q, max_seqlen_kv, scale, return_lse, deterministic):
     _check_tokens(q, k, v)
     seq_q = _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
     seq_kv = _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
@@ -186,6 +223,10 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     longest_q, longest_kv = seq_q.longest, seq_kv.longest
     check_scale(scale)
     n = seq_q.n
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        seq_q, seq_kv = _replayable(seq_q, cu_seqlens_q, max_seqlen_q, "q"), _replayable(seq_kv, cu_seqlens_kv,
+                                                                                         max_seqlen_kv, "kv")
     if n > 0 and seq_q.all_full and seq_kv.all_full:
         # Sequences of one length are a batch already: views, no copies, no padding.
         batch = lambda t, s: t.unflatten(0, (n, s)).permute(0, 2, 1, 3)  # noqa: E731
@@ -198,7 +239,7 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
         program, mod_tensors, bprop_tensors = record_call(
             score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
-            q.new_empty((1, 1, 1, 1)).expand(n, q.shape[1], longest_q, q.shape[2]), longest_kv)
+            _queries_shaped(q, n, longest_q), longest_kv)
         as_rows = lambda t: _readable_in_place(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
         qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
         check_dense_last_dim(qv, kv, vv)
@@ -207,11 +248,12 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic,
                               [seq_q.lengths, seq_kv.lengths], [cu_seqlens_q, cu_seqlens_kv],
                               [max(longest_q, 2), longest_kv])
-        lse = lse[:, :, :longest_q]
         out = out.squeeze(0).transpose(0, 1)  # views both ways (out[0]'s backward would copy dO into zeros)
-        return (out, _packed_lse(lse, _padded_rows(cu_seqlens_q, q.shape[0], longest_q))) if return_lse else out
-    rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q)
-    rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv)
+        if not return_lse:
+            return out
+        return out, _packed_lse(lse[:, :, :longest_q], _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing))
+    rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing)
+    rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv, capturing)
     qp = _padded(q, rows_q, n, longest_q)
     kp, vp = _padded(k, rows_kv, n, longest_kv), _padded(v, rows_kv, n, longest_kv)
     out, lse = flex_attention(qp, kp, vp, score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors,
@@ -220,6 +262,9 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # [n, H, longest_q, *] -> the valid rows, in token order.
     out = _unpadded(out, rows_q)
     return (out, _packed_lse(lse, rows_q)) if return_lse else out
+
+
+_varlen_eagerly = torch.compiler.disable(_varlen)
 
 
 def cu_seqlens_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:

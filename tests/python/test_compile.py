@@ -431,3 +431,16 @@ def test_compile_with_graph_breaks_on_the_reference_path_matches_eager(attend):
     want = two_layers(q, k, v, doc)
     got = torch.compile(two_layers)(q, k, v, doc)
     torch.testing.assert_close(got, want)
+
+
+def test_varlen_inside_a_compiled_function_runs_eagerly_and_matches():
+    """flex_attention_varlen reads its lengths on the host: under torch.compile it is a graph
+    break that runs eagerly, with the compiled code around it."""
+    def packed_block(q, k, v, cu):
+        out = cudnn_flex.flex_attention_varlen(q * 2, k, v, cu, cu, mask_mod=mods.causal)
+        return out.relu()
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(23, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 9, 23], dtype=torch.int32)
+    torch.testing.assert_close(torch.compile(packed_block)(q, k, v, cu), packed_block(q, k, v, cu))

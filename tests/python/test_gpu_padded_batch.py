@@ -210,3 +210,42 @@ def test_packed_decoding_one_query_per_sequence():
                                                     max_seqlen_kv=300, return_lse=True)
         results[device] = {"out": out.double().cpu(), "lse": lse.double().cpu()}
     check(results["cuda"], results["cpu"], label="packed decoding")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no mod", "causal"])
+def test_a_captured_varlen_call_follows_new_cu_seqlens_on_replay(masked):
+    """Servers capture a step with static buffers and update cu_seqlens in place: every replay
+    must use the new boundaries (the lengths are computed inside the graph, and an all-full split
+    at capture is no shortcut baked into it). Out and lse against an eager call per split."""
+    total = 200
+    kwargs = {"mask_mod": mods.causal} if masked else {}
+    q, k, v = (torch.randn(total, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_KV, H_KV))
+    cu = torch.tensor([0, 100, 200], dtype=torch.int32, device="cuda")  # all full at capture
+    run = lambda: cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=total, max_seqlen_kv=total,  # noqa: E731
+                                                   return_lse=True, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up: builds the graphs, checks cu_seqlens on the host
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = run()
+    for split in ([0, 37, 200], [0, 1, 200], [0, 129, 200], [0, 100, 200]):
+        cu.copy_(torch.tensor(split, dtype=torch.int32))
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        want_out, want_lse = cudnn_flex.flex_attention_varlen(q, k, v, cu.clone(), cu.clone(), return_lse=True,
+                                                              **kwargs)
+        torch.testing.assert_close(out, want_out, atol=2e-2, rtol=2e-2, msg=lambda m: f"split {split}: {m}")
+        torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3, msg=lambda m: f"split {split}: {m}")
+
+
+def test_capturing_varlen_without_max_seqlen_is_refused_by_name():
+    q = torch.randn(40, H, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32, device="cuda")
+    cudnn_flex.flex_attention_varlen(q, q, q, cu, cu)  # warm-up
+    with pytest.raises(ValueError, match="under CUDA graph capture, pass max_seqlen_q"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            cudnn_flex.flex_attention_varlen(q, q, q, cu, cu)

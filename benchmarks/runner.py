@@ -175,15 +175,15 @@ def measure_host(args, log=print) -> dict:
             continue
         try:
             run = kinds[label] if case is None else make_runner(case, path, inputs, args)
-            context = contextlib.nullcontext()
+            context = contextlib.nullcontext  # a new one per loop: sdpa_kernel's can be entered once
             if path == "sdpa_cudnn":
                 # The backend is chosen once, around the loops: torch's sdpa_kernel context manager
-                # is no part of an SDPA call's host time (held per call, it cost ~15 us on the H200
-                # and flattered every ratio against SDPA).
-                run, context = sdpa.call(case, inputs), sdpa.backend(flash=False)
-            with context, torch.no_grad():   # around the loop, so that its cost is not counted per call
+                # is no part of an SDPA call's host time (held per call, it flattered every ratio
+                # against SDPA).
+                run, context = sdpa.call(case, inputs), lambda: sdpa.backend(flash=False)
+            with context(), torch.no_grad():   # around the loop, so that its cost is not counted per call
                 fwd_us = host_us(lambda: run(q, k, v), args.host_calls)
-            with context:
+            with context():
                 fwd_bwd_us = host_us(lambda: torch.autograd.grad(run(q, k, v), (q, k, v), do),
                                      max(args.host_calls // 3, 1))
             out[label] = {"fwd": fwd_us, "fwd_bwd": fwd_bwd_us}

@@ -111,6 +111,8 @@ MUTATIONS += [
      "    torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)\n", ""),
     ("recording left to dynamo after a graph break", P + "record_call.py",
      "@torch.compiler.disable\ndef _record_for_compile", "def _record_for_compile"),
+    ("gather reused after its tensors changed", P + "gather.py",
+     "ref() is u and version == u._version", "ref() is u"),
     ("recognised band lowered dense", P + "masks/lower.py",
      "    found = tile_skipping_band(program)\n", "    found = None\n"),
     ("guard ignores module globals", P + "program/guard.py",

@@ -5,7 +5,8 @@ offset]` or `spatial_bias[h, distances[b, q_idx, kv_idx]]` index a captured tens
 depend only on the index variables and other captured tensors, never on the score: those index
 values are computed here on the device (the recorded program evaluated on broadcast index grids,
 in float64, so integers are exact), the gather runs as a torch op, and its result enters the
-kernel as one more broadcast score_mod tensor. It costs one gather per call and memory of the
+kernel as one more broadcast score_mod tensor. It costs one gather per call whose tensors changed
+(a call with the same tensors at the same versions reuses the last result) and memory of the
 broadcast shape of the indices: [Sq] for `offsets[doc_id[q_idx]]`, [Sq, Skv] for a relative
 table, [B, H, Sq, Skv] for a per-graph bias (a warning says so once when that is large).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 from typing import Sequence
 
 import torch
@@ -22,7 +24,7 @@ from .program.record import SCORE, mod_slot
 from .program.replay import Replay
 from .reference import RefTensor, ReferenceGraph
 
-# Gathered tensors above this size are worth a warning (they are materialised on every call).
+# Gathered tensors above this size are worth a warning (materialised whenever their inputs change).
 LARGE_BYTES = 256 << 20
 _warned_large = False
 
@@ -43,9 +45,37 @@ def reads_score(nodes, index: int) -> bool:
     return False
 
 
+# id(gathered tensor), the index program, its entries and the scores' shape -> (the tensors read,
+# their versions, the result): a call whose tensors are the same objects at the same versions gets
+# the tensor gathered before, not a new copy. One entry per table and program; it goes with the table.
+_reused: dict = {}
+
+
 def gather(t: torch.Tensor, entries: Sequence, nodes, captures, full: tuple, view) -> torch.Tensor:
     """t indexed by `entries` (an axis number for an index variable, a node index for a computed
-    value, or a Python int), as a tensor broadcastable to `full` = [B, H, Sq, Skv]."""
+    value, or a Python int), as a tensor broadcastable to `full` = [B, H, Sq, Skv]; the previous
+    result again when nothing it was made from changed."""
+    read = [t] + [u for u, _ in captures]
+    # Inference tensors have no version to compare; a result with an autograd history belongs to
+    # one call's graph; in a CUDA graph capture the gather must be in the graph, so that replays
+    # follow in-place updates.
+    reusable = not any(u.is_inference() or u.requires_grad for u in read) and not (
+        t.is_cuda and torch.cuda.is_current_stream_capturing())
+    key = (id(t), tuple(entries), tuple(n.key() for n in nodes), tuple(axes for _, axes in captures), tuple(full))
+    if reusable:
+        seen = _reused.get(key)
+        if seen is not None and all(ref() is u and version == u._version
+                                    for ref, version, u in zip(seen[0], seen[1], read)):
+            return seen[2]
+    result = _materialise(t, entries, nodes, captures, full, view)
+    if reusable:
+        refs = [weakref.ref(t, lambda _: _reused.pop(key, None))] + [weakref.ref(u) for u in read[1:]]
+        _reused[key] = (refs, [u._version for u in read], result)
+    return result
+
+
+def _materialise(t: torch.Tensor, entries: Sequence, nodes, captures, full: tuple, view) -> torch.Tensor:
+    """The gather itself: index values on broadcast grids, then one advanced-indexing read of t."""
     graph = ReferenceGraph(full, t.device, torch.float64)
     slots = {SCORE: RefTensor(torch.zeros((1, 1, 1, 1), dtype=torch.float64, device=t.device), graph)}
     for i, (u, axes) in enumerate(captures):
@@ -74,5 +104,5 @@ def _warn_if_large(result: torch.Tensor) -> None:
     if size > LARGE_BYTES and not _warned_large:
         _warned_large = True
         warnings.warn(f"cudnn_flex: a gather by a computed index in the score_mod is materialised as a "
-                      f"{list(result.shape)} tensor ({size >> 20} MiB) on every call; index the "
+                      f"{list(result.shape)} tensor ({size >> 20} MiB) whenever its tensors change; index the "
                       "captured tensor by the index variables themselves where you can", stacklevel=4)

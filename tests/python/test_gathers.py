@@ -89,6 +89,38 @@ def test_new_gathered_values_reuse_the_program():
     assert not torch.equal(views[0], views2[0])
 
 
+# The tensor of each case whose in-place change must show in the next call's gathered values.
+READ = {"document_with_offsets": OFFSETS, "sandwich": REL, "graphormer": DIST}
+
+
+@pytest.mark.parametrize("name", READ)
+def test_a_gather_is_materialised_again_only_when_its_tensors_change(name, monkeypatch):
+    from cudnn_flex import gather
+    from cudnn_flex.record_call import record_call
+    made = []
+    real = gather._materialise
+    monkeypatch.setattr(gather, "_materialise", lambda *args: made.append(1) or real(*args))
+    score_mod, mask_mod, _ = CASES[name]
+    q = torch.empty(B, H, SQ, D)
+    call = lambda: record_call(score_mod, None, mask_mod, None, None, q, SKV)[1]  # noqa: E731
+    changed = READ[name]
+    changed.add_(0)  # a new version: what earlier tests gathered from it is not reused here
+    first = call()
+    n = len(made)
+    assert n >= 1
+    again = call()
+    assert len(made) == n, "the same tensors at the same versions were gathered again (a copy per call)"
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    before = changed.clone()
+    try:
+        changed.copy_(changed.flip(-1) if name != "document_with_offsets" else torch.tensor([0, 2, 7, 13]))
+        updated = call()
+    finally:
+        changed.copy_(before)
+    assert len(made) > n
+    assert any(not torch.equal(a, b) for a, b in zip(first, updated))
+
+
 def test_gather_by_a_score_dependent_index_is_refused():
     def by_score(score, b, h, q_idx, kv_idx):
         return score + REL[(score * 0).to(torch.int32) + q_idx]

@@ -86,3 +86,51 @@ def test_softcap_bprops_each_match_the_formula(variant):
     q = (q.detach() * 3).requires_grad_()  # scores of a few units, so that the cap bends them
     got, want = compare(q, k, v, lambda s, b, h, q_, kv: cap * torch.tanh(s / cap), **softcap_kwargs(variant, cap))
     check(got, want, label=variant)
+
+
+# Gathers by a computed index (gather.py), in the shapes of attention-gym's document mask with
+# offsets, Sandwich / learned relative positions and Graphormer, at S = 129 (no multiple of the
+# tile). Each mod is made twice from one factory: over CUDA tensors for cuDNN and over their CPU
+# copies for the float64 formula.
+GS = 129
+_g = torch.Generator().manual_seed(21)
+G_OFFSETS = torch.tensor([0, 1, 60, 129])  # documents of 1, 59 and 69 tokens
+G_DOC = torch.repeat_interleave(torch.arange(3), G_OFFSETS[1:] - G_OFFSETS[:-1])
+G_REL = torch.randn(2 * GS - 1, generator=_g)
+G_HEAD_SCALE = torch.tensor([0.5, 1.0, 2.0, -1.0])
+G_DIST = torch.randint(0, 5, (2, GS, GS), generator=_g)
+G_SPATIAL = torch.randn(4, 5, generator=_g)
+
+
+def document_with_offsets(doc, offsets):
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx - offsets[doc[q_idx]] >= kv_idx - offsets[doc[kv_idx]])
+    return mask
+
+
+def sandwich(rel, head_scale):
+    return lambda score, b, h, q_idx, kv_idx: score + rel[q_idx - kv_idx + (GS - 1)] * head_scale[h]
+
+
+def graphormer(spatial, dist):
+    return lambda score, b, h, q_idx, kv_idx: score + spatial[h, dist[b, q_idx, kv_idx]]
+
+
+GATHERS = {  # name -> (factory, its tensors, is a mask_mod)
+    "document_with_offsets": (document_with_offsets, (G_DOC, G_OFFSETS), True),
+    "sandwich": (sandwich, (G_REL, G_HEAD_SCALE), False),
+    "graphormer": (graphormer, (G_SPATIAL, G_DIST), False),
+}
+
+
+@pytest.mark.parametrize("name", GATHERS)
+def test_gather_by_a_computed_index_matches_its_formula(name):
+    factory, tensors, is_mask = GATHERS[name]
+    on_gpu, on_cpu = factory(*(t.cuda() for t in tensors)), factory(*tensors)
+    if is_mask:
+        kwargs = {"mask_mod": on_gpu}
+        formula = lambda s, *idx: s.masked_fill(~on_cpu(*idx), NEG_INF)  # noqa: E731
+    else:
+        kwargs, formula = {"score_mod": on_gpu}, on_cpu
+    for call in range(2):  # the second call reuses the gathered tensor
+        run_case(kwargs, formula, 2, 4, 2, GS, GS, seed=call, label=f"{name}, call {call}")

@@ -182,15 +182,16 @@ def remember_guarded(guarded: Hashable, program: Program) -> None:
     _remember(_by_guard, guarded, program)
 
 
-def guarded_key(fns: tuple, slots: tuple, shape) -> Optional[Hashable]:
+def guarded_key(fns: tuple, slots: tuple, shape, leaves: Optional[list] = None) -> Optional[Hashable]:
     """The cache key of a call whose mods can read nothing that changes behind their back
-    (program/guard.py), so that its program is known without recording; None otherwise."""
+    (program/guard.py), so that its program is known without recording; None otherwise. With
+    `leaves`, tensors in the mods' closures are allowed and collected there (guard.key)."""
     keys = []
     for fn in fns:
         if isinstance(fn, str) or fn is None:
             keys.append(fn)
             continue
-        k = guard.key(fn)
+        k = guard.key(fn, leaves=leaves)
         if k is None:
             return None
         keys.append(k)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 import types
+from typing import Optional
 
 import torch
 
 from . import _registry, torch_style
 from ._validation import check_tensor_dict
-from .program import captures, shadow
+from .program import captures, guard, shadow
 from .program.record import Recorder
 
 
@@ -69,22 +70,78 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     if torch.compiler.is_compiling():
         return _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape)
     bprop_slots = _registry.slot_signature(bprop_names, bprop_dtypes)
-    guarded = _registry.guarded_key(("torch-style",) + tuple(user_fns) + (score_mod_bprop,), ((), bprop_slots),
-                                    shape)
+    fns = ("torch-style",) + tuple(user_fns) + (score_mod_bprop,)
+    leaves = []  # the tensors the mods' closures hold, in the guard's order
+    guarded = _registry.guarded_key(fns, ((), bprop_slots), shape, leaves)
     known = _registry.by_guard(guarded)
-    if known is not None:
-        return known, []
+    recipe = _leaf_slots.get(guarded) if known is not None else None
+    if recipe is not None:  # each input slot reads the closure tensor at the same place
+        return known, _views([(leaves[i], axes) for i, axes in recipe], shape, q)
     recorder = Recorder(shape)
     fwd_out, found = torch_style.trace(torch_fn, recorder)
+    views = _views(found, shape, q)
+    program = _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bprop_dtypes)
+    if guarded is not None:
+        recipe = _slots_in_leaves(found, leaves)
+        if recipe is not None and (not leaves or _reads_no_tensor_value(fns, leaves, recipe, program, shape,
+                                                                         bprop_names, bprop_dtypes)):
+            _registry.remember_guarded(guarded, program)
+            if len(_leaf_slots) >= _MAX_LEAF_SLOTS:
+                _leaf_slots.pop(next(iter(_leaf_slots)))  # the oldest; a dropped one is traced again
+            _leaf_slots[guarded] = recipe
+    return program, views
+
+
+# guarded key -> ((leaf index, axes) per input slot) of torch-style programs known without tracing:
+# a later call with an equal key finds its captured tensors at the same places of its closures.
+_leaf_slots: dict = {}
+_MAX_LEAF_SLOTS = 4096
+
+
+def _views(found, shape, q) -> list:
     views = [torch_style.view_for(t, axes, shape, _capture_name(i)) for i, (t, axes) in enumerate(found)]
     for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
             raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({_capture_name(i)}) but q "
                              f"is on {q.device}; move the captured tensor to q's device")
-    program = _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bprop_dtypes)
-    if guarded is not None and not found:  # with captures, each call must find its tensors
-        _registry.remember_guarded(guarded, program)
-    return program, views
+    return views
+
+
+def _slots_in_leaves(found, leaves) -> Optional[tuple]:
+    """(leaf index, axes) of each input slot, or None when a slot's tensor is not exactly one of
+    the closure's tensors (made inside the mod, a gather's result, or held twice: a later call
+    could hold two different tensors there)."""
+    recipe = []
+    for t, axes in found:
+        at = [i for i, leaf in enumerate(leaves) if leaf is t]
+        if len(at) != 1:
+            return None
+        recipe.append((at[0], axes))
+    return tuple(recipe)
+
+
+def _reads_no_tensor_value(fns, leaves, recipe, program, shape, bprop_names, bprop_dtypes) -> bool:
+    """Whether the mods record the same program over meta tensors in place of their closure's
+    tensors (same dtype and shape, no values): then the program depends on the tensors' metadata
+    only, which the guard key holds. A mod that reads a value on the host (`float(t)`, `if
+    t.any()`) fails on meta tensors or records another program: it is traced on every call."""
+    twins = {}
+
+    def twin(t):
+        twins[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return twins[id(t)]
+
+    _, mask_mod, score_mod, bprop = (guard.with_tensors_replaced(f, twin) for f in fns)
+    recorder = Recorder(shape)
+    try:
+        fwd_out, found = torch_style.trace(
+            torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod, recorder)
+        again = _program_of_trace(recorder, fwd_out, found, bprop, bprop_names, bprop_dtypes)
+    except Exception:  # noqa: BLE001  (whatever a value read on a meta tensor raises)
+        return False
+    meta_leaves = [twins[id(t)] for t in leaves]
+    return ((again.mod_id, again.bprop_id) == (program.mod_id, program.bprop_id)
+            and _slots_in_leaves(found, meta_leaves) == recipe)
 
 
 def _capture_name(i: int) -> str:

@@ -15,6 +15,8 @@ import functools
 import types
 from typing import Any, Callable, Hashable, Optional
 
+import torch
+
 _PLAIN = (int, float, str, bool, type(None))
 # Library modules whose functions a mod calls (torch.tanh, math.sqrt): read as constants. A
 # user's own module (config.WINDOW) is not here, so a mod that reads one is recorded every call.
@@ -52,37 +54,65 @@ def _reads_no_global(code: types.CodeType, globals_: dict) -> bool:
     return True
 
 
-def _value_key(value: Any, depth: int) -> Optional[Hashable]:
+def _value_key(value: Any, depth: int, leaves: Optional[list]) -> Optional[Hashable]:
     if isinstance(value, _PLAIN):
         # -0.0 and 0.0 compare equal but compute differently: the type and the repr tell apart
         return (type(value), repr(value)) if isinstance(value, float) else (type(value), value)
+    if isinstance(value, torch.Tensor) and leaves is not None:
+        # Its metadata only: the caller proves the program reads no value of it (record_call).
+        leaves.append(value)
+        return (torch.Tensor, value.dtype, tuple(value.shape), str(value.device))
     if isinstance(value, types.FunctionType):
-        return key(value, depth + 1)
+        return key(value, depth + 1, leaves)
     if isinstance(value, (tuple, list)) and depth < 4:  # compose(*mods): read as they are now
-        parts = tuple(_value_key(v, depth + 1) for v in value)
+        parts = tuple(_value_key(v, depth + 1, leaves) for v in value)
         return None if None in parts else (type(value), parts)
     return None
 
 
-def key(fn: Callable, depth: int = 0) -> Optional[Hashable]:
-    """The guard of fn, or None when its program must be recorded on every call."""
+def _closure_values(fn: types.FunctionType) -> Optional[list]:
+    """fn's defaults, closure cell values and keyword defaults, in one fixed order (None when a
+    cell is not assigned yet)."""
+    try:
+        cells = [c.cell_contents for c in fn.__closure__ or ()]
+    except ValueError:
+        return None
+    return list(fn.__defaults__ or ()) + cells + [v for _, v in sorted((fn.__kwdefaults__ or {}).items())]
+
+
+def key(fn: Callable, depth: int = 0, leaves: Optional[list] = None) -> Optional[Hashable]:
+    """The guard of fn, or None when its program must be recorded on every call. With `leaves`
+    (a list), tensors held in fn's closure are allowed: each is appended to it, in the order
+    with_tensors_replaced() walks, and the key has its dtype, shape and device."""
     if depth > 4 or not isinstance(fn, types.FunctionType):
         return None
     if not _reads_no_global(fn.__code__, fn.__globals__):
         return None
-    parts = [fn.__code__]
-    try:
-        cells = [c.cell_contents for c in fn.__closure__ or ()]
-    except ValueError:  # a cell not assigned yet
+    values = _closure_values(fn)
+    if values is None:
         return None
-    for value in list(fn.__defaults__ or ()) + cells:
-        k = _value_key(value, depth)
+    parts = [fn.__code__, tuple(sorted(fn.__kwdefaults__ or {}))]
+    for value in values:
+        k = _value_key(value, depth, leaves)
         if k is None:
             return None
         parts.append(k)
-    for name, value in sorted((fn.__kwdefaults__ or {}).items()):
-        k = _value_key(value, depth)
-        if k is None:
-            return None
-        parts.append((name, k))
     return tuple(parts)
+
+
+def with_tensors_replaced(value: Any, replace: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """value (a guarded function, or what its closure holds) rebuilt with every tensor that key()
+    counted as a leaf replaced by replace(tensor): the same code over other tensors."""
+    if isinstance(value, torch.Tensor):
+        return replace(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(with_tensors_replaced(v, replace) for v in value)
+    if not isinstance(value, types.FunctionType):
+        return value
+    twin = lambda v: with_tensors_replaced(v, replace)  # noqa: E731
+    fn = types.FunctionType(value.__code__, value.__globals__, value.__name__,
+                            tuple(twin(v) for v in value.__defaults__) if value.__defaults__ else None,
+                            tuple(types.CellType(twin(c.cell_contents)) for c in value.__closure__)
+                            if value.__closure__ else None)
+    fn.__kwdefaults__ = {k: twin(v) for k, v in value.__kwdefaults__.items()} if value.__kwdefaults__ else None
+    return fn

@@ -1,0 +1,112 @@
+"""A cached torch-style call whose mods capture tensors: the program is known without tracing the
+mods again when their closures have the same structure and tensor metadata, and the tensors are
+read from the closures where the recording found them. Anything that could make that stale is
+traced on every call: a value read on the host, a tensor made inside the mod, one tensor held in
+two places. Each call is checked against the formula with the values the tensors hold then."""
+
+import pytest
+import torch
+
+import cudnn_flex
+import oracle
+from cudnn_flex import mods, torch_style
+
+B, H, S, D = 1, 3, 9, 8
+
+
+def qkv(seed=0, s=S):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, s, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """The number of torch-style traces so far."""
+    count = [0]
+    real = torch_style.trace
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch_style, "trace", counting)
+    return count
+
+
+def assert_matches(out, q, k, v, formula):
+    want, _ = oracle.attention(q, k, v, formula)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+
+
+def test_new_closures_over_new_tensors_are_not_traced_again(traces):
+    q, k, v = qkv()
+    for call, scale in enumerate((0.5, -1.0, 2.0)):
+        slopes = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64) * scale
+        doc = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2]) if call % 2 else torch.tensor([0] * 4 + [1] * 5)
+        out = cudnn_flex.flex_attention(q, k, v, mods.alibi(slopes), mask_mod=mods.document_mask(doc))
+        assert_matches(out, q, k, v, lambda s, b, h, qi, ki: torch.where(
+            doc[qi] == doc[ki], s + slopes[h] * (ki - qi), oracle.NEG_INF))
+        if call == 0:
+            first = traces[0]  # the recording, and its check over meta tensors
+    assert traces[0] == first
+
+
+def signed_by_sum(t):
+    def mod(score, b, h, q_idx, kv_idx):
+        sign = 1.0 if float(t.sum()) > 0 else -1.0  # a value read on the host
+        return score + sign * t[h]
+    return mod
+
+
+def scaled_by_value(t):
+    return lambda score, b, h, q_idx, kv_idx: score * float(t)  # t: one element, read as a number
+
+
+def doubled_inside(t):
+    return lambda score, b, h, q_idx, kv_idx: score + (t * 2)[h]  # a tensor made inside the mod
+
+
+def same_or_other(a, c):
+    return lambda score, b, h, q_idx, kv_idx: score + a[h] + 2 * c[h]
+
+
+CASES = {  # name -> (the mod over tensors, the tensors, an in-place change, the formula)
+    "value read on the host": (signed_by_sum, lambda: (torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64),),
+                               lambda t: t.neg_(),
+                               lambda t: lambda s, b, h, q, k: s + (1.0 if t.sum() > 0 else -1.0) * t[h]),
+    "value read as a number": (scaled_by_value, lambda: (torch.tensor([0.5], dtype=torch.float64),),
+                               lambda t: t.fill_(3.0), lambda t: lambda s, b, h, q, k: s * t.item()),
+    "tensor made inside": (doubled_inside, lambda: (torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64),),
+                           lambda t: t.mul_(-3.0), lambda t: lambda s, b, h, q, k: s + 2 * t[h]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_what_could_go_stale_is_traced_every_call(name, traces):
+    make, tensors, change, formula = CASES[name]
+    q, k, v = qkv(1)
+    held = tensors()
+    assert_matches(cudnn_flex.flex_attention(q, k, v, make(*held)), q, k, v, formula(*held))
+    before = traces[0]
+    change(*held)
+    assert_matches(cudnn_flex.flex_attention(q, k, v, make(*held)), q, k, v, formula(*held))
+    assert traces[0] > before
+
+
+def test_one_tensor_held_twice_then_two_tensors():
+    q, k, v = qkv(2)
+    t = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    out = cudnn_flex.flex_attention(q, k, v, same_or_other(t, t))
+    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + 3 * t[h])
+    a, c = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([-2.0, 0.5, 0.0], dtype=torch.float64)
+    out = cudnn_flex.flex_attention(q, k, v, same_or_other(a, c))
+    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + a[h] + 2 * c[h])
+
+
+def test_new_tensor_shape_or_dtype_records_again(traces):
+    q, k, v = qkv(3, s=11)  # a shape no other test here records
+    for slopes in (torch.ones(3, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                   torch.ones(3, dtype=torch.float32)):
+        before = traces[0]
+        out = cudnn_flex.flex_attention(q, k, v, mods.alibi(slopes))
+        assert traces[0] > before
+        assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + slopes[h].double() * (ki - qi))

@@ -36,6 +36,7 @@ def main():
     op = torch.ops.cudnn_flex.fwd.default
     cap = dsl_mods.softcap(20.0)
     softcap = mods.softcap(20.0)
+    slopes = mods.alibi_slopes(1, device="cuda")
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731
     backend = torch.nn.attention.SDPBackend
     rows = [
@@ -50,10 +51,12 @@ def main():
         ("flex_attention, inputs require grad", lambda: cudnn_flex.flex_attention(qg, qg, qg, dsl_mods.causal)),
         ("flex_attention, keyed Softcap + bprop (promise: no recording)",
          lambda: cudnn_flex.flex_attention(qg, qg, qg, cap.forward, cap.backward)),
-        ("flex_attention, torch-style softcap (recorded every call)",
+        ("flex_attention, torch-style softcap (found by the guard)",
          lambda: cudnn_flex.flex_attention(qg, qg, qg, softcap)),
-        ("flex_attention, mask_mod=mods.causal (recorded every call)",
+        ("flex_attention, mask_mod=mods.causal (found by the guard)",
          lambda: cudnn_flex.flex_attention(qg, qg, qg, mask_mod=mods.causal)),
+        ("flex_attention, torch-style ALiBi, new closure over slopes each call",
+         lambda: cudnn_flex.flex_attention(qg, qg, qg, mods.alibi(slopes))),
     ]
     print("\n== host time per cached call, B=1 H=1 S=64 D=64 bf16, causal score_mod ==")
     for name, fn, *context in rows:

@@ -84,6 +84,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # the head dim can stay symbolic here.
     check_scale(scale)
     for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
+        if isinstance(fn, type):
+            raise TypeError(f"cudnn_flex: {role} is the class {fn.__name__}; pass an instance of it, "
+                            f"{fn.__name__}(...) (dsl_mods.relative_bias(), softcap(cap) and sliding_window(w) "
+                            "make one each)")
         if fn is not None and not callable(fn):
             raise TypeError(f"cudnn_flex: {role} must be a callable (graph, tensor, tensors) -> tensor, "
                             f"got {type(fn).__name__} (score_mod_tensors is the 6th positional argument; "

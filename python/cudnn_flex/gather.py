@@ -13,6 +13,7 @@ table, [B, H, Sq, Skv] for a per-graph bias (a warning says so once when that is
 
 from __future__ import annotations
 
+import collections
 import types
 import warnings
 import weakref
@@ -45,10 +46,15 @@ def reads_score(nodes, index: int) -> bool:
     return False
 
 
-# id(gathered tensor), the index program, its entries and the scores' shape -> (the tensors read,
-# their versions, the result): a call whose tensors are the same objects at the same versions gets
-# the tensor gathered before, not a new copy. One entry per table and program; it goes with the table.
+# id(gathered tensor) -> {what was gathered (the index program, its entries and the scores'
+# shape, on which stream) -> (the tensors read, their versions, the result)}. A call that gathers
+# the same from the same tensor objects at the same versions gets the tensor gathered before, not
+# a new copy. The last _PER_TABLE results per table (a mask may gather twice from one table:
+# offsets[doc[q_idx]] and offsets[doc[kv_idx]]), kept while the table lives. A write the version
+# counter does not see (through .data, numpy or DLPack) is not seen here either, as with every
+# in-place check of torch (autograd's included).
 _reused: dict = {}
+_PER_TABLE = 4
 
 
 def gather(t: torch.Tensor, entries: Sequence, nodes, captures, full: tuple, view) -> torch.Tensor:
@@ -56,21 +62,31 @@ def gather(t: torch.Tensor, entries: Sequence, nodes, captures, full: tuple, vie
     value, or a Python int), as a tensor broadcastable to `full` = [B, H, Sq, Skv]; the previous
     result again when nothing it was made from changed."""
     read = [t] + [u for u, _ in captures]
-    # Inference tensors have no version to compare; a result with an autograd history belongs to
-    # one call's graph; in a CUDA graph capture the gather must be in the graph, so that replays
-    # follow in-place updates.
-    reusable = not any(u.is_inference() or u.requires_grad for u in read) and not (
-        t.is_cuda and torch.cuda.is_current_stream_capturing())
-    key = (id(t), tuple(entries), tuple(n.key() for n in nodes), tuple(axes for _, axes in captures), tuple(full))
-    if reusable:
-        seen = _reused.get(key)
-        if seen is not None and all(ref() is u and version == u._version
-                                    for ref, version, u in zip(seen[0], seen[1], read)):
-            return seen[2]
+    # Inference tensors have no version to compare, and a result made in inference mode cannot be
+    # saved for a later backward; a result with an autograd history belongs to one call's graph;
+    # in a CUDA graph capture the gather must be in the graph, so that replays follow in-place
+    # updates.
+    reusable = not (torch.is_inference_mode_enabled() or any(u.is_inference() or u.requires_grad for u in read)
+                    or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+    if not reusable:
+        return _materialise(t, entries, nodes, captures, full, view)
+    # The stream too: a result is read without waiting only on the stream that wrote it.
+    stream = torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else None
+    what = (tuple(entries), tuple(n.key() for n in nodes), tuple(axes for _, axes in captures), tuple(full), stream)
+    tid = id(t)
+    owner, results = _reused.get(tid, (None, None))
+    if owner is None or owner() is not t:
+        owner, results = weakref.ref(t, lambda _: _reused.pop(tid, None)), collections.OrderedDict()
+        _reused[tid] = (owner, results)
+    seen = results.get(what)
+    if seen is not None and all(ref() is u and version == u._version for ref, version, u in zip(seen[0], seen[1], read)):
+        results.move_to_end(what)
+        return seen[2]
     result = _materialise(t, entries, nodes, captures, full, view)
-    if reusable:
-        refs = [weakref.ref(t, lambda _: _reused.pop(key, None))] + [weakref.ref(u) for u in read[1:]]
-        _reused[key] = (refs, [u._version for u in read], result)
+    results[what] = ([weakref.ref(u) for u in read], [u._version for u in read], result)
+    results.move_to_end(what)
+    if len(results) > _PER_TABLE:
+        results.popitem(last=False)
     return result
 
 

@@ -128,16 +128,17 @@ def _reads_no_tensor_value(fns, leaves, recipe, program, shape, bprop_names, bpr
     twins = {}
 
     def twin(t):
-        twins[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        twins[id(t)] = meta.requires_grad_() if t.requires_grad else meta
         return twins[id(t)]
 
-    _, mask_mod, score_mod, bprop = (guard.with_tensors_replaced(f, twin) for f in fns)
     recorder = Recorder(shape)
     try:
+        _, mask_mod, score_mod, bprop = (guard.with_tensors_replaced(f, twin) for f in fns)
         fwd_out, found = torch_style.trace(
             torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod, recorder)
         again = _program_of_trace(recorder, fwd_out, found, bprop, bprop_names, bprop_dtypes)
-    except Exception:  # noqa: BLE001  (whatever a value read on a meta tensor raises)
+    except Exception:  # noqa: BLE001  (whatever a value read on a meta tensor, or the rebuild, raises)
         return False
     meta_leaves = [twins[id(t)] for t in leaves]
     return ((again.mod_id, again.bprop_id) == (program.mod_id, program.bprop_id)

@@ -64,9 +64,10 @@ def _checked_cu_seqlens(cu_seqlens, name: str, tokens: torch.Tensor, tokens_name
 
     def read() -> _Sequences:
         if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise ValueError(f"cudnn_flex: {name} is new or changed since it was last checked, and its values "
-                             "cannot be read on the host during CUDA graph capture; call flex_attention_varlen "
-                             "once with it before capturing (the warm-up call), then capture")
+            raise ValueError(f"cudnn_flex: {name} was not checked with {max_name}={given!r} since its last change, "
+                             "and its values cannot be read on the host during CUDA graph capture; call "
+                             "flex_attention_varlen once with the same cu_seqlens and max_seqlen before capturing "
+                             "(the warm-up call), then capture")
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0:
             raise ValueError(f"cudnn_flex: {name} must start at 0, got {bounds[0]}")
@@ -157,10 +158,12 @@ def _stand_in(device: torch.device, dtype: torch.dtype, shape: tuple) -> torch.T
     return torch.empty((1, 1, 1, 1), device=device, dtype=dtype).expand(shape)
 
 
-def _queries_shaped(q: torch.Tensor, n: int, longest_q: int) -> torch.Tensor:
+def _queries_shaped(q: torch.Tensor, n: int, longest_q: int, capturing: bool) -> torch.Tensor:
     """A stand-in for the queries as a padded batch [n, H, longest_q, D] (record_call reads the
-    shape, device and dtype): one element, made once per shape (an allocation a call otherwise)."""
-    return _stand_in(q.device, q.dtype, (n, q.shape[1], longest_q, q.shape[2]))
+    shape, device and dtype): one element, made once per shape (an allocation a call otherwise);
+    not kept when made during a CUDA graph capture (it would come from the graph's memory pool)."""
+    shape = (n, q.shape[1], longest_q, q.shape[2])
+    return _stand_in.__wrapped__(q.device, q.dtype, shape) if capturing else _stand_in(q.device, q.dtype, shape)
 
 
 def _readable_in_place(x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +227,9 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
     check_scale(scale)
     n = seq_q.n
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and not use_cudnn(q, "auto"):
+        raise ValueError(f"cudnn_flex: flex_attention_varlen under CUDA graph capture takes float16/bfloat16 "
+                         f"tensors (cuDNN); {q.dtype} runs the reference path, which reads lengths on the host")
     if capturing:
         seq_q, seq_kv = _replayable(seq_q, cu_seqlens_q, max_seqlen_q, "q"), _replayable(seq_kv, cu_seqlens_kv,
                                                                                          max_seqlen_kv, "kv")
@@ -239,7 +245,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
         program, mod_tensors, bprop_tensors = record_call(
             score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
-            _queries_shaped(q, n, longest_q), longest_kv)
+            _queries_shaped(q, n, longest_q, capturing), longest_kv)
         as_rows = lambda t: _readable_in_place(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
         qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
         check_dense_last_dim(qv, kv, vv)

@@ -143,6 +143,8 @@ BIAS = torch.zeros(8, 8)
     (_q_k_v(s_k=8, s_v=7), {}, ValueError, r"k and v must have the same sequence length .*v \(1, 2, 7, 16\)"),
     (_q_k_v(d=0, d_k=0), {}, ValueError, r"q and k have head dim 0"),
     (qkv() + [3], {}, TypeError, r"score_mod must be a callable .*got int"),
+    # the factory of a ready DSL mod passed where an instance belongs (its old function form)
+    (qkv() + [dsl_mods.relative_bias], {}, TypeError, r"score_mod is the class RelativeBias; pass an instance"),
     (qkv(), dict(score_mod_tensors={"bias": BIAS}), ValueError, r"score_mod_tensors were given without score_mod"),
     (qkv() + [dsl_mods.add_bias, None, [BIAS]], {}, TypeError, r"score_mod_tensors must be a dict .*got list"),
     (qkv() + [dsl_mods.add_bias, None, {1: BIAS}], {}, TypeError, r"the keys of score_mod_tensors must be str, got int"),

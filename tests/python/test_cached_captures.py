@@ -2,7 +2,10 @@
 mods again when their closures have the same structure and tensor metadata, and the tensors are
 read from the closures where the recording found them. Anything that could make that stale is
 traced on every call: a value read on the host, a tensor made inside the mod, one tensor held in
-two places. Each call is checked against the formula with the values the tensors hold then."""
+two places. Each call is checked against the formula with the values the tensors hold then (the
+per-head terms are multiplied by kv_idx: a term constant along a row would not change softmax)."""
+
+import collections
 
 import pytest
 import torch
@@ -53,7 +56,7 @@ def test_new_closures_over_new_tensors_are_not_traced_again(traces):
 def signed_by_sum(t):
     def mod(score, b, h, q_idx, kv_idx):
         sign = 1.0 if float(t.sum()) > 0 else -1.0  # a value read on the host
-        return score + sign * t[h]
+        return score + sign * t[h] * kv_idx
     return mod
 
 
@@ -62,21 +65,21 @@ def scaled_by_value(t):
 
 
 def doubled_inside(t):
-    return lambda score, b, h, q_idx, kv_idx: score + (t * 2)[h]  # a tensor made inside the mod
+    return lambda score, b, h, q_idx, kv_idx: score + (t * 2)[h] * kv_idx  # a tensor made inside the mod
 
 
 def same_or_other(a, c):
-    return lambda score, b, h, q_idx, kv_idx: score + a[h] + 2 * c[h]
+    return lambda score, b, h, q_idx, kv_idx: score + (a[h] + 2 * c[h]) * kv_idx
 
 
 CASES = {  # name -> (the mod over tensors, the tensors, an in-place change, the formula)
     "value read on the host": (signed_by_sum, lambda: (torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64),),
                                lambda t: t.neg_(),
-                               lambda t: lambda s, b, h, q, k: s + (1.0 if t.sum() > 0 else -1.0) * t[h]),
+                               lambda t: lambda s, b, h, q, k: s + (1.0 if t.sum() > 0 else -1.0) * t[h] * k),
     "value read as a number": (scaled_by_value, lambda: (torch.tensor([0.5], dtype=torch.float64),),
                                lambda t: t.fill_(3.0), lambda t: lambda s, b, h, q, k: s * t.item()),
     "tensor made inside": (doubled_inside, lambda: (torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64),),
-                           lambda t: t.mul_(-3.0), lambda t: lambda s, b, h, q, k: s + 2 * t[h]),
+                           lambda t: t.mul_(-3.0), lambda t: lambda s, b, h, q, k: s + 2 * t[h] * k),
 }
 
 
@@ -96,10 +99,10 @@ def test_one_tensor_held_twice_then_two_tensors():
     q, k, v = qkv(2)
     t = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     out = cudnn_flex.flex_attention(q, k, v, same_or_other(t, t))
-    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + 3 * t[h])
+    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + 3 * t[h] * ki)
     a, c = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([-2.0, 0.5, 0.0], dtype=torch.float64)
     out = cudnn_flex.flex_attention(q, k, v, same_or_other(a, c))
-    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + a[h] + 2 * c[h])
+    assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + (a[h] + 2 * c[h]) * ki)
 
 
 def test_new_tensor_shape_or_dtype_records_again(traces):
@@ -110,3 +113,24 @@ def test_new_tensor_shape_or_dtype_records_again(traces):
         out = cudnn_flex.flex_attention(q, k, v, mods.alibi(slopes))
         assert traces[0] > before
         assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + slopes[h].double() * (ki - qi))
+
+
+def test_a_namedtuple_in_the_closure_is_traced_every_call():
+    Params = collections.namedtuple("Params", "bias scale")
+    q, k, v = qkv(4)
+    for scale in (0.5, 2.0):
+        p = Params(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), scale)
+        out = cudnn_flex.flex_attention(q, k, v, lambda s, b, h, qi, ki: s * p.scale + p.bias[h] * ki)
+        assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s * p.scale + p.bias[h] * ki)
+
+
+def branches_on_layout(t):
+    return lambda score, b, h, q_idx, kv_idx: score + (t[h] if t.is_contiguous() else -t[h]) * kv_idx
+
+
+def test_a_tensor_of_other_strides_records_again():
+    q, k, v = qkv(5, s=7)
+    dense = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    for t in (dense[:, 0].contiguous(), dense[:, 0]):  # same shape and dtype, stride 1 then 2
+        out = cudnn_flex.flex_attention(q, k, v, branches_on_layout(t))
+        assert_matches(out, q, k, v, lambda s, b, h, qi, ki: s + (t[h] if t.is_contiguous() else -t[h]) * ki)

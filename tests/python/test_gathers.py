@@ -144,3 +144,17 @@ def test_a_slice_is_refused_by_name():
 
     with pytest.raises(cudnn_flex.UnsupportedConstruct, match="slice"):
         cudnn_flex.flex_attention(q, k, v, slice_inside, backend="reference")
+
+
+def scaled_by_relative_table(score, b, h, q_idx, kv_idx):
+    return score * REL[q_idx - kv_idx + (SKV - 1)]  # the backward saves the gathered tensor itself
+
+
+def test_a_gather_made_in_inference_mode_is_not_reused_under_autograd():
+    q, k, v = (t.detach().float().requires_grad_() for t in qkv())  # float32: the table's dtype, no copy
+    with torch.inference_mode():
+        cudnn_flex.flex_attention(q.detach(), k.detach(), v.detach(), scaled_by_relative_table, backend="reference")
+    out = cudnn_flex.flex_attention(q, k, v, scaled_by_relative_table, backend="reference")
+    out.sum().backward()  # an inference tensor saved for backward would raise here
+    want, _ = oracle.attention(q.detach(), k.detach(), v.detach(), scaled_by_relative_table)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)

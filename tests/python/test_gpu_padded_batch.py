@@ -242,10 +242,20 @@ def test_a_captured_varlen_call_follows_new_cu_seqlens_on_replay(masked):
         torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-3, msg=lambda m: f"split {split}: {m}")
 
 
-def test_capturing_varlen_without_max_seqlen_is_refused_by_name():
-    q = torch.randn(40, H, D, device="cuda", dtype=torch.bfloat16)
+CAPTURE_REFUSALS = {  # name -> (dtype, warm-up max_seqlen, captured max_seqlen, message)
+    "no max_seqlen": (torch.bfloat16, None, None, "under CUDA graph capture, pass max_seqlen_q"),
+    "not warmed up with that max_seqlen": (torch.bfloat16, None, 40,
+                                           r"cu_seqlens_q was not checked with max_seqlen_q=40 since its last change"),
+    "float32 (the reference path)": (torch.float32, 40, 40, "under CUDA graph capture takes float16/bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", CAPTURE_REFUSALS)
+def test_what_varlen_cannot_capture_is_refused_by_name(case):
+    dtype, warm, captured, message = CAPTURE_REFUSALS[case]
+    q = torch.randn(40, H, D, device="cuda", dtype=dtype)
     cu = torch.tensor([0, 15, 40], dtype=torch.int32, device="cuda")
-    cudnn_flex.flex_attention_varlen(q, q, q, cu, cu)  # warm-up
-    with pytest.raises(ValueError, match="under CUDA graph capture, pass max_seqlen_q"):
+    cudnn_flex.flex_attention_varlen(q, q, q, cu, cu, max_seqlen_q=warm, max_seqlen_kv=warm)  # warm-up
+    with pytest.raises(ValueError, match=message):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            cudnn_flex.flex_attention_varlen(q, q, q, cu, cu)
+            cudnn_flex.flex_attention_varlen(q, q, q, cu, cu, max_seqlen_q=captured, max_seqlen_kv=captured)

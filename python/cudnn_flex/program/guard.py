@@ -60,11 +60,16 @@ def _value_key(value: Any, depth: int, leaves: Optional[list]) -> Optional[Hasha
         return (type(value), repr(value)) if isinstance(value, float) else (type(value), value)
     if isinstance(value, torch.Tensor) and leaves is not None:
         # Its metadata only: the caller proves the program reads no value of it (record_call).
+        if value.layout != torch.strided:
+            return None
         leaves.append(value)
-        return (torch.Tensor, value.dtype, tuple(value.shape), str(value.device))
+        return (torch.Tensor, value.dtype, tuple(value.shape), value.stride(), str(value.device),
+                value.requires_grad)
     if isinstance(value, types.FunctionType):
         return key(value, depth + 1, leaves)
-    if isinstance(value, (tuple, list)) and depth < 4:  # compose(*mods): read as they are now
+    # compose(*mods): read as they are now. Plain tuples and lists only: a namedtuple or another
+    # subclass may hold state or behaviour of its own.
+    if type(value) in (tuple, list) and depth < 4:
         parts = tuple(_value_key(v, depth + 1, leaves) for v in value)
         return None if None in parts else (type(value), parts)
     return None
@@ -105,7 +110,7 @@ def with_tensors_replaced(value: Any, replace: Callable[[torch.Tensor], torch.Te
     counted as a leaf replaced by replace(tensor): the same code over other tensors."""
     if isinstance(value, torch.Tensor):
         return replace(value)
-    if isinstance(value, (tuple, list)):
+    if type(value) in (tuple, list):
         return type(value)(with_tensors_replaced(v, replace) for v in value)
     if not isinstance(value, types.FunctionType):
         return value

@@ -174,13 +174,15 @@ def measure_host(args, log=print) -> dict:
         if path not in args.path_list:
             continue
         try:
-            run = kinds[label] if case is None else make_runner(case, path, inputs, args)
-            context = contextlib.nullcontext  # a new one per loop: sdpa_kernel's can be entered once
+            # A new context per loop (sdpa_kernel's can be entered once).
             if path == "sdpa_cudnn":
                 # The backend is chosen once, around the loops: torch's sdpa_kernel context manager
                 # is no part of an SDPA call's host time (held per call, it flattered every ratio
                 # against SDPA).
                 run, context = sdpa.call(case, inputs), lambda: sdpa.backend(flash=False)
+            else:
+                run = kinds[label] if case is None else make_runner(case, path, inputs, args)
+                context = contextlib.nullcontext
             with context(), torch.no_grad():   # around the loop, so that its cost is not counted per call
                 fwd_us = host_us(lambda: run(q, k, v), args.host_calls)
             with context():

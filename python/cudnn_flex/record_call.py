@@ -135,14 +135,18 @@ def _reads_no_tensor_value(fns, leaves, recipe, program, shape, bprop_names, bpr
     recorder = Recorder(shape)
     try:
         _, mask_mod, score_mod, bprop = (guard.with_tensors_replaced(f, twin) for f in fns)
-        fwd_out, found = torch_style.trace(
-            torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod, recorder)
+        fwd_out, found = torch_style.trace(_as_one_score_mod(mask_mod, score_mod), recorder)
         again = _program_of_trace(recorder, fwd_out, found, bprop, bprop_names, bprop_dtypes)
     except Exception:  # noqa: BLE001  (whatever a value read on a meta tensor, or the rebuild, raises)
         return False
     meta_leaves = [twins[id(t)] for t in leaves]
     return ((again.mod_id, again.bprop_id) == (program.mod_id, program.bprop_id)
             and _slots_in_leaves(found, meta_leaves) == recipe)
+
+
+def _as_one_score_mod(mask_mod, score_mod):
+    """The torch-style score_mod that a mask_mod (if any) and a score_mod (if any) make together."""
+    return torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod
 
 
 def _capture_name(i: int) -> str:
@@ -210,8 +214,7 @@ def _record_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtyp
     """_recorded_for_compile's work. The scores' shape is no part of a program (and may be
     symbolic here): the recording gets none."""
     user_fns = tuple(captures.rebuild(f, _registry.from_constant_form) for f in forms)
-    mask_mod, score_mod = user_fns
-    torch_fn = torch_style.mask_to_score_mod(mask_mod, score_mod) if mask_mod is not None else score_mod
+    torch_fn = _as_one_score_mod(*user_fns)
     recorder = Recorder()
     fwd_out, found = torch_style.trace(torch_fn, recorder, gathers=False)
     recipe = []

@@ -88,7 +88,8 @@ def _closure_values(fn: types.FunctionType) -> Optional[list]:
 def key(fn: Callable, depth: int = 0, leaves: Optional[list] = None) -> Optional[Hashable]:
     """The guard of fn, or None when its program must be recorded on every call. With `leaves`
     (a list), tensors held in fn's closure are allowed: each is appended to it, in the order
-    with_tensors_replaced() walks, and the key has its dtype, shape and device."""
+    with_tensors_replaced() walks, and the key has its dtype, shape, strides, device and
+    requires_grad."""
     if depth > 4 or not isinstance(fn, types.FunctionType):
         return None
     if not _reads_no_global(fn.__code__, fn.__globals__):

@@ -39,7 +39,14 @@ TensorPtr call_python(int64_t callable_id, Role role, const GraphPtr& graph, con
 // measured on the H100, scripts/gpu_backward_probe.py), unless the backward's score_mod masks the
 // padding itself, as the frontend's own padding mask does. So a backward graph with a bprop gets
 // its score_mod's result with -inf outside the [s_q, s_kv] scores, and its bprop's result with 0
-// there (garbage dP times P = 0 would be NaN otherwise).
+// there (garbage dP times P = 0 would be NaN otherwise). A score_mod whose values grow with q_idx
+// needs it too, bprop or not: the padding rows of the last query tile (q_idx >= Sq) are scored
+// like the others, and cuDNN's backward takes exp of them; `score + 0.5 * (q_idx - kv_idx)` at
+// Sq = 129, Skv = 64 reached exp(127) = inf there, and inf * 0 made dK and dV NaN (right at 127
+// x 127, where the padding's largest value is 63; measured on the H100, test_gpu_correctness).
+// Masked whenever Sq or Skv is not a multiple of kWholeTile (no padding then: the mask would
+// cost pointwise ops for nothing).
+constexpr int64_t kWholeTile = 128;
 TensorPtr minus_inf_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
 TensorPtr zero_outside_the_scores(const GraphPtr& g, TensorPtr value, int64_t s_q, int64_t s_kv);
 

@@ -146,8 +146,10 @@ std::shared_ptr<const BuiltGraph> build_graph(const SdpaProblem& p, cudnnHandle_
       result = bridge::call_python(p.mod_id, bridge::Role::ScoreMod, g, score, mod_inputs);
     }
     result = bridge::apply_pending_padding(g, result);  // unless a band took it
-    // With a bprop, cuDNN needs the tile padding masked here (see minus_inf_outside_the_scores).
-    if (p.pass == Pass::Backward && p.bprop_id) {
+    // With a bprop, or with a partial tile, cuDNN needs the tile padding masked here (see
+    // minus_inf_outside_the_scores).
+    const bool partial_tile = p.q.dims[2] % bridge::kWholeTile != 0 || p.k.dims[2] % bridge::kWholeTile != 0;
+    if (p.pass == Pass::Backward && p.mod_id && (p.bprop_id || partial_tile)) {
       result = bridge::minus_inf_outside_the_scores(g, result, p.q.dims[2], p.k.dims[2]);
     }
     return result;

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import mods
+from cudnn_flex import dsl_mods, mods
 
 pytestmark = pytest.mark.gpu
 
@@ -181,6 +181,23 @@ def test_backward_forms_cudnn_got_wrong_are_right(name):
 def test_fmod_gradients_on_whole_and_partial_tiles(s_q, s_kv):
     check(lambda g, s, t: g.mod(s, 1.5), scores_fn=lambda s, b, h, q, kv: torch.fmod(s, 1.5), seed=6,
           s_q=s_q, s_kv=s_kv)
+
+
+def _kv_minus_q(s, b, h, q, kv):
+    return s + 0.5 * (kv - q)
+
+
+# A score_mod that grows past the last row or column scores the padding of the last tile highest:
+# `s + 0.5 * (q_idx - kv_idx)` at Sq = 129, Skv = 64 reached exp(127) = inf in the backward's
+# padding rows and made dK and dV NaN (H100), with its pass-through bprop as with any other.
+@pytest.mark.parametrize("mod,scores_fn,s_q,s_kv", [
+    (mods.relative_bias(0.5), lambda s, b, h, q, kv: s + 0.5 * (q - kv), 129, 64),
+    (dsl_mods.relative_bias(0.5), lambda s, b, h, q, kv: s + 0.5 * (q - kv), 129, 64),
+    (mods.relative_bias(0.5), lambda s, b, h, q, kv: s + 0.5 * (q - kv), 257, 3),
+    (_kv_minus_q, _kv_minus_q, 64, 200),
+], ids=["torch_style_129x64", "dsl_129x64", "torch_style_257x3", "kv_side_64x200"])
+def test_scores_growing_past_the_last_row_or_column(mod, scores_fn, s_q, s_kv):
+    check(mod, scores_fn=scores_fn, s_q=s_q, s_kv=s_kv)
 
 
 # The same in float16, with `s * 3` (a bprop of one mul): on the H100 `s * 3.0` in float16 at

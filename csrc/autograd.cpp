@@ -3,8 +3,10 @@
 // Registered on the Autograd key, so eager mode, AOTAutograd (torch.compile) and opcheck see the
 // same backward: torch.ops.cudnn_flex.bwd.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -164,6 +166,26 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::T
 }
 
 }  // namespace
+
+void bind_eager_fwd(pybind11::module& m) {
+  // torch.ops.cudnn_flex.fwd boxes its 13 arguments into a stack of IValues and back on every
+  // call; this binding calls the same op through the dispatcher, unboxed (autograd, then the CUDA
+  // kernel, or whatever a TorchDispatchMode puts in between). Eager calls only: torch.compile
+  // traces torch.ops.cudnn_flex.fwd. Errors reach Python as the op's would (ValueError for
+  // TORCH_CHECK_VALUE, a score_mod's own exception unchanged).
+  m.def(
+      "fwd",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::vector<at::Tensor> mod_tensors,
+         std::vector<at::Tensor> bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
+         std::optional<double> scale, bool deterministic, std::vector<at::Tensor> seq_lens,
+         std::vector<at::Tensor> cu_seqlens, std::vector<int64_t> max_seqlens) {
+        HANDLE_TH_ERRORS
+        return call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
+                        seq_lens, cu_seqlens, max_seqlens);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "torch.ops.cudnn_flex.fwd without boxing its arguments (eager calls).");
+}
 
 TORCH_LIBRARY_IMPL(cudnn_flex, Autograd, m) {
   m.impl("fwd", fwd_autograd);

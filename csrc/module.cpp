@@ -14,6 +14,7 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cudnn_flex native extension";
   cudnn_flex::bridge::bind(m);
+  cudnn_flex::bind_eager_fwd(m);
 
   m.def("cache_stats", [] {
     auto s = cudnn_flex::graph_cache_stats();

@@ -7,7 +7,7 @@ forward and backward, run as the custom op torch.ops.cudnn_flex.fwd / bwd.
 import torch  # noqa: F401  (loads libtorch and cuDNN before the extension)
 
 from . import _C
-from . import _plan_salt, _registry
+from . import _plan_salt, _registry, fast_path
 from ._C import Graph, Tensor, data_type
 from .api import FlexAttention, ReferencePathWarning, flex_attention, validate_graphs
 from .bprop_check import BpropMismatchError, check_score_mod_bprop
@@ -27,6 +27,7 @@ def clear_cache() -> None:
     """Drops every cached graph and every recorded program, and zeroes the cache counters."""
     _C.clear_cache()
     _registry.clear()
+    fast_path.clear()
 
 
 set_cache_capacity = _C.set_cache_capacity

@@ -1,4 +1,5 @@
-"""Fake kernels for torch.ops.cudnn_flex.{fwd,bwd}: shapes and strides without running anything.
+"""The forward op as the Python entry points call it (fwd), and the fake kernels of
+torch.ops.cudnn_flex.{fwd,bwd}: shapes and strides without running anything.
 
 The CUDA kernels and the autograd of fwd (csrc/autograd.cpp) are C++."""
 
@@ -6,7 +7,29 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading the extension registers the ops)
+from . import _C  # loading the extension registers the ops
+
+
+def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,
+        deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False):
+    """(out, lse) of torch.ops.cudnn_flex.fwd. Eager calls go through _C.fwd, the same op without
+    boxing its arguments, unless a TorchFunctionMode is on (only torch.ops calls it). `program`
+    (None under torch.compile) is kept alive by the autograd node for its backward."""
+    # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
+    # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
+    # is right): one query row runs as two, the second zero and dropped (decoding; a tiny copy).
+    one_row = mod_id != 0 and q.shape[2] == 1 and not cu_seqlens
+    if one_row:
+        q = torch.cat([q, torch.zeros_like(q)], dim=2)
+    op = torch.ops.cudnn_flex.fwd if compiling or torch._C._is_torch_function_mode_enabled() else _C.fwd
+    out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
+                  cu_seqlens, max_seqlens)
+    if program is not None and out.requires_grad:
+        # The backward graph may be built long after: its program lives as long as the node.
+        out.grad_fn.metadata["cudnn_flex_program"] = program
+    if one_row:
+        out, lse = out[:, :, :1], lse[:, :, :1]
+    return out, lse
 
 
 def strides_like(like: torch.Tensor, sizes) -> list[int]:

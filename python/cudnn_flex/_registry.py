@@ -73,6 +73,20 @@ def clear() -> None:
 # Explicit keys
 
 
+_PLAIN_KEY_TYPES = frozenset((int, float, str, bool, type(None)))
+
+
+def _plain_key(key: Any) -> bool:
+    """A number or string, or a flat tuple of them: hashable and free of tensors. Most keys are;
+    this is asked on every call."""
+    if type(key) is tuple:
+        for item in key:
+            if type(item) not in _PLAIN_KEY_TYPES:
+                return False
+        return True
+    return type(key) in _PLAIN_KEY_TYPES
+
+
 def _reject_tensors(value: Any, owner: str) -> None:
     if isinstance(value, torch.Tensor):
         raise TypeError(
@@ -100,14 +114,15 @@ def explicit_key(fn: Optional[Callable]) -> Optional[Hashable]:
     key = getter()
     if key is None:
         return None
-    name = type(owner).__qualname__
-    _reject_tensors(key, name)
-    try:
-        hash(key)
-    except TypeError as e:
-        raise TypeError(
-            f"cudnn_flex: {name}.score_mod_graph_cache_key() returned an unhashable "
-            f"{type(key).__name__}; return a tuple of numbers and strings") from e
+    if not _plain_key(key):
+        name = type(owner).__qualname__
+        _reject_tensors(key, name)
+        try:
+            hash(key)
+        except TypeError as e:
+            raise TypeError(
+                f"cudnn_flex: {name}.score_mod_graph_cache_key() returned an unhashable "
+                f"{type(key).__name__}; return a tuple of numbers and strings") from e
     return (type(owner), method_name, key)
 
 

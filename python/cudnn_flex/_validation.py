@@ -121,10 +121,15 @@ def bhsd_views(q, k, v, layout: str):
     return q, k, v
 
 
+def cudnn_takes(q: torch.Tensor) -> bool:
+    """Whether cuDNN runs attention on q's dtype and device."""
+    return q.is_cuda and q.dtype in _CUDNN_DTYPES
+
+
 def use_cudnn(q: torch.Tensor, backend: str) -> bool:
     if backend not in ("auto", "cudnn", "reference"):
         raise ValueError(f"cudnn_flex: backend must be 'auto', 'cudnn' or 'reference', got {backend!r}")
-    eligible = q.is_cuda and q.dtype in _CUDNN_DTYPES
+    eligible = cudnn_takes(q)
     if backend == "cudnn" and not eligible:
         raise ValueError(f"cudnn_flex: backend='cudnn' needs CUDA float16/bfloat16 tensors, got "
                          f"{q.dtype} on {q.device}")

@@ -7,8 +7,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import _ops  # noqa: F401  (registers the fake kernels)
-from . import _registry, reference
+from . import _ops, _registry, fast_path, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
                           check_dense_last_dim, check_scale, padded_lengths, use_cudnn)
 from .padded_batch import cudnn_seq_lens
@@ -79,6 +78,14 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         torch-style construct that cannot become a kernel; BpropNotDerivable when a bprop
         cannot be derived (raised by the backward; the forward runs).
     """
+    shortcut = None  # a repeat of a call that ran in full: fast_path.py says when it provably may skip the work
+    if (score_mod_tensors is None and score_mod_bprop_tensors is None and seq_lens_q is None and seq_lens_kv is None
+            and not torch.compiler.is_compiling()):
+        shortcut = fast_path.key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout, backend)
+        if shortcut is not None:
+            result = fast_path.call(shortcut, q, k, v, scale, layout, return_lse, deterministic)
+            if result is not None:
+                return result
     q, k, v = bhsd_views(q, k, v, layout)
     # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)
     # the head dim can stay symbolic here.
@@ -105,6 +112,8 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_dense_last_dim(q, k, v)
         seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
         out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens)
+        if shortcut is not None:
+            fast_path.remember(shortcut, score_mod, score_mod_bprop, mask_mod, program)
     else:
         _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)
@@ -121,25 +130,14 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
         if t.dtype == torch.float64:
             raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
                              "attention does not read; pass it as float32")
-    if torch.compiler.is_compiling():
-        mod_id, bprop_id = program  # recorded while dynamo traced (record_call)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        (mod_id, bprop_id), program = program, None  # recorded while dynamo traced (record_call)
     else:
         mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
-    # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
-    # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
-    # is right): one query row runs as two, the second zero and dropped (decoding; a tiny copy).
-    one_row = mod_id != 0 and q.shape[2] == 1 and not cu_seqlens
-    if one_row:
-        q = torch.cat([q, torch.zeros_like(q)], dim=2)
-    out, lse = torch.ops.cudnn_flex.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id,
-                                        True, None if scale is None else float(scale),
-                                        bool(deterministic), list(seq_lens), list(cu_seqlens), list(max_seqlens))
-    if not torch.compiler.is_compiling() and program is not None and out.grad_fn is not None:
-        # The backward graph may be built long after: its program lives as long as the node.
-        out.grad_fn.metadata["cudnn_flex_program"] = program
-    if one_row:
-        out, lse = out[:, :, :1], lse[:, :, :1]
-    return out, lse
+    return _ops.fwd(q, k, v, program, mod_id, bprop_id, mod_tensors, bprop_tensors,
+                    None if scale is None else float(scale), bool(deterministic), seq_lens, cu_seqlens, max_seqlens,
+                    compiling)
 
 
 @torch.compiler.disable  # reads lengths on the host and evaluates the program in Python: eager under compile

@@ -6,12 +6,16 @@ it closes over: its code, the numbers and strings in its defaults and closure ce
 functions there (guarded the same way, recursively). `key(fn)` is that, or None when fn reads
 anything else (a module global, an object, a tensor): those are recorded on every call.
 The shapes of the call go into the cache key beside it, since a mod may ask get_dim().
+
+`snapshot(fn)` is what key(fn) read, as objects: a later call whose mod still holds the very same
+objects (`unchanged`) has the same key, which a cached call checks without building the key.
 """
 
 from __future__ import annotations
 
 import dis
 import functools
+import operator
 import types
 from typing import Any, Callable, Hashable, Optional
 
@@ -54,7 +58,7 @@ def _reads_no_global(code: types.CodeType, globals_: dict) -> bool:
     return True
 
 
-def _value_key(value: Any, depth: int, leaves: Optional[list]) -> Optional[Hashable]:
+def _value_key(value: Any, depth: int, leaves: Optional[list], reads: Optional[list] = None) -> Optional[Hashable]:
     if isinstance(value, _PLAIN):
         # -0.0 and 0.0 compare equal but compute differently: the type and the repr tell apart
         return (type(value), repr(value)) if isinstance(value, float) else (type(value), value)
@@ -66,11 +70,13 @@ def _value_key(value: Any, depth: int, leaves: Optional[list]) -> Optional[Hasha
         return (torch.Tensor, value.dtype, tuple(value.shape), value.stride(), str(value.device),
                 value.requires_grad)
     if isinstance(value, types.FunctionType):
-        return key(value, depth + 1, leaves)
+        return key(value, depth + 1, leaves, reads)
     # compose(*mods): read as they are now. Plain tuples and lists only: a namedtuple or another
     # subclass may hold state or behaviour of its own.
     if type(value) in (tuple, list) and depth < 4:
-        parts = tuple(_value_key(v, depth + 1, leaves) for v in value)
+        if reads is not None and type(value) is list:
+            reads.append(_ListRead(value))  # a tuple's items cannot change; a list's can
+        parts = tuple(_value_key(v, depth + 1, leaves, reads) for v in value)
         return None if None in parts else (type(value), parts)
     return None
 
@@ -85,11 +91,12 @@ def _closure_values(fn: types.FunctionType) -> Optional[list]:
     return list(fn.__defaults__ or ()) + cells + [v for _, v in sorted((fn.__kwdefaults__ or {}).items())]
 
 
-def key(fn: Callable, depth: int = 0, leaves: Optional[list] = None) -> Optional[Hashable]:
+def key(fn: Callable, depth: int = 0, leaves: Optional[list] = None,
+        reads: Optional[list] = None) -> Optional[Hashable]:
     """The guard of fn, or None when its program must be recorded on every call. With `leaves`
     (a list), tensors held in fn's closure are allowed: each is appended to it, in the order
     with_tensors_replaced() walks, and the key has its dtype, shape, strides, device and
-    requires_grad."""
+    requires_grad. With `reads` (a list), what the key was made of is appended to it (snapshot)."""
     if depth > 4 or not isinstance(fn, types.FunctionType):
         return None
     if not _reads_no_global(fn.__code__, fn.__globals__):
@@ -97,13 +104,88 @@ def key(fn: Callable, depth: int = 0, leaves: Optional[list] = None) -> Optional
     values = _closure_values(fn)
     if values is None:
         return None
+    if reads is not None:
+        reads.append(_FunctionRead(fn))
     parts = [fn.__code__, tuple(sorted(fn.__kwdefaults__ or {}))]
     for value in values:
-        k = _value_key(value, depth, leaves)
+        k = _value_key(value, depth, leaves, reads)
         if k is None:
             return None
         parts.append(k)
     return tuple(parts)
+
+
+_MISSING = object()
+_CELL_CONTENTS = operator.attrgetter("cell_contents")
+
+
+class _FunctionRead:
+    """What key() read of one function: its code, defaults, closure cell values and keyword
+    defaults (the objects themselves), and the module globals under every name its code looks
+    up (absent ones as absent)."""
+
+    __slots__ = ("fn", "code", "defaults", "cells", "contents", "kwdefaults", "kwvalues", "globals", "names",
+                 "found")
+
+    def __init__(self, fn: types.FunctionType):
+        self.fn, self.code, self.defaults = fn, fn.__code__, fn.__defaults__
+        self.cells = fn.__closure__ or ()  # read-only: the same cell objects for fn's lifetime
+        self.contents = tuple(_CELL_CONTENTS(c) for c in self.cells)
+        self.kwdefaults = fn.__kwdefaults__
+        self.kwvalues = dict(self.kwdefaults) if self.kwdefaults else None
+        self.globals, self.names = fn.__globals__, _names(fn.__code__)
+        self.found = tuple(self.globals.get(name, _MISSING) for name in self.names)
+
+    def unchanged(self) -> bool:
+        # Plain loops: a mod has a handful of cells and names, too few for map() to pay off.
+        fn = self.fn
+        if fn.__code__ is not self.code or fn.__defaults__ is not self.defaults or fn.__kwdefaults__ is not self.kwdefaults:
+            return False
+        if self.cells:
+            try:
+                for cell, value in zip(self.cells, self.contents):
+                    if cell.cell_contents is not value:
+                        return False
+            except ValueError:  # a cell emptied since (`del` of a nonlocal)
+                return False
+        if self.kwvalues is not None and (len(self.kwdefaults) != len(self.kwvalues) or any(
+                self.kwdefaults.get(k, _MISSING) is not v for k, v in self.kwvalues.items())):
+            return False
+        if self.names:
+            get = self.globals.get
+            for name, value in zip(self.names, self.found):
+                if get(name, _MISSING) is not value:
+                    return False
+        return True
+
+
+class _ListRead:
+    """A list key() read: its items, the objects themselves."""
+
+    __slots__ = ("items", "seen")
+
+    def __init__(self, items: list):
+        self.items, self.seen = items, tuple(items)
+
+    def unchanged(self) -> bool:
+        return len(self.items) == len(self.seen) and all(map(operator.is_, self.items, self.seen))
+
+
+def snapshot(fn: Callable) -> Optional[tuple]:
+    """What key(fn) reads, or None when key(fn) is None or fn's closure holds a tensor (whose
+    metadata can change in place). While unchanged(snapshot) holds, key(fn) is what it was: the
+    objects read are the same ones, and the values among them (numbers, strings, code) are
+    immutable; functions and lists in the closure are read again, each with its own entry."""
+    reads: list = []
+    return tuple(reads) if key(fn, reads=reads) is not None else None
+
+
+def unchanged(reads: tuple) -> bool:
+    """Whether everything a snapshot read is still the same object."""
+    for read in reads:
+        if not read.unchanged():
+            return False
+    return True
 
 
 def with_tensors_replaced(value: Any, replace: Callable[[torch.Tensor], torch.Tensor]) -> Any:

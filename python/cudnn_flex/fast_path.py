@@ -1,0 +1,134 @@
+"""The shortcut of a repeated flex_attention call (issue 15: host time near SDPA's).
+
+A cached call spent most of its host time on work whose answer it already knew: checking the same
+mods, recording or finding their program, checking q, k and v in Python before the C++ op checked
+them again. After a call has run in full on cuDNN, its mods and the shapes of q and k are
+remembered with the program they gave. A later call with the same mods takes the shortcut when it
+provably gets the same program:
+
+- a plain function is the same object and everything its guard read is still the same objects
+  (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;
+- an object with score_mod_graph_cache_key() promises the same key;
+- no score_mod tensors, no tensors in the mods' closures, no padded lengths (their values and
+  metadata are read every call by the full path).
+
+q, k and v are checked by the C++ op only; when it refuses them, the full path runs and raises
+its own error, which names the argument. Everything else (no cuDNN for this dtype or device, a
+scale that is not a float) takes the full path too.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Callable, Optional
+
+import torch
+
+from . import _ops, _registry, torch_style
+from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes
+from .program import guard
+
+_MAX_ENTRIES = 256
+# (mods, q.shape, k.shape, v.shape, layout, backend) -> _Entry
+_entries: dict = {}
+
+
+class _Entry:
+    __slots__ = ("reads", "program", "mod_id", "bprop_id")
+
+    def __init__(self, reads: tuple, program):
+        self.reads, self.program = reads, program
+        self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+
+
+def clear() -> None:
+    """Forgets every remembered call (clear_cache())."""
+    _entries.clear()
+
+
+def _ident(fn: Optional[Callable]):
+    """A mod as a part of the key: none as (), a plain function as itself (its reads are checked
+    on every hit), any other callable by its score_mod_graph_cache_key() promise; None when it has
+    none (the call takes the full path)."""
+    if fn is None:
+        return ()
+    if type(fn) is types.FunctionType:
+        return fn
+    if isinstance(fn, type):
+        return None  # a class where an instance belongs: the full path says so
+    try:
+        return _registry.explicit_key(fn)
+    except Exception:  # noqa: BLE001  (a bad promise: the full path raises it, with its message)
+        return None
+
+
+def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
+    """The key of a call that could take the shortcut, or None. The shapes of q, k and v are in
+    it: the program may depend on them, and a known shape passed the full path's checks."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None  # a subclass may override __torch_function__, which the shortcut does not call
+    # Inline for the usual cases (a plain function, or none): this runs on every call.
+    mod = score_mod if type(score_mod) is types.FunctionType else _ident(score_mod)
+    bprop = () if score_mod_bprop is None else _ident(score_mod_bprop)
+    mask = () if mask_mod is None else mask_mod if type(mask_mod) is types.FunctionType else _ident(mask_mod)
+    if mod is None or bprop is None or mask is None:
+        return None
+    return (mod, bprop, mask, q.shape, k.shape, v.shape, layout, backend)
+
+
+def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool):
+    """flex_attention's result by the shortcut, or None: then the full path runs."""
+    entry = _entries.get(key)
+    if entry is None or not guard.unchanged(entry.reads):
+        return None
+    if not cudnn_takes(q):
+        return None
+    if scale is not None:
+        if type(scale) is int:
+            scale = float(scale)
+        if type(scale) is not float or not math.isfinite(scale):
+            return None  # a bool, NaN or other type: the full path says what is wrong
+    if layout != "bhsd":
+        perm = _TO_BHSD[layout]
+        q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
+    try:
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
+                            bool(deterministic))
+    except (ValueError, TypeError):
+        return None  # refused by the op: the full path checks in Python and says what is wrong
+    if layout != "bhsd":
+        out = out.permute(_FROM_BHSD[layout])
+    return (out, lse) if return_lse else out
+
+
+def remember(key, score_mod, score_mod_bprop, mask_mod, program) -> None:
+    """After a call ran in full on cuDNN without tensors: remembers what a repeat needs to take
+    the shortcut, if its mods allow one. Nothing is kept for mods that do not (the key would hold
+    them, and what their closures hold, alive)."""
+    if program is not None and (program.mod_slots or program.bprop_slots):
+        return  # tensors captured by a torch-style mod: read every call by the full path
+    reads = _reads(score_mod, score_mod_bprop, mask_mod)
+    if reads is None:
+        return
+    if len(_entries) >= _MAX_ENTRIES:  # the oldest goes; a forgotten call takes the full path once
+        _entries.pop(next(iter(_entries), None), None)
+    _entries[key] = _Entry(reads, program)
+
+
+def _reads(score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
+    """What the full path's program lookup read of the mods, or None when it recorded them (a
+    repeat would record them again: no shortcut)."""
+    fns = [fn for fn in (score_mod, score_mod_bprop, mask_mod) if fn is not None]
+    if all(type(fn) is types.FunctionType for fn in fns):
+        reads = []  # the guard of every mod (record_call: DSL or torch-style alike)
+        for fn in fns:
+            snapshot = guard.snapshot(fn)
+            if snapshot is None:
+                return None
+            reads.extend(snapshot)
+        return tuple(reads)
+    # Keyed objects: the program of a DSL score_mod (and bprop) under their promise; the key's
+    # equality is checked by the lookup. A torch-style or a mask_mod call traces them instead.
+    promised = mask_mod is None and not any(type(fn) is types.FunctionType for fn in fns)
+    return () if promised and not torch_style.is_torch_style(score_mod) else None

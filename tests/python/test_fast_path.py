@@ -1,0 +1,407 @@
+"""The shortcut of a repeated call (fast_path.py), on the CPU: cuDNN's op is replaced by a stub that
+records which program each call runs, so that a test sees when the shortcut is taken and that it
+always runs the program the full path would."""
+
+import math
+import types
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import cudnn_flex
+from cudnn_flex import _ops, _validation, api, dsl_mods, fast_path, mods
+from cudnn_flex.program import guard
+
+
+class StubOp:
+    """_C.fwd on the CPU: records (mod_id, bprop_id) and returns zeros of the op's shapes."""
+
+    def __init__(self):
+        self.ids = []
+        self.refuse = None  # an exception to raise instead, once
+
+    def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
+            seq_lens, cu_seqlens, max_seqlens):
+        if self.refuse is not None:
+            error, self.refuse = self.refuse, None
+            raise error
+        self.ids.append((mod_id, bprop_id))
+        out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+        return out, torch.zeros(q.shape[:3], dtype=torch.float32)
+
+
+@pytest.fixture
+def op(monkeypatch):
+    """CPU bf16 tensors take the cuDNN path, whose op is a StubOp; records of the full path are
+    counted in op.records."""
+    stub = StubOp()
+    stub.records = 0
+    monkeypatch.setattr(_ops, "_C", stub)
+    monkeypatch.setattr(_validation, "cudnn_takes", lambda q: True)
+    monkeypatch.setattr(fast_path, "cudnn_takes", lambda q: True)
+    real_record = api.record_call
+
+    def counted(*args):
+        stub.records += 1
+        return real_record(*args)
+
+    monkeypatch.setattr(api, "record_call", counted)
+    cudnn_flex.clear_cache()
+    yield stub
+    cudnn_flex.clear_cache()
+
+
+def qkv(s=8, layout_shape=None):
+    shape = layout_shape or (1, 2, s, 16)
+    return [torch.randn(shape, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def run_twice(op, **kw):
+    """Two calls: (records of the full path, ids of each call)."""
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    return op.records, op.ids
+
+
+def make_softcap(cap):
+    def softcap(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+    return softcap
+
+
+_CAP = dsl_mods.softcap(20.0)  # its backward reads what its forward recorded: one object for both
+KINDS = {
+    "no mod": {},
+    "DSL function": {"score_mod": dsl_mods.causal},
+    "torch-style closure": {"score_mod": mods.softcap(20.0)},
+    "mask_mod": {"mask_mod": mods.causal},
+    "mask_mod and score_mod": {"mask_mod": mods.sliding_window(4), "score_mod": mods.softcap(20.0)},
+    "keyed object's methods": {"score_mod": _CAP.forward, "score_mod_bprop": _CAP.backward},
+    "keyed callable": {"score_mod": dsl_mods.relative_bias(0.5)},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_repeat_takes_the_shortcut_to_the_same_program(op, kind):
+    records, ids = run_twice(op, **KINDS[kind])
+    assert records == 1
+    assert ids[0] == ids[1]
+
+
+def test_each_kind_runs_its_own_program(op):
+    """The shortcut's key tells the kinds apart: every kind above gets the id the full path gave it."""
+    q, k, v = qkv()
+    full = {}
+    for kind, kw in KINDS.items():
+        cudnn_flex.flex_attention(q, k, v, **kw)
+        full[kind] = op.ids[-1]
+    for kind, kw in KINDS.items():
+        cudnn_flex.flex_attention(q, k, v, **kw)
+        assert op.ids[-1] == full[kind], kind
+    assert op.records == len(KINDS)
+
+
+def changes():
+    """(name, mod, change(mod), the mod a fresh closure of the changed values would be)."""
+    out = []
+
+    def nonlocal_cap():
+        value = 20.0
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / value) * value
+
+        def change():
+            nonlocal value
+            value = 30.0
+        return mod, change
+    mod, change = nonlocal_cap()
+    out.append(("closure cell rebound", mod, change, make_softcap(30.0)))
+
+    def with_default(score, b, h, q_idx, kv_idx, scale=2.0):
+        return score * scale
+    def change_default():
+        with_default.__defaults__ = (3.0,)
+    out.append(("default replaced", with_default, change_default,
+                lambda score, b, h, q_idx, kv_idx, scale=3.0: score * scale))
+
+    def plus(score, b, h, q_idx, kv_idx):
+        return score + 1.0
+    def change_code():
+        plus.__code__ = (lambda score, b, h, q_idx, kv_idx: score - 1.0).__code__
+    out.append(("code replaced", plus, change_code, lambda score, b, h, q_idx, kv_idx: score - 1.0))
+
+    def outer_factory():
+        inner = make_softcap(20.0)
+
+        def outer(score, b, h, q_idx, kv_idx):
+            return inner(score, b, h, q_idx, kv_idx) * 2.0
+
+        def change():
+            nonlocal inner
+            inner = make_softcap(30.0)
+        return outer, change
+    outer, change_inner = outer_factory()
+    out.append(("a function in the closure replaced", outer, change_inner,
+                (lambda f: (lambda score, b, h, q_idx, kv_idx: f(score, b, h, q_idx, kv_idx) * 2.0))(make_softcap(30.0))))
+
+    scales = [2.0]
+
+    def listed(score, b, h, q_idx, kv_idx):
+        return score * scales[0]
+    def change_list():
+        scales[0] = 3.0
+    out.append(("a list in the closure changed in place", listed, change_list,
+                lambda score, b, h, q_idx, kv_idx: score * 3.0))
+
+    chain = [make_softcap(20.0)]
+    composed = mods.compose(*chain)  # a tuple of functions in its closure
+    def change_composed():
+        chain[0].__code__ = make_softcap(30.0).__code__  # the same code: nothing the program sees changes
+        chain[0].__closure__[0].cell_contents = 30.0
+    out.append(("a function inside a tuple in the closure changed", composed, change_composed,
+                mods.compose(make_softcap(30.0))))
+    return out
+
+
+@pytest.mark.parametrize("name,mod,change,expected", changes(), ids=[c[0] for c in changes()])
+def test_a_changed_mod_is_recorded_again(op, name, mod, change, expected):
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, mod)
+    before = op.ids[-1]
+    change()
+    cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 2
+    cudnn_flex.flex_attention(q, k, v, expected)
+    assert op.ids[-2] == op.ids[-1] != before
+
+
+def test_a_global_defined_later_under_a_name_the_mod_reads(op):
+    """`tanh` is no global at the first call (a name the mod's code looks up, as an attribute);
+    once a module global of that name exists, the guard no longer vouches for the mod, and every
+    call records it."""
+    namespace = {"torch": torch}
+    exec("def mod(score, b, h, q_idx, kv_idx):\n    return torch.tanh(score)\n"
+         "def reads_offset(score, b, h, q_idx, kv_idx):\n    return score + offset\n", namespace)
+    namespace["offset"] = 1.0
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, namespace["mod"])
+    cudnn_flex.flex_attention(q, k, v, namespace["mod"])
+    assert op.records == 1
+    namespace["tanh"] = 5
+    cudnn_flex.flex_attention(q, k, v, namespace["mod"])
+    cudnn_flex.flex_attention(q, k, v, namespace["mod"])
+    assert op.records == 3
+    for _ in range(2):  # a mod reading a user's global is recorded on every call
+        cudnn_flex.flex_attention(q, k, v, namespace["reads_offset"])
+    assert op.records == 5
+
+
+def test_a_keyed_object_with_a_new_key_gets_a_new_program(op):
+    cap = dsl_mods.softcap(20.0)
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward)
+    first = op.ids[-1]
+    cap.cap = 30.0  # the key is (cap,): the object promises another program
+    cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward)
+    assert op.records == 2 and op.ids[-1] != first
+    other = dsl_mods.softcap(30.0)
+    cudnn_flex.flex_attention(q, k, v, other.forward, other.backward)
+    assert op.ids[-1] == op.ids[-2] and op.records == 2  # an equal promise: the shortcut
+
+
+@pytest.mark.parametrize("what", ["q length", "kv length", "heads", "layout", "backend"])
+def test_another_shape_or_option_takes_the_full_path(op, what):
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    if what == "q length":
+        q = torch.randn(1, 2, 9, 16, dtype=torch.bfloat16)
+    elif what == "kv length":
+        k, v = (torch.randn(1, 2, 9, 16, dtype=torch.bfloat16) for _ in range(2))
+    elif what == "heads":
+        q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
+    kw = {"layout": "bshd"} if what == "layout" else {"backend": "cudnn"} if what == "backend" else {}
+    if what == "layout":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, **kw)
+    assert op.records == 2
+
+
+def test_tensors_are_read_by_the_full_path_every_call(op):
+    q, k, v = qkv()
+    slopes = mods.alibi_slopes(2)
+    alibi = mods.alibi(slopes)
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, alibi)
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes.view(1, 2, 1, 1)})
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=torch.tensor([5], dtype=torch.int32))
+    assert op.records == 6
+    assert not fast_path._entries
+
+
+def test_clear_cache_forgets_the_shortcut(op):
+    run_twice(op, score_mod=dsl_mods.causal)
+    cudnn_flex.clear_cache()
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    assert op.records == 2
+
+
+def test_the_shortcut_keeps_the_call_options(op):
+    q, k, v = (t.transpose(1, 2).contiguous() for t in qkv())  # bshd
+    first = cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, layout="bshd", return_lse=True)
+    second = cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, layout="bshd", return_lse=True)
+    assert op.records == 1
+    for a, b in zip(first, second):
+        assert a.shape == b.shape and a.stride() == b.stride()
+    assert first[0].shape == q.shape  # out in the caller's layout
+    out = cudnn_flex.flex_attention(q, k, v, dsl_mods.causal, layout="bshd")
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+
+
+@pytest.mark.parametrize("scale", [0.5, 1, float("nan"), True])
+def test_a_scale_the_shortcut_does_not_take_goes_the_full_path(op, scale):
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, scale=0.25)
+    if isinstance(scale, bool) or (isinstance(scale, float) and math.isnan(scale)):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            cudnn_flex.flex_attention(q, k, v, scale=scale)
+    else:
+        cudnn_flex.flex_attention(q, k, v, scale=scale)
+        assert op.records == 1  # a finite number: the shortcut
+
+
+def test_a_refusal_of_the_op_gets_the_full_paths_error(op):
+    """The shortcut leaves q, k and v to the C++ op's checks; when it refuses them, the full path
+    runs and raises its own error, which names the argument."""
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v)
+    strided = torch.randn(1, 2, 8, 32, dtype=torch.bfloat16)[..., ::2]  # the same shape, a strided head dim
+    op.refuse = ValueError("cudnn_flex: q, k, v must be CUDA tensors with a dense last dim")
+    with pytest.raises(ValueError, match=r"q's head dim is not contiguous .* pass q.contiguous\(\)"):
+        cudnn_flex.flex_attention(strided, k, v)
+
+
+def test_a_torch_function_mode_sees_the_op(op):
+    """torch.ops calls __torch_function__ handlers, _C.fwd does not: under a TorchFunctionMode the
+    call goes through torch.ops."""
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types_, args=(), kwargs=None):
+            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
+                seen.append(func)
+                q, k, v = args[:3]
+                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    with Spy():
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    assert len(seen) == 1 and len(op.ids) == 1
+
+
+def test_entries_are_bounded(op, monkeypatch):
+    monkeypatch.setattr(fast_path, "_MAX_ENTRIES", 3)
+    for s in range(2, 8):
+        q, k, v = qkv(s)
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    assert len(fast_path._entries) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# guard.snapshot: unchanged() holds only while key() is what it was
+
+
+def test_snapshot_refuses_what_key_refuses():
+    slopes = torch.ones(2)
+    assert guard.snapshot(mods.alibi(slopes)) is None  # a tensor in the closure
+    assert guard.snapshot(dsl_mods.softcap(2.0)) is None  # an object: no guard
+    assert guard.snapshot(mods.causal) is not None
+
+
+def test_unchanged_holds_exactly_while_the_same_objects_are_read():
+    value = [1.0]
+
+    def make():
+        cap = 2.0
+
+        def mod(score, b, h, q_idx, kv_idx, k=3):
+            return score * cap + value[0] * k
+
+        def rebind(x):
+            nonlocal cap
+            cap = x
+        return mod, rebind
+    mod, rebind = make()
+    same_float = mod.__closure__[0].cell_contents
+    reads, before = guard.snapshot(mod), guard.key(mod)
+    assert guard.unchanged(reads)
+    rebind(same_float)
+    assert guard.unchanged(reads) and guard.key(mod) == before
+    rebind(5.0)
+    assert not guard.unchanged(reads) and guard.key(mod) != before
+    rebind(same_float)
+    assert guard.unchanged(reads)
+    value[0] = 2.0  # the list in the closure, changed in place
+    assert not guard.unchanged(reads) and guard.key(mod) != before
+    value[0] = 1.0
+    mod.__defaults__ = (4,)
+    assert not guard.unchanged(reads) and guard.key(mod) != before
+
+
+def test_a_deleted_cell_is_a_change():
+    def make():
+        cap = 2.0
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score * cap
+
+        def forget():
+            nonlocal cap
+            del cap
+        return mod, forget
+    mod, forget = make()
+    reads = guard.snapshot(mod)
+    forget()
+    assert not guard.unchanged(reads)
+
+
+def test_the_binding_translates_errors():
+    """_C.fwd raises what torch.ops raises: the op's own exception types, not RuntimeError."""
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(NotImplementedError, match="cudnn_flex::fwd"):
+        cudnn_flex._C.fwd(q, q, q, [], [], 0, 0, True, None, False, [], [], [])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        qc = torch.empty(1, 2, 4, 8, device="cuda", dtype=torch.float16)
+        kc = torch.empty(1, 3, 4, 8, device="cuda", dtype=torch.float16)
+        with pytest.raises(ValueError, match="cudnn_flex: k and v need the same number of heads"):
+            cudnn_flex._C.fwd(qc, kc, qc, [], [], 0, 0, True, None, False, [], [], [])
+        out, lse = cudnn_flex._C.fwd(qc, qc, qc, [], [], 0, 0, True, None, False, [], [], [])
+        assert out.shape == qc.shape and lse.shape == qc.shape[:3]
+
+
+def test_the_bprop_is_part_of_the_key(op):
+    """One score_mod with its hand-written bprop, then with the derived one: two programs."""
+    cap = dsl_mods.softcap(20.0)
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward)
+        cudnn_flex.flex_attention(q, k, v, cap.forward)
+    assert op.ids[0] == op.ids[2] != op.ids[1] == op.ids[3]
+    assert op.records == 2
+
+
+def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
+    """No closure tensor, but the mod makes one: an input slot the full path fills every call."""
+    def per_head_bias(score, b, h, q_idx, kv_idx):
+        return score + torch.tensor([0.5, -0.5])[h]
+
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, per_head_bias)
+    assert op.records == 2 and not fast_path._entries

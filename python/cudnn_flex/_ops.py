@@ -10,10 +10,26 @@ import torch
 from . import _C  # loading the extension registers the ops
 
 
+def _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens, cu_seqlens) -> bool:
+    """Whether __torch_function__ may want to see the call: a TorchFunctionMode is on, or a tensor
+    is of a subclass (torch.ops calls their handlers; _C.fwd does not)."""
+    if torch._C._is_torch_function_mode_enabled():
+        return True
+    exact = torch.Tensor
+    if type(q) is not exact or type(k) is not exact or type(v) is not exact:
+        return True
+    if mod_tensors or bprop_tensors or seq_lens or cu_seqlens:  # most calls have none: checked every call
+        for tensors in (mod_tensors, bprop_tensors, seq_lens, cu_seqlens):
+            for t in tensors:
+                if type(t) is not exact:
+                    return True
+    return False
+
+
 def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,
         deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False):
     """(out, lse) of torch.ops.cudnn_flex.fwd. Eager calls go through _C.fwd, the same op without
-    boxing its arguments, unless a TorchFunctionMode is on (only torch.ops calls it). `program`
+    boxing its arguments, unless __torch_function__ may want to see it (_overridable). `program`
     (None under torch.compile) is kept alive by the autograd node for its backward."""
     # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
     # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
@@ -21,7 +37,8 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     one_row = mod_id != 0 and q.shape[2] == 1 and not cu_seqlens
     if one_row:
         q = torch.cat([q, torch.zeros_like(q)], dim=2)
-    op = torch.ops.cudnn_flex.fwd if compiling or torch._C._is_torch_function_mode_enabled() else _C.fwd
+    op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
+                                                             cu_seqlens) else _C.fwd
     out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
                   cu_seqlens, max_seqlens)
     if program is not None and out.requires_grad:

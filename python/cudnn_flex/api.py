@@ -106,6 +106,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if score_mod_bprop_tensors is not None and score_mod_bprop is None:
         raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
                          "they are inputs of score_mod_bprop only")
+    reads = None if shortcut is None else fast_path.reads_before(shortcut, score_mod, score_mod_bprop, mask_mod)
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])
     if use_cudnn(q, backend):
@@ -113,7 +114,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
         out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens)
         if shortcut is not None:
-            fast_path.remember(shortcut, score_mod, score_mod_bprop, mask_mod, program)
+            fast_path.remember(shortcut, reads, program)
     else:
         _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)

@@ -29,9 +29,13 @@ from . import _ops, _registry, torch_style
 from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes
 from .program import guard
 
-_MAX_ENTRIES = 256
+_MAX_ENTRIES = 1024
 # (mods, q.shape, k.shape, v.shape, layout, backend) -> _Entry
 _entries: dict = {}
+# mods -> what their guards read, as taken before a full call (reads_before); shared by the entries
+# of every shape, so that a call at a new shape (a decode step) need not take it again
+_snapshots: dict = {}
+_MAX_SNAPSHOTS = 256
 
 
 class _Entry:
@@ -45,6 +49,7 @@ class _Entry:
 def clear() -> None:
     """Forgets every remembered call (clear_cache())."""
     _entries.clear()
+    _snapshots.clear()
 
 
 def _ident(fn: Optional[Callable]):
@@ -64,8 +69,10 @@ def _ident(fn: Optional[Callable]):
 
 
 def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
-    """The key of a call that could take the shortcut, or None. The shapes of q, k and v are in
-    it: the program may depend on them, and a known shape passed the full path's checks."""
+    """The key of a call that could take the shortcut, or None: the mods (and whether the
+    score_mod is marked torch-style, which decides how the full path reads it), the shapes of q,
+    k and v (the program may depend on them, and a known shape passed the full path's checks),
+    layout and backend."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return None  # a subclass may override __torch_function__, which the shortcut does not call
     # Inline for the usual cases (a plain function, or none): this runs on every call.
@@ -74,7 +81,11 @@ def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str
     mask = () if mask_mod is None else mask_mod if type(mask_mod) is types.FunctionType else _ident(mask_mod)
     if mod is None or bprop is None or mask is None:
         return None
-    return (mod, bprop, mask, q.shape, k.shape, v.shape, layout, backend)
+    if type(score_mod) is types.FunctionType:  # its own attributes (a miss of getattr() raises inside)
+        marked = score_mod.__dict__.get("_cudnn_flex_torch_style", False)
+    else:
+        marked = score_mod is not None and getattr(score_mod, "_cudnn_flex_torch_style", False)
+    return ((mod, bprop, mask, marked), q.shape, k.shape, v.shape, layout, backend)
 
 
 def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool):
@@ -102,18 +113,35 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
     return (out, lse) if return_lse else out
 
 
-def remember(key, score_mod, score_mod_bprop, mask_mod, program) -> None:
-    """After a call ran in full on cuDNN without tensors: remembers what a repeat needs to take
-    the shortcut, if its mods allow one. Nothing is kept for mods that do not (the key would hold
-    them, and what their closures hold, alive)."""
-    if program is not None and (program.mod_slots or program.bprop_slots):
-        return  # tensors captured by a torch-style mod: read every call by the full path
-    reads = _reads(score_mod, score_mod_bprop, mask_mod)
-    if reads is None:
+def reads_before(key, score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
+    """What the full path's program lookup is about to read of the mods, taken before it runs (a
+    snapshot taken after could see what a mod changed in its own closure while it was recorded,
+    or another thread while cuDNN built), or None when the mods allow no shortcut."""
+    known = _snapshots.get(key[0])
+    if known is not None and guard.unchanged(known):
+        return known
+    return _reads(score_mod, score_mod_bprop, mask_mod)
+
+
+def remember(key, reads: Optional[tuple], program) -> None:
+    """After a call ran in full on cuDNN without tensors: remembers its program for the shortcut,
+    if its mods allow one and nothing they read changed while it ran. Nothing is kept for mods
+    that allow none (the key would hold them, and what their closures hold, alive)."""
+    if reads is None or not guard.unchanged(reads):
         return
-    if len(_entries) >= _MAX_ENTRIES:  # the oldest goes; a forgotten call takes the full path once
-        _entries.pop(next(iter(_entries), None), None)
-    _entries[key] = _Entry(reads, program)
+    if program is not None and (program.mod_slots or program.bprop_slots):
+        return  # a tensor made inside a torch-style mod: read every call by the full path
+    _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
+    _bounded_put(_entries, key, _Entry(reads, program), _MAX_ENTRIES)
+
+
+def _bounded_put(table: dict, key, value, capacity: int) -> None:
+    if key not in table and len(table) >= capacity:
+        try:  # the oldest goes; a forgotten call takes the full path once
+            del table[next(iter(table))]
+        except (RuntimeError, StopIteration, KeyError):  # another thread changed the table meanwhile
+            pass
+    table[key] = value
 
 
 def _reads(score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:

@@ -405,3 +405,104 @@ def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
     for _ in range(2):
         cudnn_flex.flex_attention(q, k, v, per_head_bias)
     assert op.records == 2 and not fast_path._entries
+
+
+def test_a_tensor_subclass_gets_torch_ops(op):
+    """A subclass's __torch_function__ sees the op, as it did through torch.ops."""
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
+                seen.append(func)
+                q, k, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, Logged) else t
+                           for t in args[:3])
+                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    q, k, v = (t.as_subclass(Logged) for t in qkv())
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.causal)
+    assert len(seen) == 2 and not op.ids
+
+
+def test_a_mod_that_changes_its_closure_while_recorded_is_never_served_stale(op):
+    """An annealing mod advances its own step each time it is recorded: what its guard read
+    before the call is not what the recorded program used, so no call takes the shortcut."""
+    def annealed():
+        step = 0
+
+        def mod(score, b, h, q_idx, kv_idx):
+            nonlocal step
+            step += 1
+            return score * (step / 4)
+        return mod
+    mod = annealed()
+    q, k, v = qkv()
+    for _ in range(4):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 4 and len(set(op.ids)) == 4
+
+
+def test_a_closure_changed_while_the_op_ran_is_not_remembered(op):
+    """Another thread rebinds a closure value while the first call's graph is built (the GIL is
+    released then): the program of the old value must not be remembered under the new one."""
+    def make():
+        cap = 20.0
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / cap) * cap
+
+        def rebind():
+            nonlocal cap
+            cap = 30.0
+        return mod, rebind
+    mod, rebind = make()
+    real_fwd = op.fwd
+
+    def fwd_while_another_thread_rebinds(*args):
+        rebind()
+        op.fwd = real_fwd
+        return real_fwd(*args)
+
+    op.fwd = fwd_while_another_thread_rebinds
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, mod)
+    cudnn_flex.flex_attention(q, k, v, mod)
+    cudnn_flex.flex_attention(q, k, v, make_softcap(30.0))
+    assert op.ids[1] == op.ids[2] != op.ids[0]
+
+
+def test_marking_a_mod_torch_style_later_takes_the_full_path(op):
+    def mod(*args):  # the signature says nothing: a DSL mod until marked
+        if len(args) == 3:
+            graph, score, _ = args
+            return graph.mul(score, 2.0)
+        return args[0] * 2.0
+
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, mod)
+    cudnn_flex.torch_score_mod(mod)
+    cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 2
+
+
+def test_a_subclass_among_the_lengths_gets_torch_ops(op):
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
+                seen.append(func)
+                q, v = args[0], args[2]
+                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    q, k, v = qkv()
+    lengths = torch.tensor([5], dtype=torch.int32).as_subclass(Logged)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    assert len(seen) == 1 and not op.ids

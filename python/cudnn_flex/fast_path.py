@@ -2,9 +2,10 @@
 
 A cached call spent most of its host time on work whose answer it already knew: checking the same
 mods, recording or finding their program, checking q, k and v in Python before the C++ op checked
-them again. After a call has run in full on cuDNN, its mods and the shapes of q and k are
-remembered with the program they gave. A later call with the same mods takes the shortcut when it
-provably gets the same program:
+them again. After a call has run in full on cuDNN, its mods and the shapes of q, k and v are
+remembered with the program they gave, provided what the mods' guards read (taken before the full
+path recorded them) still holds after the call. A later call with the same mods takes the
+shortcut when it provably gets the same program:
 
 - a plain function is the same object and everything its guard read is still the same objects
   (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;

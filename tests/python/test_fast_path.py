@@ -65,6 +65,19 @@ def run_twice(op, **kw):
     return op.records, op.ids
 
 
+def rebindable_softcap():
+    """(a softcap over a closure cell holding 20.0, a function that rebinds the cell to 30.0)."""
+    cap = 20.0
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    def rebind():
+        nonlocal cap
+        cap = 30.0
+    return mod, rebind
+
+
 def make_softcap(cap):
     def softcap(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
@@ -107,17 +120,7 @@ def changes():
     """(name, mod, change(mod), the mod a fresh closure of the changed values would be)."""
     out = []
 
-    def nonlocal_cap():
-        value = 20.0
-
-        def mod(score, b, h, q_idx, kv_idx):
-            return torch.tanh(score / value) * value
-
-        def change():
-            nonlocal value
-            value = 30.0
-        return mod, change
-    mod, change = nonlocal_cap()
+    mod, change = rebindable_softcap()
     out.append(("closure cell rebound", mod, change, make_softcap(30.0)))
 
     def with_default(score, b, h, q_idx, kv_idx, scale=2.0):
@@ -449,17 +452,7 @@ def test_a_mod_that_changes_its_closure_while_recorded_is_never_served_stale(op)
 def test_a_closure_changed_while_the_op_ran_is_not_remembered(op):
     """Another thread rebinds a closure value while the first call's graph is built (the GIL is
     released then): the program of the old value must not be remembered under the new one."""
-    def make():
-        cap = 20.0
-
-        def mod(score, b, h, q_idx, kv_idx):
-            return torch.tanh(score / cap) * cap
-
-        def rebind():
-            nonlocal cap
-            cap = 30.0
-        return mod, rebind
-    mod, rebind = make()
+    mod, rebind = rebindable_softcap()
     real_fwd = op.fwd
 
     def fwd_while_another_thread_rebinds(*args):

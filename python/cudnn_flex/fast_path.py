@@ -16,12 +16,17 @@ shortcut when it provably gets the same program:
 q, k and v are checked by the C++ op only; when it refuses them, the full path runs and raises
 its own error, which names the argument. Everything else (no cuDNN for this dtype or device, a
 scale that is not a float) takes the full path too.
+
+flex_attention_varlen's packed calls have a shortcut of their own (varlen_key, varlen_call): the
+same mods and shapes, and the very same cu_seqlens tensors at the versions the full path read
+(what it derived from their values, the lengths and the longest sequence, holds while they do).
 """
 
 from __future__ import annotations
 
 import math
 import types
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -51,6 +56,7 @@ def clear() -> None:
     """Forgets every remembered call (clear_cache())."""
     _entries.clear()
     _snapshots.clear()
+    _varlen_entries.clear()
 
 
 def _ident(fn: Optional[Callable]):
@@ -69,13 +75,9 @@ def _ident(fn: Optional[Callable]):
         return None
 
 
-def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
-    """The key of a call that could take the shortcut, or None: the mods (and whether the
-    score_mod is marked torch-style, which decides how the full path reads it), the shapes of q,
-    k and v (the program may depend on them, and a known shape passed the full path's checks),
-    layout and backend."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-        return None  # a subclass may override __torch_function__, which the shortcut does not call
+def _mods_key(score_mod, score_mod_bprop, mask_mod):
+    """The mods as the first part of a key (with whether the score_mod is marked torch-style,
+    which decides how the full path reads it), or None when they allow no shortcut."""
     # Inline for the usual cases (a plain function, or none): this runs on every call.
     mod = score_mod if type(score_mod) is types.FunctionType else _ident(score_mod)
     bprop = () if score_mod_bprop is None else _ident(score_mod_bprop)
@@ -86,7 +88,17 @@ def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str
         marked = score_mod.__dict__.get("_cudnn_flex_torch_style", False)
     else:
         marked = score_mod is not None and getattr(score_mod, "_cudnn_flex_torch_style", False)
-    return ((mod, bprop, mask, marked), q.shape, k.shape, v.shape, layout, backend)
+    return (mod, bprop, mask, marked)
+
+
+def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
+    """The key of a call that could take the shortcut, or None: the mods, the shapes of q, k and v
+    (the program may depend on them, and a known shape passed the full path's checks), layout and
+    backend."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None  # a subclass may override __torch_function__, which the shortcut does not call
+    mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
+    return None if mods is None else (mods, q.shape, k.shape, v.shape, layout, backend)
 
 
 def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool):
@@ -134,6 +146,85 @@ def remember(key, reads: Optional[tuple], program) -> None:
         return  # a tensor made inside a torch-style mod: read every call by the full path
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     _bounded_put(_entries, key, _Entry(reads, program), _MAX_ENTRIES)
+
+
+# Packed sequences (flex_attention_varlen). What the full path reads of cu_seqlens (the number of
+# sequences, the lengths, the longest) holds while the same tensors keep their versions, the rule
+# of its own host reads (_validation.once_per_version); the entry refers to them weakly, so that
+# it keeps no batch's cu_seqlens alive. (mods, q, k, v shapes, max_seqlen_q, max_seqlen_kv) ->
+# _VarlenEntry
+_varlen_entries: dict = {}
+_MAX_VARLEN_ENTRIES = 256
+
+
+class _VarlenEntry:
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens")
+
+    def __init__(self, reads, program, cu_q, cu_kv, versions, seq_lens, max_seqlens):
+        self.reads, self.program = reads, program
+        self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+        self.cu_q, self.cu_kv = weakref.ref(cu_q), weakref.ref(cu_kv)
+        self.versions, self.seq_lens, self.max_seqlens = versions, seq_lens, max_seqlens
+
+
+def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv):
+    """The key of a flex_attention_varlen call that could take the shortcut, or None."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if not (max_seqlen_q is None or type(max_seqlen_q) is int) or not (max_seqlen_kv is None
+                                                                       or type(max_seqlen_kv) is int):
+        return None  # a numpy or tensor integer: the full path reads it
+    mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
+    return None if mods is None else (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv)
+
+
+def versions(cu_seqlens_q, cu_seqlens_kv) -> Optional[tuple]:
+    """The versions of the cu_seqlens as a full call is about to read them, or None: inference
+    tensors have no version counter (the full path reads them every call)."""
+    for t in (cu_seqlens_q, cu_seqlens_kv):
+        if type(t) is not torch.Tensor or t.is_inference():
+            return None
+    return cu_seqlens_q._version, cu_seqlens_kv._version
+
+
+def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic):
+    """(out [total_q, H, D_v], cuDNN's lse [n, H, max_q], max_q) by the shortcut, or None: then
+    the full path runs. (max_q is at least 2, varlen.py's one query row run as two; with one
+    query per sequence, a longer lse row picks the same rows.)"""
+    entry = _varlen_entries.get(key)
+    if (entry is None or entry.cu_q() is not cu_seqlens_q or entry.cu_kv() is not cu_seqlens_kv
+            or (cu_seqlens_q._version, cu_seqlens_kv._version) != entry.versions
+            or not guard.unchanged(entry.reads) or not cudnn_takes(q)):
+        return None
+    if q.is_cuda and torch._C._cuda_isCurrentStreamCapturing():
+        return None  # a captured call computes the lengths in the graph (varlen._replayable)
+    if scale is not None:
+        if type(scale) is int:
+            scale = float(scale)
+        if type(scale) is not float or not math.isfinite(scale):
+            return None
+    rows = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views, as the full path's
+    try:
+        out, lse = _ops.fwd(rows(q), rows(k), rows(v), entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
+                            bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens)
+    except (ValueError, TypeError):
+        return None  # e.g. k and v with a gap between tokens: the full path copies them, or says what is wrong
+    return out.squeeze(0).transpose(0, 1), lse, entry.max_seqlens[0]
+
+
+def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple],
+                    seq_lens: list, max_seqlens: list) -> None:
+    """After a flex_attention_varlen call ran in full on cuDNN's packed path, with q, k and v read
+    in place: remembers it for the shortcut, if its mods allow one, nothing they read changed, and
+    the cu_seqlens are still at the versions the call read (`before`)."""
+    if reads is None or before is None or not guard.unchanged(reads) or (program is not None and (
+            program.mod_slots or program.bprop_slots)):
+        return
+    if versions(cu_seqlens_q, cu_seqlens_kv) != before:
+        return
+    _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
+    _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,
+                                                    list(seq_lens), list(max_seqlens)), _MAX_VARLEN_ENTRIES)
 
 
 def _bounded_put(table: dict, key, value, capacity: int) -> None:

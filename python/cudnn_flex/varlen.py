@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
+from . import fast_path
 from ._validation import TensorDict, check_dense_last_dim, check_scale, once_per_version, use_cudnn
 from ._ops import strides_like
 from .api import cudnn_call, flex_attention
@@ -217,6 +218,14 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, score_mod_tensors,
             score_mod_bprop_tensors, mask_mod, max_seqlen_q, max_seqlen_kv, scale, return_lse, deterministic):
+    shortcut = before = None  # a repeat of a packed call that ran in full (fast_path.py)
+    if score_mod_tensors is None and score_mod_bprop_tensors is None:
+        shortcut = fast_path.varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv)
+        if shortcut is not None:
+            result = fast_path.varlen_call(shortcut, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
+            if result is not None:
+                return _packed_result(*result, cu_seqlens_q, q.shape[0], return_lse)
+            before = fast_path.versions(cu_seqlens_q, cu_seqlens_kv)
     _check_tokens(q, k, v)
     seq_q = _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
     seq_kv = _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
@@ -243,21 +252,24 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
         return (out, lse.permute(1, 0, 2).flatten(1, 2)) if return_lse else out
     if use_cudnn(q, "auto") and n > 0 and longest_q > 0 and longest_kv > 0:
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
+        reads = None if shortcut is None else fast_path.reads_before(shortcut, score_mod, score_mod_bprop, mask_mod)
         program, mod_tensors, bprop_tensors = record_call(
             score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
             _queries_shaped(q, n, longest_q, capturing), longest_kv)
-        as_rows = lambda t: _readable_in_place(t).unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views
-        qv, kv, vv = as_rows(q), as_rows(k), as_rows(v)
+        readable = [_readable_in_place(t) for t in (q, k, v)]
+        qv, kv, vv = (t.unsqueeze(0).transpose(1, 2) for t in readable)  # [1, H, total, D] views
         check_dense_last_dim(qv, kv, vv)
         # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a
         # score_mod when the query dim is 1 (api.cudnn_call); the dim is 2, the padding masks the rest.
-        out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic,
-                              [seq_q.lengths, seq_kv.lengths], [cu_seqlens_q, cu_seqlens_kv],
-                              [max(longest_q, 2), longest_kv])
+        seq_lens, max_seqlens = [seq_q.lengths, seq_kv.lengths], [max(longest_q, 2), longest_kv]
+        out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens,
+                              [cu_seqlens_q, cu_seqlens_kv], max_seqlens)
+        if shortcut is not None and not capturing and all(r is t for r, t in zip(readable, (q, k, v))):
+            # (Copied tokens would be refused by the op on the shortcut, then copied again.)
+            fast_path.remember_varlen(shortcut, reads, program, cu_seqlens_q, cu_seqlens_kv, before, seq_lens,
+                                      max_seqlens)
         out = out.squeeze(0).transpose(0, 1)  # views both ways (out[0]'s backward would copy dO into zeros)
-        if not return_lse:
-            return out
-        return out, _packed_lse(lse[:, :, :longest_q], _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing))
+        return _packed_result(out, lse, longest_q, cu_seqlens_q, q.shape[0], return_lse, capturing)
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv, capturing)
     qp = _padded(q, rows_q, n, longest_q)
@@ -268,6 +280,15 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
     # [n, H, longest_q, *] -> the valid rows, in token order.
     out = _unpadded(out, rows_q)
     return (out, _packed_lse(lse, rows_q)) if return_lse else out
+
+
+def _packed_result(out: torch.Tensor, lse: torch.Tensor, longest_q: int, cu_seqlens_q: torch.Tensor, total_q: int,
+                   return_lse: bool, capturing: bool = False):
+    """out [total_q, H, D_v], and with return_lse the lse of cuDNN's packed call ([n, H, max_q],
+    rows past each sequence unwritten) in FlashAttention's layout [H, total_q]."""
+    if not return_lse:
+        return out
+    return out, _packed_lse(lse[:, :, :longest_q], _padded_rows(cu_seqlens_q, total_q, longest_q, capturing))
 
 
 _varlen_eagerly = torch.compiler.disable(_varlen)

@@ -3,53 +3,15 @@ records which program each call runs, so that a test sees when the shortcut is t
 always runs the program the full path would."""
 
 import math
-import types
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import cudnn_flex
-from cudnn_flex import _ops, _validation, api, dsl_mods, fast_path, mods
+from cudnn_flex import dsl_mods, fast_path, mods
 from cudnn_flex.program import guard
-
-
-class StubOp:
-    """_C.fwd on the CPU: records (mod_id, bprop_id) and returns zeros of the op's shapes."""
-
-    def __init__(self):
-        self.ids = []
-        self.refuse = None  # an exception to raise instead, once
-
-    def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
-            seq_lens, cu_seqlens, max_seqlens):
-        if self.refuse is not None:
-            error, self.refuse = self.refuse, None
-            raise error
-        self.ids.append((mod_id, bprop_id))
-        out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
-        return out, torch.zeros(q.shape[:3], dtype=torch.float32)
-
-
-@pytest.fixture
-def op(monkeypatch):
-    """CPU bf16 tensors take the cuDNN path, whose op is a StubOp; records of the full path are
-    counted in op.records."""
-    stub = StubOp()
-    stub.records = 0
-    monkeypatch.setattr(_ops, "_C", stub)
-    monkeypatch.setattr(_validation, "cudnn_takes", lambda q: True)
-    monkeypatch.setattr(fast_path, "cudnn_takes", lambda q: True)
-    real_record = api.record_call
-
-    def counted(*args):
-        stub.records += 1
-        return real_record(*args)
-
-    monkeypatch.setattr(api, "record_call", counted)
-    cudnn_flex.clear_cache()
-    yield stub
-    cudnn_flex.clear_cache()
+from stub_op import op  # noqa: F401  (a fixture)
 
 
 def qkv(s=8, layout_shape=None):

@@ -9,6 +9,7 @@ import cudnn_flex
 from cudnn_flex import api, dsl_mods, fast_path, mods
 from gpu_cases import check, compare, dsl_formula, make_inputs
 from oracle import NEG_INF
+from record_counter import count_records
 
 pytestmark = pytest.mark.gpu
 
@@ -34,14 +35,7 @@ KINDS = {
 @pytest.fixture
 def records(monkeypatch):
     """How many calls took the full path (recorded their mods) since the fixture started."""
-    count = [0]
-    real = api.record_call
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(api, "record_call", counted)
+    count = count_records(monkeypatch, api)
     cudnn_flex.clear_cache()
     return count
 

@@ -1,0 +1,52 @@
+"""cuDNN's op replaced by a stub on the CPU, for the tests of the shortcut (fast_path.py): it
+records which program each call runs, so that a test sees when the shortcut is taken and that it
+always runs the program the full path would."""
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import _ops, _validation, api, fast_path, varlen
+from record_counter import count_records
+
+
+class StubOp:
+    # records: how many calls took the full path (recorded their mods)
+    records = property(lambda self: self.counted[0])
+
+    """_C.fwd on the CPU: records (mod_id, bprop_id) and returns zeros of the op's shapes."""
+
+    def __init__(self):
+        self.ids = []
+        self.calls = []  # the other arguments of each call
+        self.refuse = None  # an exception to raise instead, once
+
+    def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
+            seq_lens, cu_seqlens, max_seqlens):
+        if self.refuse is not None:
+            error, self.refuse = self.refuse, None
+            raise error
+        self.ids.append((mod_id, bprop_id))
+        self.calls.append({"seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
+                           "scale": scale, "deterministic": deterministic})
+        out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+        if not cu_seqlens:
+            return out, torch.zeros(q.shape[:3], dtype=torch.float32)
+        # Packed sequences: lse per sequence and position, [n, H, max_q], as cuDNN's; numbered, so
+        # that a test sees which rows reach each token.
+        n = cu_seqlens[0].numel() - 1
+        return out, torch.arange(n * q.shape[1] * max_seqlens[0], dtype=torch.float32).view(n, q.shape[1], -1)
+
+
+@pytest.fixture
+def op(monkeypatch):
+    """CPU bf16 tensors take the cuDNN path, whose op is a StubOp; calls that took the full path
+    are counted in op.records."""
+    stub = StubOp()
+    stub.counted = count_records(monkeypatch, api, varlen)
+    monkeypatch.setattr(_ops, "_C", stub)
+    monkeypatch.setattr(_validation, "cudnn_takes", lambda q: True)
+    monkeypatch.setattr(fast_path, "cudnn_takes", lambda q: True)
+    cudnn_flex.clear_cache()
+    yield stub
+    cudnn_flex.clear_cache()

@@ -1,0 +1,218 @@
+"""The shortcut of a repeated flex_attention_varlen call (fast_path.py), on the CPU with cuDNN's op
+replaced by a stub (stub_op.py): a repeat with the same mods, the same cu_seqlens tensors at the
+same versions and the same shapes runs the op with exactly what the full path gave it; anything
+else takes the full path."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import dsl_mods, fast_path, mods
+from stub_op import op  # noqa: F401  (a fixture)
+
+H, H_KV, D = 4, 2, 16
+LENGTHS = [3, 1, 5]  # no two equal: the packed (ragged) path, not a batch of views
+
+
+def cu_of(lengths):
+    return torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
+
+
+def tokens(lengths=LENGTHS):
+    total = sum(lengths)
+    return [torch.randn(total, h, D, dtype=torch.bfloat16) for h in (H, H_KV, H_KV)]
+
+
+def call(q, k, v, cu, **kw):
+    kw.setdefault("max_seqlen_q", max(LENGTHS))
+    kw.setdefault("max_seqlen_kv", max(LENGTHS))
+    return cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, **kw)
+
+
+def same_op_arguments(a, b):
+    """Two calls of the stub gave the op the same lengths (values), cu_seqlens (objects) and options."""
+    assert [x.tolist() for x in a["seq_lens"]] == [x.tolist() for x in b["seq_lens"]]
+    assert all(x is y for x, y in zip(a["cu_seqlens"], b["cu_seqlens"]))
+    assert (a["max_seqlens"], a["scale"], a["deterministic"]) == (b["max_seqlens"], b["scale"], b["deterministic"])
+
+
+_CAP = dsl_mods.softcap(20.0)
+KINDS = {
+    "no mod": {},
+    "DSL function": {"score_mod": dsl_mods.causal},
+    "torch-style closure": {"score_mod": mods.softcap(20.0)},
+    "mask_mod": {"mask_mod": mods.causal},
+    "keyed object's methods": {"score_mod": _CAP.forward, "score_mod_bprop": _CAP.backward},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_repeat_takes_the_shortcut_with_the_full_paths_arguments(op, kind):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    for _ in range(3):
+        call(q, k, v, cu, scale=0.5, deterministic=True, **KINDS[kind])
+    assert op.records == 1
+    assert op.ids[0] == op.ids[1] == op.ids[2]
+    same_op_arguments(op.calls[0], op.calls[1])
+    assert op.calls[1]["seq_lens"][0].tolist() == LENGTHS
+    assert op.calls[1]["scale"] == 0.5 and op.calls[1]["deterministic"] is True
+
+
+def test_a_new_cu_seqlens_tensor_takes_the_full_path(op):
+    """(One tensor per batch, as a training loop makes them: read in full once, then each layer's
+    call with it takes the shortcut.)"""
+    q, k, v = tokens()
+    call(q, k, v, cu_of(LENGTHS), mask_mod=mods.causal)
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu, mask_mod=mods.causal)
+    call(q, k, v, cu, mask_mod=mods.causal)
+    assert op.records == 2
+
+
+def test_cu_seqlens_changed_in_place_are_read_again(op):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu, mask_mod=mods.causal)
+    new = [5, 3, 1]
+    cu.copy_(cu_of(new))  # the same total: only the values tell
+    call(q, k, v, cu, mask_mod=mods.causal)
+    assert op.records == 2
+    assert op.calls[1]["seq_lens"][0].tolist() == new and op.calls[1]["seq_lens"][1].tolist() == new
+    call(q, k, v, cu, mask_mod=mods.causal)
+    assert op.records == 2 and op.calls[2]["seq_lens"][0].tolist() == new
+
+
+def test_cu_seqlens_kv_is_checked_as_well_as_q(op):
+    q, k, v = tokens()
+    cu_q, cu_kv = cu_of(LENGTHS), cu_of(LENGTHS)
+    varlen = lambda cu_kv: cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5,  # noqa: E731
+                                                            max_seqlen_kv=5)
+    for _ in range(2):
+        varlen(cu_kv)
+    varlen(cu_of([1, 5, 3]))  # another tensor at the same version
+    assert op.records == 2 and op.calls[2]["seq_lens"][1].tolist() == [1, 5, 3]
+    cu_kv = cu_of(LENGTHS)
+    varlen(cu_kv)
+    cu_kv.copy_(cu_of([5, 1, 3]))  # changed in place
+    varlen(cu_kv)
+    assert op.records == 4 and op.calls[4]["seq_lens"][1].tolist() == [5, 1, 3]
+
+
+@pytest.mark.parametrize("max_q", [None, 5, 9], ids=["read from cu_seqlens", "the longest", "larger"])
+def test_the_lse_of_the_shortcut_is_the_full_paths(op, max_q):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    results = [call(q, k, v, cu, return_lse=True, max_seqlen_q=max_q, max_seqlen_kv=None) for _ in range(2)]
+    assert op.records == 1
+    (out0, lse0), (out1, lse1) = results
+    assert lse0.shape == lse1.shape == (H, sum(LENGTHS)) and out1.shape == q.shape
+    torch.testing.assert_close(lse1, lse0, rtol=0, atol=0)
+    # Each token's row of the stub's [n, H, max_q] lse: sequence i, position j.
+    want = [(i, j) for i, n in enumerate(LENGTHS) for j in range(n)]
+    longest = max_q or max(LENGTHS)
+    assert lse1[1].tolist() == [float((i * H + 1) * longest + j) for i, j in want]
+
+
+def test_one_query_per_sequence_keeps_its_lse_rows(op):
+    """Decoding: the op runs the query dim as 2 (_ops.fwd); the lse keeps one row per sequence."""
+    kv_lengths = [4, 7, 2]
+    q = torch.randn(3, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(kv_lengths), H_KV, D, dtype=torch.bfloat16) for _ in range(2))
+    cu_q, cu_kv = cu_of([1, 1, 1]), cu_of(kv_lengths)
+    kw = dict(mask_mod=mods.causal, max_seqlen_q=1, max_seqlen_kv=7, return_lse=True)
+    results = [cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, **kw) for _ in range(2)]
+    assert op.records == 1 and op.calls[1]["max_seqlens"] == [2, 7]
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    assert results[1][1].shape == (H, 3)
+
+
+@pytest.mark.parametrize("what", ["max_seqlen", "numpy max_seqlen", "mods", "shape"])
+def test_another_call_takes_the_full_path(op, what):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu, mask_mod=mods.causal)
+    if what == "max_seqlen":
+        call(q, k, v, cu, mask_mod=mods.causal, max_seqlen_q=8)
+    elif what == "numpy max_seqlen":
+        for _ in range(2):
+            call(q, k, v, cu, mask_mod=mods.causal, max_seqlen_q=np.int64(5))
+    elif what == "mods":
+        call(q, k, v, cu, mask_mod=mods.sliding_window(2))
+    else:
+        call(q[:, :2], k[:, :1], v[:, :1], cu, mask_mod=mods.causal)
+    assert op.records == (3 if what == "numpy max_seqlen" else 2)
+
+
+def test_a_rebound_closure_is_recorded_again(op):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    window = 2
+
+    def banded(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() < window
+    call(q, k, v, cu, mask_mod=banded)
+    window = 3  # noqa: F841  (read by banded)
+    call(q, k, v, cu, mask_mod=banded)
+    assert op.records == 2 and op.ids[0] != op.ids[1]
+
+
+def test_tokens_read_through_a_copy_are_not_remembered(op):
+    """k and v as views of one packed projection have a gap between tokens: the full path copies
+    them; the op would refuse them on the shortcut, so no entry is kept."""
+    q, k, v = tokens()
+    kv = torch.stack([k, v], dim=1)
+    for _ in range(2):
+        call(q, kv[:, 0], kv[:, 1], cu_of(LENGTHS))
+    cu = cu_of(LENGTHS)
+    for _ in range(2):
+        call(q, kv[:, 0], kv[:, 1], cu)
+    assert op.records == 4
+
+
+def test_a_refusal_of_the_op_takes_the_full_path(op):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu)
+    op.refuse = ValueError("cudnn_flex: refused")
+    call(q, k, v, cu)
+    assert op.records == 2 and len(op.ids) == 2
+
+
+def test_inference_tensors_are_read_every_call(op):
+    q, k, v = tokens()
+    with torch.inference_mode():
+        cu = cu_of(LENGTHS)
+        for _ in range(2):
+            call(q, k, v, cu)
+    assert op.records == 2
+
+
+def test_score_mod_tensors_take_the_full_path(op):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    slopes = torch.ones(1, H, 1, 1, dtype=torch.float32)
+    for _ in range(2):
+        call(q, k, v, cu, score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
+    assert op.records == 2
+
+
+def test_the_shortcut_keeps_no_cu_seqlens_alive_and_clear_cache_forgets_it(op):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu)
+    gone = weakref.ref(cu)
+    op.calls.clear()  # (the stub's own record of the call)
+    del cu
+    gc.collect()
+    assert gone() is None
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu)
+    cudnn_flex.clear_cache()
+    assert not fast_path._varlen_entries
+    call(q, k, v, cu)
+    assert op.records == 3

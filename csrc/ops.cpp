@@ -442,6 +442,25 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   }
 }
 
+// flex_attention_varlen passes the packed tensors as they come, [total, H, D] (three views per
+// tensor in Python were an autograd node each and ~2 us of host time); the problem is made from
+// [1, H, total, D] views of them, and the results go back as [total, H, D]. Views made here, below
+// autograd, are not tracked as views: out and the gradients are plain outputs.
+bool packed_rows(const at::Tensor& q, TensorList cu_seqlens) { return !cu_seqlens.empty() && q.dim() == 3; }
+at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0).transpose(1, 2) : t; }
+at::Tensor from_rows(const at::Tensor& t) { return t.squeeze(0).transpose(0, 1); }
+
+// Whether t lies in memory as d says: the same sizes, and the same strides where a dim has more
+// than one element (the stride of a size-1 dim addresses nothing; views of [total, H, D] tensors
+// give it another value than an allocation does).
+bool same_layout(const at::Tensor& t, const TensorDesc& d) {
+  if (t.sizes().vec() != d.dims) return false;
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (t.size(i) != 1 && t.stride(i) != d.strides[i]) return false;
+  }
+  return true;
+}
+
 // Zeroes a tensor allocated dense (its bytes are its elements) with one cudaMemsetAsync on the
 // current stream: less host time than a fill kernel through TensorIterator.
 void zero_dense(const at::Tensor& t) {
@@ -487,6 +506,11 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
                                             TensorList mod_tensors, TensorList bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
                                             std::optional<double> scale, bool deterministic, TensorList seq_lens,
                                             TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
+  if (packed_rows(q, cu_seqlens)) {
+    auto [out, lse] = fwd_cuda(as_rows(q), as_rows(k), as_rows(v), mod_tensors, bprop_tensors, mod_id, bprop_id,
+                               cacheable, scale, deterministic, seq_lens, cu_seqlens, max_seqlens);
+    return {from_rows(out), lse};
+  }
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   const Call c = prepare(Pass::Forward, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, scale, deterministic,
@@ -525,6 +549,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         int64_t bprop_id, bool cacheable, std::optional<double> scale,
                                                         bool deterministic, TensorList seq_lens,
                                                         TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
+  if (packed_rows(q, cu_seqlens)) {
+    auto [dq, dk, dv] = bwd_cuda(as_rows(grad_out), as_rows(q), as_rows(k), as_rows(v), as_rows(out), lse, mod_tensors,
+                                 bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
+                                 cu_seqlens, max_seqlens);
+    return {from_rows(dq), from_rows(dk), from_rows(dv)};
+  }
   check_inputs(q, k, v);
   c10::cuda::CUDAGuard guard(q.device());
   const Call c = prepare(Pass::Backward, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, scale, deterministic,
@@ -532,10 +562,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   const SdpaProblem& p = c.p;
   // The tensors as allocated (packed: [1, H, total, D]); p holds cuDNN's view of them.
   const TensorDesc o_layout = layout_like(q, {q.size(0), q.size(1), q.size(2), v.size(3)}, p.q.dtype);
-  TORCH_CHECK(out.strides().vec() == o_layout.strides, "cudnn_flex: bwd got an `out` that fwd did not make");
+  TORCH_CHECK(same_layout(out, o_layout), "cudnn_flex: bwd got an `out` that fwd did not make");
   // The graph reads dO with O's layout; autograd may hand over another one (or an expanded zero).
   at::Tensor d_o = grad_out;
-  if (d_o.strides().vec() != o_layout.strides) {
+  if (!same_layout(d_o, o_layout)) {
     d_o = empty_from(o_layout, grad_out.options());
     d_o.copy_(grad_out);
   }

@@ -64,10 +64,12 @@ def _empty_like_layout(like: torch.Tensor, sizes, dtype=None) -> torch.Tensor:
     return like.new_empty_strided(tuple(sizes), strides_like(like, sizes), dtype=dtype or like.dtype)
 
 
-def _check(q, k, v, mod_tensors, bprop_tensors) -> None:
+def _check(q, k, v, mod_tensors, bprop_tensors, cu_seqlens) -> None:
     """The checks of the C++ kernels (ops.cpp), so that a compiled model fails while tracing."""
+    dims = 3 if cu_seqlens and q.dim() == 3 else 4  # packed sequences come as [total, H, D]
     for name, t in (("q", q), ("k", k), ("v", v)):
-        torch._check_value(t.dim() == 4, lambda: f"cudnn_flex: {name} must be 4-D [B, H, S, D]")
+        torch._check_value(t.dim() == dims, lambda: f"cudnn_flex: {name} must be 4-D [B, H, S, D]"
+                                                    + (" (packed: [total, H, D])" if cu_seqlens else ""))
     torch._check_value(q.dtype == k.dtype == v.dtype, lambda: "cudnn_flex: q, k and v must have one dtype")
     torch._check_value(q.device == k.device == v.device, lambda: "cudnn_flex: q, k and v must be on one device")
     torch._check_value(k.shape[1] > 0 and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0,
@@ -84,9 +86,9 @@ def _check(q, k, v, mod_tensors, bprop_tensors) -> None:
 @torch.library.register_fake("cudnn_flex::fwd")
 def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
               cu_seqlens, max_seqlens):
-    _check(q, k, v, mod_tensors, bprop_tensors)
-    out = _empty_like_layout(q, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
-    # Packed sequences ([1, H, total, D] views): lse per sequence and position, [n, H, max_q].
+    _check(q, k, v, mod_tensors, bprop_tensors, cu_seqlens)
+    out = _empty_like_layout(q, tuple(q.shape[:-1]) + (v.shape[-1],))
+    # Packed sequences ([total, H, D]): lse per sequence and position, [n, H, max_q].
     rows = (cu_seqlens[0].shape[0] - 1, max_seqlens[0]) if cu_seqlens else (q.shape[0], q.shape[2])
     lse = q.new_empty((rows[0], q.shape[1], rows[1]), dtype=torch.float32)
     return out, lse
@@ -95,5 +97,5 @@ def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, 
 @torch.library.register_fake("cudnn_flex::bwd")
 def _bwd_fake(grad_out, q, k, v, out, lse, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
               deterministic, seq_lens, cu_seqlens, max_seqlens):
-    _check(q, k, v, mod_tensors, bprop_tensors)
+    _check(q, k, v, mod_tensors, bprop_tensors, cu_seqlens)
     return (_empty_like_layout(q, q.shape), _empty_like_layout(k, k.shape), _empty_like_layout(v, v.shape))

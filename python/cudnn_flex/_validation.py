@@ -61,9 +61,9 @@ def check_scale(scale) -> None:
 
 
 def check_dense_last_dim(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(3) != 1 and t.shape[3] > 1:
-            raise ValueError(f"cudnn_flex: {name}'s head dim is not contiguous (stride {t.stride(3)}); "
+    for name, t in (("q", q), ("k", k), ("v", v)):  # [B, H, S, D], or packed [total, H, D]
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"cudnn_flex: {name}'s head dim is not contiguous (stride {t.stride(-1)}); "
                              f"cuDNN needs a dense last dim: pass {name}.contiguous()")
         if not torch.compiler.is_compiling() and t.data_ptr() % 16:
             raise ValueError(f"cudnn_flex: {name}'s data is not 16-byte aligned (a slice at an odd "

@@ -203,13 +203,12 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
             scale = float(scale)
         if type(scale) is not float or not math.isfinite(scale):
             return None
-    rows = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, total, D] views, as the full path's
     try:
-        out, lse = _ops.fwd(rows(q), rows(k), rows(v), entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
                             bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens)
     except (ValueError, TypeError):
         return None  # e.g. k and v with a gap between tokens: the full path copies them, or says what is wrong
-    return out.squeeze(0).transpose(0, 1), lse, entry.max_seqlens[0]
+    return out, lse, entry.max_seqlens[0]
 
 
 def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple],

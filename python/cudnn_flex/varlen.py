@@ -257,18 +257,17 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
             score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
             _queries_shaped(q, n, longest_q, capturing), longest_kv)
         readable = [_readable_in_place(t) for t in (q, k, v)]
-        qv, kv, vv = (t.unsqueeze(0).transpose(1, 2) for t in readable)  # [1, H, total, D] views
-        check_dense_last_dim(qv, kv, vv)
+        check_dense_last_dim(*readable)
         # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a
         # score_mod when the query dim is 1 (api.cudnn_call); the dim is 2, the padding masks the rest.
         seq_lens, max_seqlens = [seq_q.lengths, seq_kv.lengths], [max(longest_q, 2), longest_kv]
-        out, lse = cudnn_call(qv, kv, vv, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens,
+        # The op takes the packed [total, H, D] tensors as they are and returns out as [total, H, D_v].
+        out, lse = cudnn_call(*readable, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens,
                               [cu_seqlens_q, cu_seqlens_kv], max_seqlens)
         if shortcut is not None and not capturing and all(r is t for r, t in zip(readable, (q, k, v))):
             # (Copied tokens would be refused by the op on the shortcut, then copied again.)
             fast_path.remember_varlen(shortcut, reads, program, cu_seqlens_q, cu_seqlens_kv, before, seq_lens,
                                       max_seqlens)
-        out = out.squeeze(0).transpose(0, 1)  # views both ways (out[0]'s backward would copy dO into zeros)
         return _packed_result(out, lse, longest_q, cu_seqlens_q, q.shape[0], return_lse, capturing)
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv, capturing)

@@ -29,7 +29,7 @@ class StubOp:
         self.ids.append((mod_id, bprop_id))
         self.calls.append({"seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})
-        out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
+        out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         if not cu_seqlens:
             return out, torch.zeros(q.shape[:3], dtype=torch.float32)
         # Packed sequences: lse per sequence and position, [n, H, max_q], as cuDNN's; numbered, so

@@ -44,6 +44,32 @@ def test_fake_shapes_for_layouts_and_gqa(layout, h_kv):
         assert dk.stride() == tuple(strides_like(k, k.shape))
 
 
+@pytest.mark.parametrize("order", ["THD", "HTD view"])
+def test_fake_shapes_for_packed_sequences(order):
+    """flex_attention_varlen hands the op [total, H, D] tensors: out comes back [total, H, D_v] in
+    q's dimension order, lse per sequence and position [n, H, max_q], gradients like q, k, v."""
+    total_q, total_kv, h, h_kv, d, d_v, n, max_q, max_kv = 300, 200, 8, 2, 64, 32, 3, 150, 90
+
+    def packed(total, heads, dim):
+        if order == "THD":
+            return torch.empty(total, heads, dim, dtype=torch.bfloat16, device="cuda")
+        return torch.empty(heads, total, dim, dtype=torch.bfloat16, device="cuda").transpose(0, 1)
+
+    with FakeTensorMode():
+        q, k, v = packed(total_q, h, d), packed(total_kv, h_kv, d), packed(total_kv, h_kv, d_v)
+        cu_q = torch.empty(n + 1, dtype=torch.int32, device="cuda")
+        cu_kv = torch.empty(n + 1, dtype=torch.int32, device="cuda")
+        lens = [torch.empty(n, dtype=torch.int32, device="cuda") for _ in range(2)]
+        packing = (lens, [cu_q, cu_kv], [max_q, max_kv])
+        out, lse = torch.ops.cudnn_flex.fwd(q, k, v, [], [], 0, 0, True, None, False, *packing)
+        assert out.shape == (total_q, h, d_v) and lse.shape == (n, h, max_q)
+        assert out.stride() == tuple(strides_like(q, out.shape))
+        dq, dk, dv = torch.ops.cudnn_flex.bwd(out, q, k, v, out, lse, [], [], 0, 0, True, None, False, *packing)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+        with pytest.raises(ValueError, match="packed: \\[total, H, D\\]"):
+            torch.ops.cudnn_flex.fwd(q, k.unsqueeze(0), v, [], [], 0, 0, True, None, False, *packing)
+
+
 def meta_qkv():
     return [torch.empty(1, 2, 16, 64, dtype=torch.float16, device="meta", requires_grad=True) for _ in range(3)]
 

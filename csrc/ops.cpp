@@ -581,7 +581,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
     dv.zero_();
     if (empty) return {dq, dk, dv};
   } else if (p.ragged) {
-    zero_dense(dq);  // packed: the queries of a sequence without keys get no dq (as in fwd_cuda)
+    // Packed: cuDNN writes no dq for the queries of a sequence without keys (as out in fwd_cuda),
+    // and is not relied on to write dk, dv for the keys of a sequence without queries.
+    zero_dense(dq);
+    zero_dense(dk);
+    zero_dense(dv);
   }
   std::vector<std::pair<int64_t, void*>> pointers{
       {kQ, q.data_ptr()},   {kK, k.data_ptr()},   {kV, v.data_ptr()},   {kO, out.data_ptr()},  {kLse, lse.data_ptr()},

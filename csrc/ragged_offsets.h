@@ -4,9 +4,10 @@
 // forward and twice in the backward, against ~17 us for a whole plain call (issue 15).
 //
 // The same rule as flex_attention_varlen's host reads (_validation.once_per_version): a tensor's
-// values are taken as unchanged while its version counter is. Not remembered: offsets made
-// during CUDA graph capture (a replay must follow what the buffer holds then) and of inference
-// tensors (no version counter).
+// values are taken as unchanged while its version counter and its data pointer are (`t.data = u`
+// swaps the storage without a version bump). Not remembered: offsets made during CUDA graph
+// capture (a replay must follow what the buffer holds then) and of inference tensors (no version
+// counter).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,12 +33,13 @@ class RaggedOffsetsCache {
   at::Tensor get(const at::Tensor& cu_seqlens, int64_t stride, int64_t stream, Make&& make) {
     c10::TensorImpl* impl = cu_seqlens.unsafeGetTensorImpl();
     const uint32_t version = cu_seqlens._version();
+    const void* data = cu_seqlens.data_ptr();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (const Entry& e : entries_) {
         // A weak reference keeps the TensorImpl's memory, so a live match at this address is
         // this very tensor, never a new one allocated where a dead one was.
-        if (e.impl == impl && !e.of.expired() && e.version == version && e.stride == stride &&
+        if (e.impl == impl && !e.of.expired() && e.version == version && e.data == data && e.stride == stride &&
             e.stream == stream)
           return e.offsets;
       }
@@ -47,7 +49,7 @@ class RaggedOffsetsCache {
     if (entries_.size() >= capacity_) entries_.pop_front();  // the oldest; a tiny tensor each
     entries_.push_back(Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
                                  cu_seqlens.getIntrusivePtr()),
-                             impl, version, stride, stream, offsets});
+                             impl, version, data, stride, stream, offsets});
     return offsets;
   }
 
@@ -61,6 +63,7 @@ class RaggedOffsetsCache {
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> of;
     c10::TensorImpl* impl;
     uint32_t version;
+    const void* data;
     int64_t stride;
     int64_t stream;
     at::Tensor offsets;

@@ -144,18 +144,23 @@ _per_version: dict = {}
 
 
 def once_per_version(t: torch.Tensor, what: Hashable, compute: Callable[[], object]) -> object:
-    """compute(), remembered for this tensor object while its version stays the same. An
-    inference tensor (made under torch.inference_mode()) has no version counter, so an in-place
-    change would go unseen: it is computed on every call."""
+    """compute(), remembered for this tensor object while its version and data pointer stay the
+    same (`t.data = u` swaps the storage without a version bump; a write through `.data`, DLPack,
+    numpy or a CUDA graph replay bumps neither and goes unseen). An inference tensor (made under
+    torch.inference_mode()) has no version counter, so an in-place change would go unseen: it is
+    computed on every call. What is remembered is made outside inference mode, so that a later
+    call with autograd may save it for its backward."""
     if t.is_inference():
         return compute()
     key = (id(t), what)
+    state = (t._version, t.data_ptr())
     seen = _per_version.get(key)
-    if seen is not None and seen[0]() is t and seen[1] == t._version:
+    if seen is not None and seen[0]() is t and seen[1] == state:
         return seen[2]
-    value = compute()
+    with torch.inference_mode(False):
+        value = compute()
     # The entry goes with the tensor (what it holds, e.g. a row index on the device, with it).
-    _per_version[key] = (weakref.ref(t, lambda _: _per_version.pop(key, None)), t._version, value)
+    _per_version[key] = (weakref.ref(t, lambda _: _per_version.pop(key, None)), state, value)
     return value
 
 

@@ -108,11 +108,9 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         return None
     if not cudnn_takes(q):
         return None
-    if scale is not None:
-        if type(scale) is int:
-            scale = float(scale)
-        if type(scale) is not float or not math.isfinite(scale):
-            return None  # a bool, NaN or other type: the full path says what is wrong
+    scale = _op_scale(scale)
+    if scale is _REFUSED:
+        return None
     if layout != "bhsd":
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
@@ -124,6 +122,17 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+_REFUSED = object()
+
+
+def _op_scale(scale):
+    """The scale as the op takes it (None or a finite float), or _REFUSED: a bool, NaN or other
+    type, which the full path names in its error."""
+    if scale is None or (type(scale) is float and math.isfinite(scale)):
+        return scale
+    return float(scale) if type(scale) is int else _REFUSED
 
 
 def reads_before(key, score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
@@ -179,12 +188,17 @@ def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_
 
 
 def versions(cu_seqlens_q, cu_seqlens_kv) -> Optional[tuple]:
-    """The versions of the cu_seqlens as a full call is about to read them, or None: inference
-    tensors have no version counter (the full path reads them every call)."""
+    """The versions and data pointers of the cu_seqlens as a full call is about to read them
+    (`t.data = u` swaps the storage without a version bump), or None: inference tensors have no
+    version counter (the full path reads them every call)."""
     for t in (cu_seqlens_q, cu_seqlens_kv):
         if type(t) is not torch.Tensor or t.is_inference():
             return None
-    return cu_seqlens_q._version, cu_seqlens_kv._version
+    return _state(cu_seqlens_q, cu_seqlens_kv)
+
+
+def _state(cu_seqlens_q, cu_seqlens_kv) -> tuple:
+    return cu_seqlens_q._version, cu_seqlens_q.data_ptr(), cu_seqlens_kv._version, cu_seqlens_kv.data_ptr()
 
 
 def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic):
@@ -193,16 +207,13 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
     query per sequence, a longer lse row picks the same rows.)"""
     entry = _varlen_entries.get(key)
     if (entry is None or entry.cu_q() is not cu_seqlens_q or entry.cu_kv() is not cu_seqlens_kv
-            or (cu_seqlens_q._version, cu_seqlens_kv._version) != entry.versions
+            or _state(cu_seqlens_q, cu_seqlens_kv) != entry.versions
             or not guard.unchanged(entry.reads) or not cudnn_takes(q)):
         return None
-    if q.is_cuda and torch._C._cuda_isCurrentStreamCapturing():
-        return None  # a captured call computes the lengths in the graph (varlen._replayable)
-    if scale is not None:
-        if type(scale) is int:
-            scale = float(scale)
-        if type(scale) is not float or not math.isfinite(scale):
-            return None
+    scale = _op_scale(scale)
+    # A captured call computes the lengths in the graph (varlen._replayable).
+    if scale is _REFUSED or (q.is_cuda and torch._C._cuda_isCurrentStreamCapturing()):
+        return None
     try:
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
                             bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens)
@@ -214,12 +225,11 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
 def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple],
                     seq_lens: list, max_seqlens: list) -> None:
     """After a flex_attention_varlen call ran in full on cuDNN's packed path, with q, k and v read
-    in place: remembers it for the shortcut, if its mods allow one, nothing they read changed, and
-    the cu_seqlens are still at the versions the call read (`before`)."""
+    in place: remembers it for the shortcut, if its mods allow one and nothing they read changed,
+    under the versions of the cu_seqlens the call read (`before`: a change during the call leaves
+    an entry no later call matches)."""
     if reads is None or before is None or not guard.unchanged(reads) or (program is not None and (
             program.mod_slots or program.bprop_slots)):
-        return
-    if versions(cu_seqlens_q, cu_seqlens_kv) != before:
         return
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,

@@ -13,7 +13,8 @@ whole packed row. Sequences all of one length
 run as a batch of views. Elsewhere the sequences are copied into a padded batch [n, H, longest, D]
 and run as flex_attention with seq_lens_q/seq_lens_kv (the reference path). With max_seqlen_q/kv
 given, a call reads nothing on the host once its cu_seqlens tensors were checked (once per tensor
-and version).
+and version), and a repeat with the same mods and cu_seqlens tensors goes straight to the op
+(fast_path.py).
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v: [total_kv, H_kv, D_v].
         cu_seqlens_q: int32 [n + 1] on q's device: 0, then the running sum of the query lengths
             (sequence i is q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]); zero lengths are allowed.
+            Read once per tensor and version: change it in place or pass a new tensor (a write
+            through .data, DLPack, numpy or a CUDA graph replay is not seen).
         cu_seqlens_kv: int32 [n + 1], the same for k and v.
         score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors, mask_mod: as for
             flex_attention, with b the sequence number and q_idx, kv_idx positions within the

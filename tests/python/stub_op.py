@@ -20,12 +20,16 @@ class StubOp:
         self.ids = []
         self.calls = []  # the other arguments of each call
         self.refuse = None  # an exception to raise instead, once
+        self.during = None  # a function to run inside the next call, once (another thread, say)
 
     def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
             seq_lens, cu_seqlens, max_seqlens):
         if self.refuse is not None:
             error, self.refuse = self.refuse, None
             raise error
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
         self.ids.append((mod_id, bprop_id))
         self.calls.append({"seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})

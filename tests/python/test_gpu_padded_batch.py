@@ -212,24 +212,28 @@ def test_packed_decoding_one_query_per_sequence():
     check(results["cuda"], results["cpu"], label="packed decoding")
 
 
+@pytest.mark.parametrize("split", [[0, 100, 200], [0, 60, 200]], ids=["all full at capture", "uneven"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no mod", "causal"])
-def test_a_captured_varlen_call_follows_new_cu_seqlens_on_replay(masked):
+def test_a_captured_varlen_call_follows_new_cu_seqlens_on_replay(masked, split):
     """Servers capture a step with static buffers and update cu_seqlens in place: every replay
-    must use the new boundaries (the lengths are computed inside the graph, and an all-full split
-    at capture is no shortcut baked into it). Out and lse against an eager call per split."""
+    must use the new boundaries (the lengths and ragged offsets are computed inside the graph, an
+    all-full split at capture is no shortcut baked into it, and an uneven warm-up on the capture's
+    own stream leaves nothing the capture may reuse: neither the call's shortcut nor the op's
+    remembered offsets). Out and lse against an eager call per split."""
     total = 200
     kwargs = {"mask_mod": mods.causal} if masked else {}
     q, k, v = (torch.randn(total, h, D, device="cuda", dtype=torch.bfloat16) for h in (H, H_KV, H_KV))
-    cu = torch.tensor([0, 100, 200], dtype=torch.int32, device="cuda")  # all full at capture
+    cu = torch.tensor(split, dtype=torch.int32, device="cuda")
     run = lambda: cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=total, max_seqlen_kv=total,  # noqa: E731
                                                    return_lse=True, **kwargs)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         run()  # warm-up: builds the graphs, checks cu_seqlens on the host
+        run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         out, lse = run()
     for split in ([0, 37, 200], [0, 1, 200], [0, 129, 200], [0, 100, 200]):
         cu.copy_(torch.tensor(split, dtype=torch.int32))

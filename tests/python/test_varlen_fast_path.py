@@ -103,6 +103,71 @@ def test_cu_seqlens_kv_is_checked_as_well_as_q(op):
     assert op.records == 4 and op.calls[4]["seq_lens"][1].tolist() == [5, 1, 3]
 
 
+def test_a_new_cu_seqlens_q_with_the_same_cu_seqlens_kv(op):
+    q, k, v = tokens()
+    cu_q, cu_kv = cu_of(LENGTHS), cu_of(LENGTHS)
+    for _ in range(2):
+        cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
+    cudnn_flex.flex_attention_varlen(q, k, v, cu_of([5, 3, 1]), cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
+    assert op.records == 2 and op.calls[2]["seq_lens"][0].tolist() == [5, 3, 1]
+
+
+@pytest.mark.parametrize("which", ["q", "kv"])
+def test_a_new_tensor_where_a_freed_one_was_is_read(op, which):
+    """A new cu_seqlens tensor at a freed one's address and version, with other values (as the
+    caching allocator hands a freed block to the next tensor): here two views of one buffer, the
+    values written through .data between them (no version bump)."""
+    q, k, v = tokens()
+    buffer, other = cu_of(LENGTHS), cu_of(LENGTHS)
+    pair = lambda t: (t, other) if which == "q" else (other, t)  # noqa: E731
+    for _ in range(2):
+        cudnn_flex.flex_attention_varlen(q, k, v, *pair(buffer.view(-1)), max_seqlen_q=5, max_seqlen_kv=5)
+    buffer.data.copy_(cu_of([5, 3, 1]))
+    cudnn_flex.flex_attention_varlen(q, k, v, *pair(buffer.view(-1)), max_seqlen_q=5, max_seqlen_kv=5)
+    lengths = op.calls[-1]["seq_lens"][0 if which == "q" else 1]
+    assert lengths.tolist() == [5, 3, 1]
+
+
+def test_cu_seqlens_whose_storage_was_swapped_are_read_again(op):
+    """`t.data = u` gives the same tensor object new values without a version bump."""
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu)
+    cu.data = cu_of([1, 5, 3])
+    call(q, k, v, cu)
+    assert op.records == 2 and op.calls[1]["seq_lens"][0].tolist() == [1, 5, 3]
+
+
+def test_cu_seqlens_changed_while_the_call_ran_are_not_remembered(op):
+    """(Another thread, say, between the full path's read and the op.)"""
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    op.during = lambda: cu.add_(0)
+    call(q, k, v, cu)
+    call(q, k, v, cu)
+    assert op.records == 2
+
+
+def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
+    def per_head_bias(score, b, h, q_idx, kv_idx):
+        return score + torch.tensor([0.5, -0.5, 0.25, 0.0])[h]
+
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    for _ in range(2):
+        call(q, k, v, cu, score_mod=per_head_bias)
+    assert op.records == 2 and not fast_path._varlen_entries
+
+
+@pytest.mark.parametrize("scale", [True, float("nan")], ids=["bool", "nan"])
+def test_a_scale_the_full_path_refuses_is_refused_on_a_repeat(op, scale):
+    q, k, v = tokens()
+    cu = cu_of(LENGTHS)
+    call(q, k, v, cu, scale=0.5)
+    with pytest.raises((TypeError, ValueError), match="scale"):
+        call(q, k, v, cu, scale=scale)
+
+
 @pytest.mark.parametrize("max_q", [None, 5, 9], ids=["read from cu_seqlens", "the longest", "larger"])
 def test_the_lse_of_the_shortcut_is_the_full_paths(op, max_q):
     q, k, v = tokens()
@@ -216,3 +281,17 @@ def test_the_shortcut_keeps_no_cu_seqlens_alive_and_clear_cache_forgets_it(op):
     assert not fast_path._varlen_entries
     call(q, k, v, cu)
     assert op.records == 3
+
+
+def test_lengths_read_under_inference_mode_serve_a_later_backward():
+    """The lengths are remembered per cu_seqlens version; made under torch.inference_mode() they
+    would be inference tensors, which a later call with autograd cannot save for its backward.
+    (The CPU reference path, no stub: it saves them.)"""
+    cu = cu_of(LENGTHS)
+    q, k, v = (t.float() for t in tokens())
+    with torch.inference_mode():
+        cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_kv=5)
+    q.requires_grad_()
+    out = cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_kv=5)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -442,10 +442,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   }
 }
 
-// flex_attention_varlen passes the packed tensors as they come, [total, H, D] (three views per
-// tensor in Python were an autograd node each and ~2 us of host time); the problem is made from
-// [1, H, total, D] views of them, and the results go back as [total, H, D]. Views made here, below
-// autograd, are not tracked as views: out and the gradients are plain outputs.
+// flex_attention_varlen passes the packed tensors as they come, [total, H, D] (the two views
+// per tensor it made in Python were an autograd node each and ~2 us of host time); the problem
+// is made from [1, H, total, D] views of them, and the results go back as [total, H, D]. Views
+// made here, below autograd, are not tracked as views: out and the gradients are plain outputs.
 bool packed_rows(const at::Tensor& q, TensorList cu_seqlens) { return !cu_seqlens.empty() && q.dim() == 3; }
 at::Tensor as_rows(const at::Tensor& t) { return t.dim() == 3 ? t.unsqueeze(0).transpose(1, 2) : t; }
 at::Tensor from_rows(const at::Tensor& t) { return t.squeeze(0).transpose(0, 1); }

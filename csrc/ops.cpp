@@ -200,6 +200,9 @@ std::vector<at::Tensor> ragged_offsets(const SdpaProblem& p, TensorList cu_seqle
   std::vector<at::Tensor> out;
   const std::tuple<const TensorDesc*, int, int64_t> located[] = {
       {&p.q, 0, total_q}, {&p.o, 0, total_q}, {&p.k, 1, total_kv}, {&p.v, 1, total_kv}};
+  // Made anew under capture (replays follow the buffer's values then) and for inference tensors.
+  const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  const int64_t stream = c10::cuda::getCurrentCUDAStream(cu_seqlens[0].device().index()).id();
   for (size_t i = 0; i < 4; ++i) {
     auto [d, which, total] = located[i];
     TORCH_CHECK_VALUE(total * d->strides[2] <= std::numeric_limits<int32_t>::max(),
@@ -213,13 +216,8 @@ std::vector<at::Tensor> ragged_offsets(const SdpaProblem& p, TensorList cu_seqle
     const at::Tensor& cu = cu_seqlens[which];
     const int64_t stride = d->strides[2];
     auto multiply = [&] { return cu * stride; };
-    // Made anew under capture (replays follow the buffer's values then) and for inference tensors.
-    const bool remembered = !cu.is_inference() && c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
-                                                      c10::cuda::CaptureStatus::None;
-    out.push_back(remembered ? ragged_offsets_cache().get(cu, stride,
-                                                          c10::cuda::getCurrentCUDAStream(cu.device().index()).id(),
-                                                          multiply)
-                             : multiply());
+    const bool remembered = !capturing && !cu.is_inference();
+    out.push_back(remembered ? ragged_offsets_cache().get(cu, stride, stream, multiply) : multiply());
   }
   return out;
 }

@@ -172,8 +172,6 @@ MUTATIONS += [
     ("varlen shortcut remembers the versions after the call", P + "fast_path.py",
      "_VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,",
      "_VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, versions(cu_seqlens_q, cu_seqlens_kv),"),
-    ("varlen shortcut over tensors made inside the mod", P + "fast_path.py",
-     "not guard.unchanged(reads) or (program is not None and (", "not guard.unchanged(reads) or (False and ("),
     ("varlen shortcut takes any scale", P + "fast_path.py",
      "if scale is _REFUSED or (q.is_cuda", "if (q.is_cuda"),
     ("lengths read under inference mode kept as inference tensors", P + "_validation.py",

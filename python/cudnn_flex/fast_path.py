@@ -91,12 +91,18 @@ def _mods_key(score_mod, score_mod_bprop, mask_mod):
     return (mod, bprop, mask, marked)
 
 
+def _plain_tensors(q, k, v) -> bool:
+    """q, k and v are torch.Tensor itself: a subclass may override __torch_function__, which the
+    shortcut does not call."""
+    return type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+
+
 def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
     """The key of a call that could take the shortcut, or None: the mods, the shapes of q, k and v
     (the program may depend on them, and a known shape passed the full path's checks), layout and
     backend."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-        return None  # a subclass may override __torch_function__, which the shortcut does not call
+    if not _plain_tensors(q, k, v):
+        return None
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
     return None if mods is None else (mods, q.shape, k.shape, v.shape, layout, backend)
 
@@ -149,12 +155,20 @@ def remember(key, reads: Optional[tuple], program) -> None:
     """After a call ran in full on cuDNN without tensors: remembers its program for the shortcut,
     if its mods allow one and nothing they read changed while it ran. Nothing is kept for mods
     that allow none (the key would hold them, and what their closures hold, alive)."""
+    if _may_remember(key, reads, program):
+        _bounded_put(_entries, key, _Entry(reads, program), _MAX_ENTRIES)
+
+
+def _may_remember(key, reads: Optional[tuple], program) -> bool:
+    """Whether a call that ran in full may be remembered (remember, remember_varlen): its mods
+    allow a shortcut, nothing they read changed while it ran, and no tensor is made inside them.
+    If so, keeps what they read for their calls at other shapes."""
     if reads is None or not guard.unchanged(reads):
-        return
+        return False
     if program is not None and (program.mod_slots or program.bprop_slots):
-        return  # a tensor made inside a torch-style mod: read every call by the full path
+        return False  # a tensor made inside a torch-style mod: read every call by the full path
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
-    _bounded_put(_entries, key, _Entry(reads, program), _MAX_ENTRIES)
+    return True
 
 
 # Packed sequences (flex_attention_varlen). What the full path reads of cu_seqlens (the number of
@@ -166,19 +180,18 @@ _varlen_entries: dict = {}
 _MAX_VARLEN_ENTRIES = 256
 
 
-class _VarlenEntry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens")
+class _VarlenEntry(_Entry):
+    __slots__ = ("cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens")
 
     def __init__(self, reads, program, cu_q, cu_kv, versions, seq_lens, max_seqlens):
-        self.reads, self.program = reads, program
-        self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+        super().__init__(reads, program)
         self.cu_q, self.cu_kv = weakref.ref(cu_q), weakref.ref(cu_kv)
         self.versions, self.seq_lens, self.max_seqlens = versions, seq_lens, max_seqlens
 
 
 def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv):
     """The key of a flex_attention_varlen call that could take the shortcut, or None."""
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+    if not _plain_tensors(q, k, v):
         return None
     if not (max_seqlen_q is None or type(max_seqlen_q) is int) or not (max_seqlen_kv is None
                                                                        or type(max_seqlen_kv) is int):
@@ -228,10 +241,8 @@ def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqle
     in place: remembers it for the shortcut, if its mods allow one and nothing they read changed,
     under the versions of the cu_seqlens the call read (`before`: a change during the call leaves
     an entry no later call matches)."""
-    if reads is None or before is None or not guard.unchanged(reads) or (program is not None and (
-            program.mod_slots or program.bprop_slots)):
+    if before is None or not _may_remember(key, reads, program):
         return
-    _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,
                                                     list(seq_lens), list(max_seqlens)), _MAX_VARLEN_ENTRIES)
 

@@ -1,5 +1,6 @@
 """The mods the GPU tests of padded batches, packed sequences and inference share, each with the
-formula of its scores for oracle.attention (float64 on the CPU). Built for H query heads."""
+formula of its scores for oracle.attention (float64 on the CPU), built for H query heads; and the
+cu_seqlens of packed sequences."""
 
 import torch
 
@@ -9,6 +10,12 @@ H = 4
 NEG_INF = float("-inf")
 SOFTCAP = dsl_mods.softcap(20.0)
 SLOPES = mods.alibi_slopes(H)
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """int32 [n + 1]: 0, then the running sum of the lengths (FlashAttention's cu_seqlens)."""
+    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
 
 
 def where_kept(keep, s):

@@ -11,7 +11,7 @@ import cudnn_flex
 import oracle
 from cudnn_flex import mods
 from gpu_cases import check, make_inputs
-from length_mods import H, MODS, NEG_INF, SLOPES, where_kept
+from length_mods import H, MODS, NEG_INF, SLOPES, cu_seqlens, where_kept
 
 pytestmark = pytest.mark.gpu
 
@@ -85,8 +85,7 @@ def test_packed_sequences_match_the_reference_path(mod, packing, layout):
     (float64), which test_varlen.py checks against one flex_attention call per sequence; out, lse
     and the three gradients."""
     lengths_q, lengths_kv = PACKINGS[packing]
-    cu_q = torch.tensor([0] + torch.tensor(lengths_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_kv = torch.tensor([0] + torch.tensor(lengths_kv).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q, cu_kv = cu_seqlens(lengths_q), cu_seqlens(lengths_kv)
     g = torch.Generator().manual_seed(13)
     host = [torch.randn(sum(n), h, D, generator=g).to(torch.bfloat16)
             for n, h in ((lengths_q, H), (lengths_kv, H_KV), (lengths_kv, H_KV))]
@@ -198,7 +197,7 @@ def test_packed_decoding_one_query_per_sequence():
     distance bias, against the CPU reference path."""
     lengths_kv = [1, 129, 300, 77]
     cu_q = torch.arange(5, dtype=torch.int32)
-    cu_kv = torch.tensor([0] + torch.tensor(lengths_kv).cumsum(0).tolist(), dtype=torch.int32)
+    cu_kv = cu_seqlens(lengths_kv)
     g = torch.Generator().manual_seed(17)
     host = [torch.randn(n, h, D, generator=g).to(torch.bfloat16) for n, h in ((4, H), (sum(lengths_kv), H_KV),
                                                                              (sum(lengths_kv), H_KV))]

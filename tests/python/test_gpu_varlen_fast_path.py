@@ -12,7 +12,7 @@ import torch
 import cudnn_flex
 from cudnn_flex import varlen
 from gpu_cases import check
-from length_mods import H, MODS
+from length_mods import H, MODS, cu_seqlens
 from record_counter import count_records
 
 pytestmark = pytest.mark.gpu
@@ -34,8 +34,6 @@ def records(monkeypatch):
     return count
 
 
-def cu_of(lengths, device="cuda"):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
 def poison(*blocks):
@@ -65,7 +63,7 @@ def run(lengths_q, lengths_kv, mod, cu_q, cu_kv, seed, device="cuda", dtype=torc
 
 
 def reference(lengths_q, lengths_kv, mod, seed):
-    return run(lengths_q, lengths_kv, mod, cu_of(lengths_q, "cpu"), cu_of(lengths_kv, "cpu"), seed, "cpu",
+    return run(lengths_q, lengths_kv, mod, cu_seqlens(lengths_q), cu_seqlens(lengths_kv), seed, "cpu",
                torch.float64)
 
 
@@ -74,7 +72,7 @@ def reference(lengths_q, lengths_kv, mod, seed):
 @pytest.mark.parametrize("mod", [name for name in MODS if name != "alibi"])
 def test_a_packed_call_by_the_shortcut_matches_the_reference(records, mod, packing):
     lengths_q, lengths_kv = PACKINGS[packing]
-    cu_q, cu_kv = cu_of(lengths_q), cu_of(lengths_kv)
+    cu_q, cu_kv = cu_seqlens(lengths_q, "cuda"), cu_seqlens(lengths_kv, "cuda")
     kwargs = MODS[mod][0]("cuda")  # the same mods for both calls (a factory's closures are new each time)
     for seed in (1, 2):  # the full path, then the shortcut, each on fresh inputs
         got = run(lengths_q, lengths_kv, mod, cu_q, cu_kv, seed, kwargs=kwargs)
@@ -85,11 +83,11 @@ def test_a_packed_call_by_the_shortcut_matches_the_reference(records, mod, packi
 def test_cu_seqlens_changed_in_place_give_the_new_sequences(records):
     """The same tensors, new values: the shortcut and the op's remembered offsets follow them."""
     before, after = ([120, 80], [80, 120]), ([30, 170], [170, 30])  # one total, unequal lengths: packed
-    cu_q, cu_kv = cu_of(before[0]), cu_of(before[1])
+    cu_q, cu_kv = cu_seqlens(before[0], "cuda"), cu_seqlens(before[1], "cuda")
     run(*before, "causal", cu_q, cu_kv, seed=3)
     run(*before, "causal", cu_q, cu_kv, seed=3)
-    cu_q.copy_(cu_of(after[0]))
-    cu_kv.copy_(cu_of(after[1]))
+    cu_q.copy_(cu_seqlens(after[0]))
+    cu_kv.copy_(cu_seqlens(after[1]))
     for seed in (4, 5):
         check(run(*after, "causal", cu_q, cu_kv, seed), reference(*after, "causal", seed), label=f"in place {seed}")
     assert records[0] == 2
@@ -99,7 +97,7 @@ def test_new_cu_seqlens_where_freed_ones_were():
     """A cu_seqlens tensor freed and another made at once (likely in the same memory, at
     version 0): its own offsets, never the freed one's."""
     for i, lengths in enumerate(([129, 71], [1, 199], [64, 136])):
-        cu = cu_of(lengths)
+        cu = cu_seqlens(lengths, "cuda")
         check(run(lengths, lengths, "none", cu, cu, seed=6 + i), reference(lengths, lengths, "none", 6 + i),
               label=f"{lengths}")
         del cu

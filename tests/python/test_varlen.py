@@ -8,12 +8,11 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, mods
+from length_mods import cu_seqlens
 
 H, H_KV, D, D_V = 4, 2, 16, 8
 
 
-def cu_seqlens(lengths):
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist(), dtype=torch.int32)
 
 
 def packed(lengths_q, lengths_kv, seed=0, dtype=torch.float64):

@@ -12,14 +12,13 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
+from length_mods import cu_seqlens
 from stub_op import op  # noqa: F401  (a fixture)
 
 H, H_KV, D = 4, 2, 16
 LENGTHS = [3, 1, 5]  # no two equal: the packed (ragged) path, not a batch of views
 
 
-def cu_of(lengths):
-    return torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32)
 
 
 def tokens(lengths=LENGTHS):
@@ -53,7 +52,7 @@ KINDS = {
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_repeat_takes_the_shortcut_with_the_full_paths_arguments(op, kind):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     for _ in range(3):
         call(q, k, v, cu, scale=0.5, deterministic=True, **KINDS[kind])
     assert op.records == 1
@@ -67,8 +66,8 @@ def test_a_new_cu_seqlens_tensor_takes_the_full_path(op):
     """(One tensor per batch, as a training loop makes them: read in full once, then each layer's
     call with it takes the shortcut.)"""
     q, k, v = tokens()
-    call(q, k, v, cu_of(LENGTHS), mask_mod=mods.causal)
-    cu = cu_of(LENGTHS)
+    call(q, k, v, cu_seqlens(LENGTHS), mask_mod=mods.causal)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu, mask_mod=mods.causal)
     call(q, k, v, cu, mask_mod=mods.causal)
     assert op.records == 2
@@ -76,10 +75,10 @@ def test_a_new_cu_seqlens_tensor_takes_the_full_path(op):
 
 def test_cu_seqlens_changed_in_place_are_read_again(op):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu, mask_mod=mods.causal)
     new = [5, 3, 1]
-    cu.copy_(cu_of(new))  # the same total: only the values tell
+    cu.copy_(cu_seqlens(new))  # the same total: only the values tell
     call(q, k, v, cu, mask_mod=mods.causal)
     assert op.records == 2
     assert op.calls[1]["seq_lens"][0].tolist() == new and op.calls[1]["seq_lens"][1].tolist() == new
@@ -89,26 +88,26 @@ def test_cu_seqlens_changed_in_place_are_read_again(op):
 
 def test_cu_seqlens_kv_is_checked_as_well_as_q(op):
     q, k, v = tokens()
-    cu_q, cu_kv = cu_of(LENGTHS), cu_of(LENGTHS)
+    cu_q, cu_kv = cu_seqlens(LENGTHS), cu_seqlens(LENGTHS)
     varlen = lambda cu_kv: cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5,  # noqa: E731
                                                             max_seqlen_kv=5)
     for _ in range(2):
         varlen(cu_kv)
-    varlen(cu_of([1, 5, 3]))  # another tensor at the same version
+    varlen(cu_seqlens([1, 5, 3]))  # another tensor at the same version
     assert op.records == 2 and op.calls[2]["seq_lens"][1].tolist() == [1, 5, 3]
-    cu_kv = cu_of(LENGTHS)
+    cu_kv = cu_seqlens(LENGTHS)
     varlen(cu_kv)
-    cu_kv.copy_(cu_of([5, 1, 3]))  # changed in place
+    cu_kv.copy_(cu_seqlens([5, 1, 3]))  # changed in place
     varlen(cu_kv)
     assert op.records == 4 and op.calls[4]["seq_lens"][1].tolist() == [5, 1, 3]
 
 
 def test_a_new_cu_seqlens_q_with_the_same_cu_seqlens_kv(op):
     q, k, v = tokens()
-    cu_q, cu_kv = cu_of(LENGTHS), cu_of(LENGTHS)
+    cu_q, cu_kv = cu_seqlens(LENGTHS), cu_seqlens(LENGTHS)
     for _ in range(2):
         cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
-    cudnn_flex.flex_attention_varlen(q, k, v, cu_of([5, 3, 1]), cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
+    cudnn_flex.flex_attention_varlen(q, k, v, cu_seqlens([5, 3, 1]), cu_kv, max_seqlen_q=5, max_seqlen_kv=5)
     assert op.records == 2 and op.calls[2]["seq_lens"][0].tolist() == [5, 3, 1]
 
 
@@ -118,11 +117,11 @@ def test_a_new_tensor_where_a_freed_one_was_is_read(op, which):
     caching allocator hands a freed block to the next tensor): here two views of one buffer, the
     values written through .data between them (no version bump)."""
     q, k, v = tokens()
-    buffer, other = cu_of(LENGTHS), cu_of(LENGTHS)
+    buffer, other = cu_seqlens(LENGTHS), cu_seqlens(LENGTHS)
     pair = lambda t: (t, other) if which == "q" else (other, t)  # noqa: E731
     for _ in range(2):
         cudnn_flex.flex_attention_varlen(q, k, v, *pair(buffer.view(-1)), max_seqlen_q=5, max_seqlen_kv=5)
-    buffer.data.copy_(cu_of([5, 3, 1]))
+    buffer.data.copy_(cu_seqlens([5, 3, 1]))
     cudnn_flex.flex_attention_varlen(q, k, v, *pair(buffer.view(-1)), max_seqlen_q=5, max_seqlen_kv=5)
     lengths = op.calls[-1]["seq_lens"][0 if which == "q" else 1]
     assert lengths.tolist() == [5, 3, 1]
@@ -131,9 +130,9 @@ def test_a_new_tensor_where_a_freed_one_was_is_read(op, which):
 def test_cu_seqlens_whose_storage_was_swapped_are_read_again(op):
     """`t.data = u` gives the same tensor object new values without a version bump."""
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu)
-    cu.data = cu_of([1, 5, 3])
+    cu.data = cu_seqlens([1, 5, 3])
     call(q, k, v, cu)
     assert op.records == 2 and op.calls[1]["seq_lens"][0].tolist() == [1, 5, 3]
 
@@ -141,7 +140,7 @@ def test_cu_seqlens_whose_storage_was_swapped_are_read_again(op):
 def test_cu_seqlens_changed_while_the_call_ran_are_not_remembered(op):
     """(Another thread, say, between the full path's read and the op.)"""
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     op.during = lambda: cu.add_(0)
     call(q, k, v, cu)
     call(q, k, v, cu)
@@ -153,7 +152,7 @@ def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
         return score + torch.tensor([0.5, -0.5, 0.25, 0.0])[h]
 
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     for _ in range(2):
         call(q, k, v, cu, score_mod=per_head_bias)
     assert op.records == 2 and not fast_path._varlen_entries
@@ -162,7 +161,7 @@ def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
 @pytest.mark.parametrize("scale", [True, float("nan")], ids=["bool", "nan"])
 def test_a_scale_the_full_path_refuses_is_refused_on_a_repeat(op, scale):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu, scale=0.5)
     with pytest.raises((TypeError, ValueError), match="scale"):
         call(q, k, v, cu, scale=scale)
@@ -171,7 +170,7 @@ def test_a_scale_the_full_path_refuses_is_refused_on_a_repeat(op, scale):
 @pytest.mark.parametrize("max_q", [None, 5, 9], ids=["read from cu_seqlens", "the longest", "larger"])
 def test_the_lse_of_the_shortcut_is_the_full_paths(op, max_q):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     results = [call(q, k, v, cu, return_lse=True, max_seqlen_q=max_q, max_seqlen_kv=None) for _ in range(2)]
     assert op.records == 1
     (out0, lse0), (out1, lse1) = results
@@ -188,7 +187,7 @@ def test_one_query_per_sequence_keeps_its_lse_rows(op):
     kv_lengths = [4, 7, 2]
     q = torch.randn(3, H, D, dtype=torch.bfloat16)
     k, v = (torch.randn(sum(kv_lengths), H_KV, D, dtype=torch.bfloat16) for _ in range(2))
-    cu_q, cu_kv = cu_of([1, 1, 1]), cu_of(kv_lengths)
+    cu_q, cu_kv = cu_seqlens([1, 1, 1]), cu_seqlens(kv_lengths)
     kw = dict(mask_mod=mods.causal, max_seqlen_q=1, max_seqlen_kv=7, return_lse=True)
     results = [cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, **kw) for _ in range(2)]
     assert op.records == 1 and op.calls[1]["max_seqlens"] == [2, 7]
@@ -199,7 +198,7 @@ def test_one_query_per_sequence_keeps_its_lse_rows(op):
 @pytest.mark.parametrize("what", ["max_seqlen", "numpy max_seqlen", "mods", "shape"])
 def test_another_call_takes_the_full_path(op, what):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu, mask_mod=mods.causal)
     if what == "max_seqlen":
         call(q, k, v, cu, mask_mod=mods.causal, max_seqlen_q=8)
@@ -215,7 +214,7 @@ def test_another_call_takes_the_full_path(op, what):
 
 def test_a_rebound_closure_is_recorded_again(op):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     window = 2
 
     def banded(b, h, q_idx, kv_idx):
@@ -232,8 +231,8 @@ def test_tokens_read_through_a_copy_are_not_remembered(op):
     q, k, v = tokens()
     kv = torch.stack([k, v], dim=1)
     for _ in range(2):
-        call(q, kv[:, 0], kv[:, 1], cu_of(LENGTHS))
-    cu = cu_of(LENGTHS)
+        call(q, kv[:, 0], kv[:, 1], cu_seqlens(LENGTHS))
+    cu = cu_seqlens(LENGTHS)
     for _ in range(2):
         call(q, kv[:, 0], kv[:, 1], cu)
     assert op.records == 4
@@ -241,7 +240,7 @@ def test_tokens_read_through_a_copy_are_not_remembered(op):
 
 def test_a_refusal_of_the_op_takes_the_full_path(op):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu)
     op.refuse = ValueError("cudnn_flex: refused")
     call(q, k, v, cu)
@@ -251,7 +250,7 @@ def test_a_refusal_of_the_op_takes_the_full_path(op):
 def test_inference_tensors_are_read_every_call(op):
     q, k, v = tokens()
     with torch.inference_mode():
-        cu = cu_of(LENGTHS)
+        cu = cu_seqlens(LENGTHS)
         for _ in range(2):
             call(q, k, v, cu)
     assert op.records == 2
@@ -259,7 +258,7 @@ def test_inference_tensors_are_read_every_call(op):
 
 def test_score_mod_tensors_take_the_full_path(op):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     slopes = torch.ones(1, H, 1, 1, dtype=torch.float32)
     for _ in range(2):
         call(q, k, v, cu, score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
@@ -268,14 +267,14 @@ def test_score_mod_tensors_take_the_full_path(op):
 
 def test_the_shortcut_keeps_no_cu_seqlens_alive_and_clear_cache_forgets_it(op):
     q, k, v = tokens()
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu)
     gone = weakref.ref(cu)
     op.calls.clear()  # (the stub's own record of the call)
     del cu
     gc.collect()
     assert gone() is None
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     call(q, k, v, cu)
     cudnn_flex.clear_cache()
     assert not fast_path._varlen_entries
@@ -287,7 +286,7 @@ def test_lengths_read_under_inference_mode_serve_a_later_backward():
     """The lengths are remembered per cu_seqlens version; made under torch.inference_mode() they
     would be inference tensors, which a later call with autograd cannot save for its backward.
     (The CPU reference path, no stub: it saves them.)"""
-    cu = cu_of(LENGTHS)
+    cu = cu_seqlens(LENGTHS)
     q, k, v = (t.float() for t in tokens())
     with torch.inference_mode():
         cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_kv=5)

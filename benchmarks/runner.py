@@ -147,11 +147,17 @@ def _host_kinds(inputs: dict) -> dict:
     s = inputs["q"].shape[2]
     cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=inputs["q"].device)  # two sequences: ragged
     row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
+    device = inputs["q"].device
+    alibi = mods.alibi(mods.alibi_slopes(inputs["q"].shape[1]).to(device))  # torch-style closures over tensors
+    document = mods.document_mask((torch.arange(s, device=device) // max(s // 4, 1)).to(torch.int32))
     return {
         "cudnn_flex no mod": lambda q, k, v: cudnn_flex.flex_attention(q, k, v),
         "cudnn_flex keyed DSL softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),
         "cudnn_flex torch-style softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, torch_cap),
         "cudnn_flex mask_mod causal": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal),
+        "cudnn_flex torch-style alibi (captured slopes)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, alibi),
+        "cudnn_flex document mask (captured ids)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v,
+                                                                                            mask_mod=document),
         "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
             row(q), row(k), row(v), cu, cu, mask_mod=mods.causal, max_seqlen_q=s,
             max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),

@@ -114,7 +114,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
         out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens)
         if shortcut is not None:
-            fast_path.remember(shortcut, reads, program)
+            fast_path.remember(shortcut, reads, program, score_mod, score_mod_bprop, mask_mod, q, k.shape[2])
     else:
         _warn_reference(q)
         out, lse = _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv)

@@ -10,8 +10,13 @@ shortcut when it provably gets the same program:
 - a plain function is the same object and everything its guard read is still the same objects
   (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;
 - an object with score_mod_graph_cache_key() promises the same key;
-- no score_mod tensors, no tensors in the mods' closures, no padded lengths (their values and
-  metadata are read every call by the full path).
+- no score_mod tensors and no padded lengths (their values and metadata are read every call by
+  the full path);
+- tensors in a torch-style mod's closure (`mods.alibi(slopes)`, `document_mask(doc)`) only where
+  the full path finds its program by the guard (it reads no value of them): they are the same
+  objects (unchanged) with the same metadata (guard.leaf_metadata), and their views are made as
+  the full path makes them. Such an entry holds its functions weakly and goes with them, so that
+  a closure made per batch does not keep its batch's tensors alive.
 
 q, k and v are checked by the C++ op only; when it refuses them, the full path runs and raises
 its own error, which names the argument. Everything else (no cuDNN for this dtype or device, a
@@ -31,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _ops, _registry, torch_style
+from . import _ops, _registry, record_call, torch_style
 from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes
 from .program import guard
 
@@ -45,11 +50,78 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views")
 
-    def __init__(self, reads: tuple, program):
+    def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
         self.reads, self.program = reads, program
         self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+        # The tensors in the mods' closures with their metadata, and (leaf index, axes) per input
+        # slot (record_call.captured_slots); empty for mods that hold none.
+        leaves, self.slots = captured or ((), ())
+        self.leaves = tuple((t, guard.leaf_metadata(t)) for t in leaves)
+        # Per slot, what mod_tensors made and may hand out again (_Made), or None.
+        self.views = [None] * len(self.slots)
+
+    def mod_tensors(self, q, s_kv: int) -> Optional[list]:
+        """The input slots' tensors of a call with q ([B, H, Sq, D]) as the full path makes them,
+        or None when a captured tensor's metadata changed in place since (the full path keys and
+        records it again)."""
+        for t, metadata in self.leaves:  # also those no slot reads: the program may read their shapes
+            if guard.leaf_metadata(t) != metadata:
+                return None
+        if not self.slots:
+            return []
+        tensors = []
+        for n, (i, axes) in enumerate(self.slots):
+            leaf, made = self.leaves[i][0], self.views[n]
+            if made is not None and made.holds(leaf, q):
+                tensors.append(made.tensor)
+                continue
+            view = record_call.captured_views([(leaf, axes)], (q.shape[0], q.shape[1], q.shape[2], s_kv), q)[0]
+            # A leaf that requires grad is never served from here: captured_views refuses it
+            # under autograd, and must see every such call.
+            if not leaf.requires_grad:
+                self.views[n] = _Made.of(view, leaf, q)
+            tensors.append(view)
+        return tensors
+
+
+class _Made:
+    """A slot's tensor as view_for made it from its leaf, and when it may be handed out again
+    (while the leaf keeps the metadata mod_tensors checks):
+    - a view that aliases the leaf (same dtype, same address) reads the values at each launch:
+      while the leaf keeps its storage;
+    - a copy (float32 of integer ids, an aligned clone) holds the values of one version: while the
+      leaf keeps its storage and version, on the stream that made it (a kernel on another stream
+      could read it before the copy ran, or after it is freed), outside CUDA graph capture (a
+      replay must copy the values of its own time). Not kept when made under inference mode (an
+      inference tensor, which a later call with autograd could not save for its backward)."""
+
+    __slots__ = ("tensor", "data_ptr", "version", "stream")
+
+    def __init__(self, tensor, data_ptr, version, stream):
+        self.tensor, self.data_ptr, self.version, self.stream = tensor, data_ptr, version, stream
+
+    @staticmethod
+    def of(view, leaf, q) -> Optional["_Made"]:
+        if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
+            return _Made(view, leaf.data_ptr(), None, None)
+        if torch.is_inference_mode_enabled() or (view.is_cuda and torch._C._cuda_isCurrentStreamCapturing()):
+            return None
+        return _Made(view, leaf.data_ptr(), leaf._version, _stream(q))
+
+    def holds(self, leaf, q) -> bool:
+        if leaf.data_ptr() != self.data_ptr:
+            return False
+        if self.version is None:
+            return True
+        return (leaf._version == self.version and self.stream == _stream(q)
+                and not (q.is_cuda and torch._C._cuda_isCurrentStreamCapturing()))
+
+
+def _stream(q):
+    """The current stream of q's device (None on the CPU)."""
+    return torch._C._cuda_getCurrentRawStream(q.get_device()) if q.is_cuda else None
 
 
 def clear() -> None:
@@ -121,7 +193,10 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
-        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
+        mod_tensors = entry.mod_tensors(q, k.shape[2])
+        if mod_tensors is None:
+            return None
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, mod_tensors, [], scale,
                             bool(deterministic))
     except (ValueError, TypeError):
         return None  # refused by the op: the full path checks in Python and says what is wrong
@@ -151,24 +226,84 @@ def reads_before(key, score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
     return _reads(score_mod, score_mod_bprop, mask_mod)
 
 
-def remember(key, reads: Optional[tuple], program) -> None:
-    """After a call ran in full on cuDNN without tensors: remembers its program for the shortcut,
-    if its mods allow one and nothing they read changed while it ran. Nothing is kept for mods
-    that allow none (the key would hold them, and what their closures hold, alive)."""
-    if _may_remember(key, reads, program):
-        _bounded_put(_entries, key, _Entry(reads, program), _MAX_ENTRIES)
+def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> None:
+    """After a call (q as [B, H, Sq, D]) ran in full on cuDNN without score_mod tensors or padded
+    lengths: remembers its program for the shortcut, if its mods allow one and nothing they read
+    changed while it ran. Nothing is kept for mods that allow none (the key would hold them, and
+    what their closures hold, alive)."""
+    captured = None
+    if program is not None and (program.mod_slots or _holds_tensors(key[0])):
+        # Tensors in a torch-style mod's closure: only where its guard finds the program (else
+        # a slot's tensor is made inside the mod, or a value is read, `t.item()`: traced every
+        # call by the full path).
+        captured = record_call.captured_slots(score_mod, score_mod_bprop, mask_mod, q, s_kv, program)
+        if captured is None:
+            return
+    key = _may_remember(key, reads, program, captured)
+    if key is not None:
+        _bounded_put(_entries, key, _Entry(reads, program, captured), _MAX_ENTRIES)
 
 
-def _may_remember(key, reads: Optional[tuple], program) -> bool:
-    """Whether a call that ran in full may be remembered (remember, remember_varlen): its mods
-    allow a shortcut, nothing they read changed while it ran, and no tensor is made inside them.
-    If so, keeps what they read for their calls at other shapes."""
+def _may_remember(key, reads: Optional[tuple], program, captured: Optional[tuple] = None):
+    """The key under which a call that ran in full may be remembered (remember, remember_varlen),
+    or None: when its mods allow no shortcut, something they read changed while it ran, or a
+    tensor is made inside them. Keeps what they read for their calls at other shapes. For mods
+    that hold tensors (`captured`), the key holds the functions weakly (_WeakFn)."""
     if reads is None or not guard.unchanged(reads):
-        return False
-    if program is not None and (program.mod_slots or program.bprop_slots):
-        return False  # a tensor made inside a torch-style mod: read every call by the full path
+        return None
+    if program is not None and (program.bprop_slots or (not captured and (program.mod_slots or _holds_tensors(key[0])))):
+        return None  # a tensor made inside a torch-style mod, or a value read: the full path every call
+    if captured:
+        key = _held_weakly(key)
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
-    return True
+    return key
+
+
+def _holds_tensors(mods: tuple) -> bool:
+    """Whether the plain functions among a key's mods hold tensors (in their closures, defaults or
+    the functions and lists there)."""
+    leaves: list = []
+    for fn in mods[:3]:
+        if type(fn) is types.FunctionType:
+            guard.key(fn, leaves=leaves)
+    return bool(leaves)
+
+
+class _WeakFn:
+    """A function in a remembered key, held weakly: equal to the function itself while it lives
+    (a call's key, which holds the function, finds the entry), gone with it. Its entries are
+    forgotten when the function goes (forget)."""
+
+    __slots__ = ("ref", "hash", "__weakref__")
+
+    def __init__(self, fn: types.FunctionType, forget: Callable):
+        self.ref, self.hash = weakref.ref(fn, forget), hash(fn)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        fn = self.ref()
+        if fn is None:
+            return other is self  # a key found by its own object only: the callback pops it
+        return other is fn or (type(other) is _WeakFn and other.ref() is fn)
+
+
+def _held_weakly(key: tuple) -> tuple:
+    """key with the plain functions among its mods held weakly; when one goes, the entries under
+    this key (and its mods' snapshot) are forgotten."""
+    stored: list = []
+
+    def forget(_ref, entries=_entries, snapshots=_snapshots):  # the tables themselves: at exit the module's names are None
+        # Found by their own key objects only (a dead _WeakFn equals nothing else); an equal key
+        # stored before keeps its own object, whose _WeakFn forgets it.
+        entries.pop(stored[0], None)
+        snapshots.pop(stored[0][0], None)
+
+    mods = key[0]
+    weak = tuple(_WeakFn(m, forget) if type(m) is types.FunctionType else m for m in mods[:3]) + mods[3:]
+    stored.append((weak,) + key[1:])
+    return stored[0]
 
 
 # Packed sequences (flex_attention_varlen). What the full path reads of cu_seqlens (the number of
@@ -241,7 +376,8 @@ def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqle
     in place: remembers it for the shortcut, if its mods allow one and nothing they read changed,
     under the versions of the cu_seqlens the call read (`before`: a change during the call leaves
     an entry no later call matches)."""
-    if before is None or not _may_remember(key, reads, program):
+    key = None if before is None else _may_remember(key, reads, program)
+    if key is None:
         return
     _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,
                                                     list(seq_lens), list(max_seqlens)), _MAX_VARLEN_ENTRIES)
@@ -263,7 +399,7 @@ def _reads(score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
     if all(type(fn) is types.FunctionType for fn in fns):
         reads = []  # the guard of every mod (record_call: DSL or torch-style alike)
         for fn in fns:
-            snapshot = guard.snapshot(fn)
+            snapshot = guard.snapshot(fn, leaves=[])  # tensors: remember() says whether they may be
             if snapshot is None:
                 return None
             reads.extend(snapshot)

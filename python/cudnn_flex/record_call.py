@@ -76,10 +76,10 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     known = _registry.by_guard(guarded)
     recipe = _leaf_slots.get(guarded) if known is not None else None
     if recipe is not None:  # each input slot reads the closure tensor at the same place
-        return known, _views([(leaves[i], axes) for i, axes in recipe], shape, q)
+        return known, captured_views([(leaves[i], axes) for i, axes in recipe], shape, q)
     recorder = Recorder(shape)
     fwd_out, found = torch_style.trace(torch_fn, recorder)
-    views = _views(found, shape, q)
+    views = captured_views(found, shape, q)
     program = _program_of_trace(recorder, fwd_out, found, score_mod_bprop, bprop_names, bprop_dtypes)
     if guarded is not None:
         recipe = _slots_in_leaves(found, leaves)
@@ -92,13 +92,41 @@ def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     return program, views
 
 
+def captured_slots(score_mod, score_mod_bprop, mask_mod, q, s_kv, program) -> Optional[tuple]:
+    """(the tensors in the mods' closures, in the guard's order; (leaf index, axes) per input
+    slot) of a torch-style call without score_mod_bprop_tensors whose program is known by its
+    guard, as a call that takes the full path now would find them; None when it would trace
+    the mods (a slot's tensor is made inside them, or they read a tensor's value) or find
+    another program. fast_path.py remembers them for the shortcut."""
+    if mask_mod is None and not torch_style.is_torch_style(score_mod):
+        return None
+    leaves: list = []
+    guarded = _registry.guarded_key(("torch-style", mask_mod, score_mod, score_mod_bprop),
+                                    ((), _registry.slot_signature([], [])), (q.shape[0], q.shape[1], q.shape[2], s_kv),
+                                    leaves)
+    recipe = _leaf_slots.get(guarded) if guarded is not None else None
+    if recipe is None or _registry.by_guard(guarded) is not program:
+        return None
+    return tuple(leaves), recipe
+
+
 # guarded key -> ((leaf index, axes) per input slot) of torch-style programs known without tracing:
 # a later call with an equal key finds its captured tensors at the same places of its closures.
 _leaf_slots: dict = {}
 _MAX_LEAF_SLOTS = 4096
 
 
-def _views(found, shape, q) -> list:
+def captured_views(found, shape, q) -> list:
+    """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
+    checked to be on q's device and to need no gradient."""
+    if torch.is_grad_enabled():
+        for i, (t, _) in enumerate(found):
+            if t.requires_grad:
+                # torch's flex_attention would train it; the op returns no gradient for it.
+                raise ValueError(f"cudnn_flex: the mod captures a tensor that requires grad ({_capture_name(i)}: "
+                                 f"{t.dtype} of shape {tuple(t.shape)}), but cuDNN computes no gradient for the "
+                                 "tensors a mod captures, so it would never learn; capture t.detach() (or a "
+                                 "buffer), or call under torch.no_grad()")
     views = [torch_style.view_for(t, axes, shape, _capture_name(i)) for i, (t, axes) in enumerate(found)]
     for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):

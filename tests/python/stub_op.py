@@ -31,7 +31,7 @@ class StubOp:
             during, self.during = self.during, None
             during()
         self.ids.append((mod_id, bprop_id))
-        self.calls.append({"seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
+        self.calls.append({"mod_tensors": list(mod_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         if not cu_seqlens:

@@ -194,15 +194,14 @@ def test_another_shape_or_option_takes_the_full_path(op, what):
     assert op.records == 2
 
 
-def test_tensors_are_read_by_the_full_path_every_call(op):
+def test_score_mod_tensors_and_lengths_are_read_by_the_full_path_every_call(op):
+    """(Tensors in a torch-style closure: test_captured_fast_path.py.)"""
     q, k, v = qkv()
     slopes = mods.alibi_slopes(2)
-    alibi = mods.alibi(slopes)
     for _ in range(2):
-        cudnn_flex.flex_attention(q, k, v, alibi)
         cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes.view(1, 2, 1, 1)})
         cudnn_flex.flex_attention(q, k, v, seq_lens_kv=torch.tensor([5], dtype=torch.int32))
-    assert op.records == 6
+    assert op.records == 4
     assert not fast_path._entries
 
 
@@ -283,7 +282,10 @@ def test_entries_are_bounded(op, monkeypatch):
 
 def test_snapshot_refuses_what_key_refuses():
     slopes = torch.ones(2)
-    assert guard.snapshot(mods.alibi(slopes)) is None  # a tensor in the closure
+    assert guard.snapshot(mods.alibi(slopes)) is None  # a tensor in the closure, without leaves
+    leaves = []
+    assert guard.snapshot(mods.alibi(slopes), leaves) is not None
+    assert len(leaves) == 1 and leaves[0]._base is slopes  # alibi keeps slopes.reshape(-1)
     assert guard.snapshot(dsl_mods.softcap(2.0)) is None  # an object: no guard
     assert guard.snapshot(mods.causal) is not None
 

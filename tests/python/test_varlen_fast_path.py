@@ -294,3 +294,23 @@ def test_lengths_read_under_inference_mode_serve_a_later_backward():
     out = cudnn_flex.flex_attention_varlen(q, k, v, cu, cu, max_seqlen_q=5, max_seqlen_kv=5)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_captured_tensors_take_the_full_path_every_call(op):
+    """Packed calls take no shortcut over tensors in a closure (flex_attention's does): neither a
+    tensor passed as an input slot nor one read with .item(), whose value the program holds."""
+    t = torch.tensor([2.0])
+
+    def by_item(score, b, h, q_idx, kv_idx):
+        return score / t.item()
+
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    for kw in ({"score_mod": by_item}, {"score_mod": mods.alibi(mods.alibi_slopes(H))}):
+        for _ in range(2):
+            call(q, k, v, cu, **kw)
+    first = op.ids[-3]
+    t.fill_(0.25)
+    call(q, k, v, cu, score_mod=by_item)
+    assert op.ids[-1] != first
+    assert op.records == 5 and not fast_path._varlen_entries

@@ -17,6 +17,7 @@ import dis
 import functools
 import operator
 import types
+import weakref
 from typing import Any, Callable, Hashable, Optional
 
 import torch
@@ -122,13 +123,15 @@ _CELL_CONTENTS = operator.attrgetter("cell_contents")
 class _FunctionRead:
     """What key() read of one function: its code, defaults, closure cell values and keyword
     defaults (the objects themselves), and the module globals under every name its code looks
-    up (absent ones as absent)."""
+    up (absent ones as absent). The function itself is held weakly: a snapshot of a mod that
+    holds tensors must not keep it (and them) alive (fast_path.py forgets its entries when the
+    mod goes); a function nested in its closure is held by the cells read here."""
 
     __slots__ = ("fn", "code", "defaults", "cells", "contents", "kwdefaults", "kwvalues", "globals", "names",
                  "found")
 
     def __init__(self, fn: types.FunctionType):
-        self.fn, self.code, self.defaults = fn, fn.__code__, fn.__defaults__
+        self.fn, self.code, self.defaults = weakref.ref(fn), fn.__code__, fn.__defaults__
         self.cells = fn.__closure__ or ()  # read-only: the same cell objects for fn's lifetime
         self.contents = tuple(_CELL_CONTENTS(c) for c in self.cells)
         self.kwdefaults = fn.__kwdefaults__
@@ -138,8 +141,8 @@ class _FunctionRead:
 
     def unchanged(self) -> bool:
         # Plain loops: a mod has a handful of cells and names, too few for map() to pay off.
-        fn = self.fn
-        if fn.__code__ is not self.code or fn.__defaults__ is not self.defaults or fn.__kwdefaults__ is not self.kwdefaults:
+        fn = self.fn()
+        if fn is None or fn.__code__ is not self.code or fn.__defaults__ is not self.defaults or fn.__kwdefaults__ is not self.kwdefaults:
             return False
         if self.cells:
             try:
@@ -171,13 +174,21 @@ class _ListRead:
         return len(self.items) == len(self.seen) and all(map(operator.is_, self.items, self.seen))
 
 
-def snapshot(fn: Callable) -> Optional[tuple]:
-    """What key(fn) reads, or None when key(fn) is None or fn's closure holds a tensor (whose
-    metadata can change in place). While unchanged(snapshot) holds, key(fn) is what it was: the
-    objects read are the same ones, and the values among them (numbers, strings, code) are
-    immutable; functions and lists in the closure are read again, each with its own entry."""
+def snapshot(fn: Callable, leaves: Optional[list] = None) -> Optional[tuple]:
+    """What key(fn) reads, or None when key(fn) is None. While unchanged(snapshot) holds, key(fn)
+    is what it was: the objects read are the same ones, and the values among them (numbers,
+    strings, code) are immutable; functions and lists in the closure are read again, each with
+    its own entry. Tensors are allowed only with `leaves` (a list; key()'s leaves): their metadata
+    can change in place, so while unchanged() holds the key is what it was only if each leaf's
+    metadata (leaf_metadata) is too."""
     reads: list = []
-    return tuple(reads) if key(fn, reads=reads) is not None else None
+    return tuple(reads) if key(fn, leaves=leaves, reads=reads) is not None else None
+
+
+def leaf_metadata(t: torch.Tensor) -> tuple:
+    """What key() reads of a tensor in a closure, as a later call compares it (metadata can change
+    in place: resize_, set_, transpose_, requires_grad_, `.data = u`)."""
+    return t.dtype, t.shape, t.stride(), t.device, t.requires_grad, t.layout
 
 
 def unchanged(reads: tuple) -> bool:

@@ -1,0 +1,258 @@
+"""The shortcut of a repeated call whose torch-style mods capture tensors (fast_path.py), on the CPU
+with cuDNN's op stubbed (stub_op.py): `alibi(slopes)`, `document_mask(doc_ids)`, a bias table
+indexed by head and positions, as flex users write them. A repeat takes the shortcut and hands
+the op what the full path hands it; new values are read; a change of a tensor's metadata or of
+the closure takes the full path; a closure made per batch keeps nothing alive."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import fast_path, mods
+from stub_op import op  # noqa: F401  (a fixture)
+
+B, H, S, D = 2, 2, 8, 16
+
+
+def qkv():
+    return [torch.randn(B, H, S, D, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def bias_table(table):
+    """A learned-style relative bias: a table indexed by head and positions (attention-gym's
+    shape), captured by the closure."""
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx, kv_idx]
+    return bias
+
+
+def doc_ids():
+    return torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 2, 2, 2]], dtype=torch.int32)
+
+
+# name -> () -> (the call's mods, the captured tensor whose values a test rewrites)
+CASES = {
+    "alibi slopes": lambda: (lambda t: ({"score_mod": mods.alibi(t)}, t))(mods.alibi_slopes(H).reshape(-1)),
+    "document mask, ids per position": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()[0]),
+    "document mask, ids per batch": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()),
+    "bias table": lambda: (lambda t: ({"score_mod": bias_table(t)}, t))(torch.randn(H, S, S)),
+    "both mods capture": lambda: (lambda t: ({"mask_mod": mods.document_mask(doc_ids()), "score_mod": mods.alibi(t)},
+                                             t))(mods.alibi_slopes(H).reshape(-1)),
+}
+
+
+def same_tensors(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+                                    and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def full_path_call(q, k, v, kw, op):
+    """What the full path hands the op for this call: (program ids, mod tensors)."""
+    cudnn_flex.clear_cache()
+    records = op.records
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == records + 1
+    return op.ids[-1], op.calls[-1]["mod_tensors"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_repeat_takes_the_shortcut_with_the_full_paths_tensors(op, case):
+    kw, _ = CASES[case]()
+    q, k, v = qkv()
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 1
+    ids, tensors = op.ids[-1], op.calls[-1]["mod_tensors"]
+    assert tensors, "the call passes its captured tensors"
+    assert (ids, True) == (op.ids[0], same_tensors(tensors, op.calls[0]["mod_tensors"]))
+    want_ids, want = full_path_call(q, k, v, kw, op)
+    assert ids == want_ids and same_tensors(tensors, want)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_new_values_written_in_place_reach_the_op(op, case):
+    kw, captured = CASES[case]()
+    q, k, v = qkv()
+    for _ in range(2):  # the second by the shortcut, which keeps the views it may keep
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    with torch.no_grad():
+        captured.copy_(captured.flip(-1) + 1)  # new values, the same tensor
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 1
+    got = op.calls[-1]["mod_tensors"]
+    assert same_tensors(got, full_path_call(q, k, v, kw, op)[1])
+
+
+def _resize(t):
+    t.resize_(t.numel() * 2)  # more entries than heads: the same program, a new shape in the key
+
+
+def _set_storage(t):
+    t.set_(torch.full_like(t, 3.0))  # the same metadata, another storage
+
+
+def _transpose(t):
+    t.transpose_(1, 2)
+
+
+def _data(t):
+    t.data = t.data.double()
+
+
+def _requires_grad(t):
+    t.requires_grad_()
+
+
+@pytest.mark.parametrize("change", [_resize, _set_storage, _data])
+def test_a_changed_slopes_tensor_gives_what_the_full_path_gives(op, change):
+    slopes = mods.alibi_slopes(H).reshape(-1).clone()
+    kw = {"score_mod": mods.alibi(slopes)}
+    q, k, v = qkv()
+    for _ in range(2):  # the second by the shortcut, which keeps the view it made
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    change(kw["score_mod"].__closure__[0].cell_contents)  # the tensor the closure holds
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    ids, got = op.ids[-1], op.calls[-1]["mod_tensors"]
+    assert (ids, True) == (lambda w: (w[0], same_tensors(got, w[1])))(full_path_call(q, k, v, kw, op))
+
+
+def test_metadata_changed_in_place_takes_the_full_path(op):
+    """A transposed table gives other strides in the key (and other views): the full path runs."""
+    table = torch.randn(H, S, S)
+    kw = {"score_mod": bias_table(table)}
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    _transpose(table)
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 2
+    assert op.calls[-1]["mod_tensors"][0].stride() != op.calls[0]["mod_tensors"][0].stride()
+
+
+def test_a_tensor_that_starts_to_require_grad_is_refused(op):
+    """cuDNN returns no gradient for a captured tensor: under autograd the call says so, by the full
+    path, even after the shortcut remembered the tensor without grad."""
+    kw, slopes = CASES["alibi slopes"]()
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    _requires_grad(kw["score_mod"].__closure__[0].cell_contents)
+    with pytest.raises(ValueError, match=r"captures a tensor that requires grad .*capture t\.detach\(\)"):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    with torch.no_grad():  # no gradient to lose
+        cudnn_flex.flex_attention(q, k, v, **kw)  # the full path: the metadata changed
+        cudnn_flex.flex_attention(q, k, v, **kw)  # the shortcut
+    assert op.records == 3
+
+
+def test_a_tensor_that_requires_grad_remembered_without_grad_is_refused_with_grad(op):
+    """Remembered under no_grad (an eval loop over a learnable table), then called with autograd:
+    refused, as the full path refuses it."""
+    table = torch.randn(H, S, S, requires_grad=True)
+    q, k, v = qkv()
+    mod = bias_table(table)
+    with torch.no_grad():
+        cudnn_flex.flex_attention(q, k, v, mod)
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 1
+    with pytest.raises(ValueError, match="captures a tensor that requires grad"):
+        cudnn_flex.flex_attention(q, k, v, mod)
+
+
+def test_a_rebound_closure_takes_the_full_path_and_its_new_tensor(op):
+    def make():
+        slopes = torch.tensor([0.5, 0.25])
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        def rebind(t):
+            nonlocal slopes
+            slopes = t
+        return alibi, rebind
+    alibi, rebind = make()
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, alibi)
+    rebind(torch.tensor([2.0, 4.0]))
+    cudnn_flex.flex_attention(q, k, v, alibi)
+    assert op.records == 2
+    assert op.calls[-1]["mod_tensors"][0].flatten().tolist() == [2.0, 4.0]
+
+
+def test_a_mod_that_reads_a_value_is_traced_every_call(op):
+    """A value read on the host (here a Python bool of a tensor) is no part of the guard's key: such
+    a mod is traced on every call, so the shortcut never serves it."""
+    scale = torch.tensor([2.0])
+    bias = torch.tensor([0.5, -0.5])
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score * 2.0 + bias[h] if bool(scale > 1) else score + bias[h]
+
+    q, k, v = qkv()
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 3 and not fast_path._entries
+
+
+@pytest.mark.parametrize("read", ["item", "shape"])
+def test_a_value_read_with_item_is_never_served_stale(op, read):
+    """A captured tensor read with .item() is baked into the program (no input slot): such a mod is
+    traced every call. One whose shape is read keys and checks that shape."""
+    t = torch.tensor([2.0])
+
+    def by_item(score, b, h, q_idx, kv_idx):
+        return score / t.item()
+
+    def by_shape(score, b, h, q_idx, kv_idx):
+        return score / t.shape[0]
+    mod = by_item if read == "item" else by_shape
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    first = op.ids[-1]
+    if read == "item":
+        t.fill_(0.25)
+    else:
+        t.resize_(4)
+    cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.ids[-1] != first
+    assert op.ids[-1] == full_path_call(q, k, v, {"score_mod": mod}, op)[0]
+    assert op.records == (3 if read == "item" else 2) + 1
+
+
+def test_a_closure_per_batch_keeps_no_batch_alive(op):
+    """Each batch makes its document mask: once the batch's closure goes, so do its entry and its
+    ids (without waiting for the cycle collector)."""
+    q, k, v = qkv()
+    gc.disable()
+    try:
+        before = len(fast_path._entries), len(fast_path._snapshots)
+        gone = []
+        for _ in range(3):
+            ids = doc_ids()
+            gone.append(weakref.ref(ids))
+            mask = mods.document_mask(ids)
+            for _ in range(2):  # two layers
+                cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+            del ids, mask
+        op.calls.clear()  # the stub keeps what it was handed
+        assert [r() for r in gone] == [None] * 3
+        assert (len(fast_path._entries), len(fast_path._snapshots)) == before
+    finally:
+        gc.enable()
+    assert op.records == 3
+
+
+def test_a_copy_made_in_inference_mode_is_not_kept_for_autograd(op):
+    """Document ids reach the op as float32 copies. One made under inference mode is an inference
+    tensor, which a later call with autograd could not save for its backward: it is not kept."""
+    kw, _ = CASES["document mask, ids per position"]()
+    q, k, v = qkv()
+    with torch.inference_mode():
+        for _ in range(2):
+            cudnn_flex.flex_attention(q, k, v, **kw)
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 1
+    assert op.calls[1]["mod_tensors"][0].is_inference()  # the copies the shortcut made under inference mode
+    assert not any(t.is_inference() for t in op.calls[-1]["mod_tensors"])

@@ -127,11 +127,18 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
                max_seqlens=()):
     """torch.ops.cudnn_flex.fwd for a recorded call (flex_attention's and flex_attention_varlen's
     cuDNN path): (out, lse)."""
+    compiling = torch.compiler.is_compiling()
     for i, t in enumerate(mod_tensors + bprop_tensors):
         if t.dtype == torch.float64:
             raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
                              "attention does not read; pass it as float32")
-    compiling = torch.compiler.is_compiling()
+        if not compiling and t.requires_grad and torch.is_grad_enabled():
+            # A torch-style mod's captured tensor (score_mod_tensors that require grad are refused
+            # by name before): torch's flex_attention would train it; the op returns no gradient.
+            raise ValueError(f"cudnn_flex: the mod captures a tensor that requires grad (capture {i}: shape "
+                             f"{tuple(t.shape)} as indexed), but cuDNN computes no gradient for the tensors a mod "
+                             "captures, so it would never learn; capture t.detach() (or a buffer), call under "
+                             "torch.no_grad(), or use backend='reference'")
     if compiling:
         (mod_id, bprop_id), program = program, None  # recorded while dynamo traced (record_call)
     else:

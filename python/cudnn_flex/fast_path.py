@@ -59,7 +59,8 @@ class _Entry:
         # slot (record_call.captured_slots); empty for mods that hold none.
         leaves, self.slots = captured or ((), ())
         self.leaves = tuple((t, guard.leaf_metadata(t)) for t in leaves)
-        # Per slot, what mod_tensors made and may hand out again (_Made), or None.
+        # Per slot, (the view mod_tensors made, the leaf's data pointer then) when it aliases the
+        # leaf, else None.
         self.views = [None] * len(self.slots)
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
@@ -74,54 +75,21 @@ class _Entry:
         tensors = []
         for n, (i, axes) in enumerate(self.slots):
             leaf, made = self.leaves[i][0], self.views[n]
-            if made is not None and made.holds(leaf, q):
-                tensors.append(made.tensor)
+            if leaf.requires_grad and torch.is_grad_enabled():
+                return None  # the full path refuses it (api.cudnn_call): cuDNN computes no gradient for it
+            if made is not None and made[1] == leaf.data_ptr():
+                tensors.append(made[0])
                 continue
             view = record_call.captured_views([(leaf, axes)], (q.shape[0], q.shape[1], q.shape[2], s_kv), q)[0]
-            # A leaf that requires grad is never served from here: captured_views refuses it
-            # under autograd, and must see every such call.
-            if not leaf.requires_grad:
-                self.views[n] = _Made.of(view, leaf, q)
+            # A view that aliases its leaf (same dtype, same address) reads the values at each
+            # launch: it is the view the full path makes while the leaf keeps its metadata and
+            # storage. A copy (float32 of integer ids, an aligned clone) is made every call, as by
+            # the full path: it holds the values of one moment, and not every write to the leaf
+            # is seen (a CUDA graph replay, DLPack, `.data`).
+            if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
+                self.views[n] = (view, leaf.data_ptr())
             tensors.append(view)
         return tensors
-
-
-class _Made:
-    """A slot's tensor as view_for made it from its leaf, and when it may be handed out again
-    (while the leaf keeps the metadata mod_tensors checks):
-    - a view that aliases the leaf (same dtype, same address) reads the values at each launch:
-      while the leaf keeps its storage;
-    - a copy (float32 of integer ids, an aligned clone) holds the values of one version: while the
-      leaf keeps its storage and version, on the stream that made it (a kernel on another stream
-      could read it before the copy ran, or after it is freed), outside CUDA graph capture (a
-      replay must copy the values of its own time). Not kept when made under inference mode (an
-      inference tensor, which a later call with autograd could not save for its backward)."""
-
-    __slots__ = ("tensor", "data_ptr", "version", "stream")
-
-    def __init__(self, tensor, data_ptr, version, stream):
-        self.tensor, self.data_ptr, self.version, self.stream = tensor, data_ptr, version, stream
-
-    @staticmethod
-    def of(view, leaf, q) -> Optional["_Made"]:
-        if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
-            return _Made(view, leaf.data_ptr(), None, None)
-        if torch.is_inference_mode_enabled() or (view.is_cuda and torch._C._cuda_isCurrentStreamCapturing()):
-            return None
-        return _Made(view, leaf.data_ptr(), leaf._version, _stream(q))
-
-    def holds(self, leaf, q) -> bool:
-        if leaf.data_ptr() != self.data_ptr:
-            return False
-        if self.version is None:
-            return True
-        return (leaf._version == self.version and self.stream == _stream(q)
-                and not (q.is_cuda and torch._C._cuda_isCurrentStreamCapturing()))
-
-
-def _stream(q):
-    """The current stream of q's device (None on the CPU)."""
-    return torch._C._cuda_getCurrentRawStream(q.get_device()) if q.is_cuda else None
 
 
 def clear() -> None:

@@ -118,15 +118,7 @@ _MAX_LEAF_SLOTS = 4096
 
 def captured_views(found, shape, q) -> list:
     """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
-    checked to be on q's device and to need no gradient."""
-    if torch.is_grad_enabled():
-        for i, (t, _) in enumerate(found):
-            if t.requires_grad:
-                # torch's flex_attention would train it; the op returns no gradient for it.
-                raise ValueError(f"cudnn_flex: the mod captures a tensor that requires grad ({_capture_name(i)}: "
-                                 f"{t.dtype} of shape {tuple(t.shape)}), but cuDNN computes no gradient for the "
-                                 "tensors a mod captures, so it would never learn; capture t.detach() (or a "
-                                 "buffer), or call under torch.no_grad()")
+    checked to be on q's device."""
     views = [torch_style.view_for(t, axes, shape, _capture_name(i)) for i, (t, axes) in enumerate(found)]
     for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):

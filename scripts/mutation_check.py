@@ -152,7 +152,7 @@ MUTATIONS += [
     ("shortcut ignores the bprop's key", P + "fast_path.py",
      "    bprop = () if score_mod_bprop is None else _ident(score_mod_bprop)", "    bprop = ()"),
     ("shortcut over tensors made inside the mod", P + "fast_path.py",
-     "    if program is not None and (program.bprop_slots or (program.mod_slots and not captured)):\n        return",
+     "    if program is not None and (program.bprop_slots or (not captured and (program.mod_slots or _holds_tensors(key[0])))):\n        return",
      "    if False:\n        return"),
     ("captured tensors' metadata changed in place unseen", P + "fast_path.py",
      "            if guard.leaf_metadata(t) != metadata:\n                return None", "            if False:\n                return None"),

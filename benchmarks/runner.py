@@ -144,10 +144,9 @@ def _host_kinds(inputs: dict) -> dict:
     import cudnn_flex
     from cudnn_flex import dsl_mods, mods
     cap, torch_cap = dsl_mods.softcap(SOFTCAP), mods.softcap(SOFTCAP)
-    s = inputs["q"].shape[2]
-    cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=inputs["q"].device)  # two sequences: ragged
+    s, device = inputs["q"].shape[2], inputs["q"].device
+    cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=device)  # two sequences: ragged
     row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
-    device = inputs["q"].device
     alibi = mods.alibi(mods.alibi_slopes(inputs["q"].shape[1]).to(device))  # torch-style closures over tensors
     document = mods.document_mask((torch.arange(s, device=device) // max(s // 4, 1)).to(torch.int32))
     return {

@@ -199,8 +199,10 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
     lengths: remembers its program for the shortcut, if its mods allow one and nothing they read
     changed while it ran. Nothing is kept for mods that allow none (the key would hold them, and
     what their closures hold, alive)."""
+    if reads is None:
+        return  # the mods allow no shortcut
     captured = None
-    if program is not None and (program.mod_slots or _holds_tensors(key[0])):
+    if _captures(program, key):
         # Tensors in a torch-style mod's closure: only where its guard finds the program (else
         # a slot's tensor is made inside the mod, or a value is read, `t.item()`: traced every
         # call by the full path).
@@ -213,25 +215,31 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
 
 
 def _may_remember(key, reads: Optional[tuple], program, captured: Optional[tuple] = None):
-    """The key under which a call that ran in full may be remembered (remember, remember_varlen),
-    or None: when its mods allow no shortcut, something they read changed while it ran, or a
-    tensor is made inside them. Keeps what they read for their calls at other shapes. For mods
-    that hold tensors (`captured`), the key holds the functions weakly (_WeakFn)."""
+    """The key under which a call that ran in full may be remembered (remember, remember_varlen;
+    each has decided about tensors in the mods' closures, _captures), or None: when its mods allow
+    no shortcut or something they read changed while it ran. Keeps what they read for their calls
+    at other shapes. For mods that hold tensors (`captured`), the key holds the functions weakly
+    (_WeakFn)."""
     if reads is None or not guard.unchanged(reads):
         return None
-    if program is not None and (program.bprop_slots or (not captured and (program.mod_slots or _holds_tensors(key[0])))):
-        return None  # a tensor made inside a torch-style mod, or a value read: the full path every call
+    if program is not None and program.bprop_slots:
+        return None  # score_mod_bprop tensors: read every call by the full path
     if captured:
         key = _held_weakly(key)
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     return key
 
 
-def _holds_tensors(mods: tuple) -> bool:
-    """Whether the plain functions among a key's mods hold tensors (in their closures, defaults or
-    the functions and lists there)."""
+def _captures(program, key) -> bool:
+    """Whether a call's program has input slots (tensors its torch-style mods captured or made) or
+    the plain functions among its mods hold tensors (in their closures, defaults, or the functions
+    and lists there; a value read with `t.item()` leaves no slot)."""
+    if program is None:
+        return False
+    if program.mod_slots:
+        return True
     leaves: list = []
-    for fn in mods[:3]:
+    for fn in key[0][:3]:
         if type(fn) is types.FunctionType:
             guard.key(fn, leaves=leaves)
     return bool(leaves)
@@ -344,7 +352,9 @@ def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqle
     in place: remembers it for the shortcut, if its mods allow one and nothing they read changed,
     under the versions of the cu_seqlens the call read (`before`: a change during the call leaves
     an entry no later call matches)."""
-    key = None if before is None else _may_remember(key, reads, program)
+    if before is None or _captures(program, key):
+        return  # no shortcut over tensors in the mods' closures for packed calls (yet)
+    key = _may_remember(key, reads, program)
     if key is None:
         return
     _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,

@@ -68,8 +68,7 @@ def _value_key(value: Any, depth: int, leaves: Optional[list], reads: Optional[l
         if value.layout != torch.strided:
             return None
         leaves.append(value)
-        return (torch.Tensor, value.dtype, tuple(value.shape), value.stride(), str(value.device),
-                value.requires_grad)
+        return (torch.Tensor,) + leaf_metadata(value)
     if isinstance(value, types.FunctionType):
         return key(value, depth + 1, leaves, reads)
     # compose(*mods): read as they are now. Plain tuples and lists only: a namedtuple or another
@@ -186,8 +185,8 @@ def snapshot(fn: Callable, leaves: Optional[list] = None) -> Optional[tuple]:
 
 
 def leaf_metadata(t: torch.Tensor) -> tuple:
-    """What key() reads of a tensor in a closure, as a later call compares it (metadata can change
-    in place: resize_, set_, transpose_, requires_grad_, `.data = u`)."""
+    """What key() reads of a tensor in a closure, also as a later call compares it (metadata can
+    change in place: resize_, set_, transpose_, requires_grad_, `.data = u`)."""
     return t.dtype, t.shape, t.stride(), t.device, t.requires_grad, t.layout
 
 

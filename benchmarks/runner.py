@@ -149,6 +149,8 @@ def _host_kinds(inputs: dict) -> dict:
     row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
     alibi = mods.alibi(mods.alibi_slopes(inputs["q"].shape[1]).to(device))  # torch-style closures over tensors
     document = mods.document_mask((torch.arange(s, device=device) // max(s // 4, 1)).to(torch.int32))
+    slopes = {"slopes": mods.alibi_slopes(inputs["q"].shape[1]).view(1, -1, 1, 1).to(device)}
+    lengths = torch.full((inputs["q"].shape[0],), max(s - 3, 1), dtype=torch.int32, device=device)
     return {
         "cudnn_flex no mod": lambda q, k, v: cudnn_flex.flex_attention(q, k, v),
         "cudnn_flex keyed DSL softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),
@@ -157,6 +159,10 @@ def _host_kinds(inputs: dict) -> dict:
         "cudnn_flex torch-style alibi (captured slopes)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, alibi),
         "cudnn_flex document mask (captured ids)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v,
                                                                                             mask_mod=document),
+        "cudnn_flex DSL alibi (score_mod_tensors)": lambda q, k, v: cudnn_flex.flex_attention(
+            q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
+        "cudnn_flex padded keys (seq_lens_kv)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v,
+                                                                                         seq_lens_kv=lengths),
         "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
             row(q), row(k), row(v), cu, cu, mask_mod=mods.causal, max_seqlen_q=s,
             max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),

@@ -71,42 +71,56 @@ def check_dense_last_dim(q, k, v) -> None:
 
 
 def check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int):
-    """(names, tensors) for the op; each tensor broadcastable to [B, H, Sq, Skv] or a host scalar."""
+    """(names, tensors) for the op; each tensor broadcastable to [B, H, Sq, Skv] or a host scalar.
+    (Runs on every call, the shortcut's too: messages are built only for a refusal.)"""
     if tensors is None:
         return [], []
-    if not isinstance(tensors, Mapping):
+    if type(tensors) is not dict and not isinstance(tensors, Mapping):  # (an ABC check costs 0.4 us)
         raise TypeError(f"cudnn_flex: {arg} must be a dict of name -> torch.Tensor, got "
                         f"{type(tensors).__name__}")
-    b, h, s_q = q.shape[0], q.shape[1], q.shape[2]
-    full = (b, h, s_q, s_kv)
+    full = None
     names, values = [], []
     for name, t in tensors.items():
-        label = f"{arg}[{name!r}]"
         if not isinstance(name, str):
             raise TypeError(f"cudnn_flex: the keys of {arg} must be str, got {type(name).__name__}")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"cudnn_flex: {label} must be a torch.Tensor, got {type(t).__name__}; "
+            raise TypeError(f"cudnn_flex: {arg}[{name!r}] must be a torch.Tensor, got {type(t).__name__}; "
                             "wrap numbers as torch.tensor(x) (a CPU scalar is passed by value)")
         if t.requires_grad:
-            raise ValueError(f"cudnn_flex: {label} requires grad, but cuDNN computes no gradient "
+            raise ValueError(f"cudnn_flex: {arg}[{name!r}] requires grad, but cuDNN computes no gradient "
                              f"for score_mod tensors; pass {name}.detach()")
         if t.dtype not in _MOD_TENSOR_DTYPES:
-            raise ValueError(f"cudnn_flex: {label} has dtype {t.dtype}; use one of "
+            raise ValueError(f"cudnn_flex: {arg}[{name!r}] has dtype {t.dtype}; use one of "
                              f"{', '.join(str(d) for d in _MOD_TENSOR_DTYPES)}")
-        host_scalar = t.device.type == "cpu" and t.numel() == 1
-        if not host_scalar:
-            if t.device != q.device:
-                raise ValueError(f"cudnn_flex: {label} is on {t.device} but q is on {q.device}; "
-                                 "move it to q's device (only one-element CPU tensors are passed by value)")
-            if t.dim() > 4 or any(n not in (1, f) for n, f in zip(reversed(t.shape), reversed(full))):
-                raise ValueError(f"cudnn_flex: {label} has shape {tuple(t.shape)}, which does not "
-                                 f"broadcast against the scores [B, H, Sq, Skv] = {list(full)}; each "
-                                 "dim must be 1 or match")
-            if t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16:
-                raise ValueError(f"cudnn_flex: {label} is not 16-byte aligned; pass a .clone()")
+        if not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
+            full = full or tuple(q.shape[:3]) + (s_kv,)
+            _check_graph_tensor(t, (arg, name), q, full)
         names.append(name)
         values.append(t)
     return names, values
+
+
+def _broadcasts(shape, full: tuple) -> bool:
+    """Each trailing dim of shape is 1 or full's (len(shape) <= 4)."""
+    for n, f in zip(reversed(shape), reversed(full)):
+        if n != 1 and n != f:
+            return False
+    return True
+
+
+def _check_graph_tensor(t: torch.Tensor, label: tuple, q: torch.Tensor, full: tuple) -> None:
+    """A score_mod tensor that cuDNN reads from memory: on q's device, broadcastable to the scores
+    `full`, aligned. label: (argument, name), for the messages."""
+    if t.device != q.device:
+        raise ValueError(f"cudnn_flex: {label[0]}[{label[1]!r}] is on {t.device} but q is on {q.device}; "
+                         "move it to q's device (only one-element CPU tensors are passed by value)")
+    shape = t.shape
+    if len(shape) > 4 or not _broadcasts(shape, full):
+        raise ValueError(f"cudnn_flex: {label[0]}[{label[1]!r}] has shape {tuple(shape)}, which does not "
+                         f"broadcast against the scores [B, H, Sq, Skv] = {list(full)}; each "
+                         "dim must be 1 or match")
+    if t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16:
+        raise ValueError(f"cudnn_flex: {label[0]}[{label[1]!r}] is not 16-byte aligned; pass a .clone()")
 
 
 def bhsd_views(q, k, v, layout: str):

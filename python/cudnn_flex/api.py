@@ -79,11 +79,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cannot be derived (raised by the backward; the forward runs).
     """
     shortcut = None  # a repeat of a call that ran in full: fast_path.py says when it provably may skip the work
-    if (score_mod_tensors is None and score_mod_bprop_tensors is None and seq_lens_q is None and seq_lens_kv is None
-            and not torch.compiler.is_compiling()):
-        shortcut = fast_path.key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout, backend)
+    if not torch.compiler.is_compiling():
+        shortcut = fast_path.key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout, backend, score_mod_tensors,
+                                 score_mod_bprop_tensors)
         if shortcut is not None:
-            result = fast_path.call(shortcut, q, k, v, scale, layout, return_lse, deterministic)
+            result = fast_path.call(shortcut, q, k, v, scale, layout, return_lse, deterministic, score_mod_tensors,
+                                    score_mod_bprop_tensors, seq_lens_q, seq_lens_kv)
             if result is not None:
                 return result
     q, k, v = bhsd_views(q, k, v, layout)

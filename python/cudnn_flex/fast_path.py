@@ -10,8 +10,12 @@ shortcut when it provably gets the same program:
 - a plain function is the same object and everything its guard read is still the same objects
   (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;
 - an object with score_mod_graph_cache_key() promises the same key;
-- no score_mod tensors and no padded lengths (their values and metadata are read every call by
-  the full path);
+- score_mod tensors (and score_mod_bprop tensors) with the names and dtypes the program was
+  recorded for (its input slots): each call's tensors pass the full path's own checks
+  (check_tensor_dict) and conversion (as_graph_input) again, since any other metadata may change
+  from call to call without a new program;
+- padded lengths pass the full path's own checks and completion (cudnn_seq_lens: their values
+  are read once per version, as there); the program does not depend on them;
 - tensors in a torch-style mod's closure (`mods.alibi(slopes)`, `document_mask(doc)`) only where
   the full path finds its program by the guard (it reads no value of them): they are the same
   objects (unchanged) with the same metadata (guard.leaf_metadata), and their views are made as
@@ -37,7 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from . import _ops, _registry, record_call, torch_style
-from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes
+from ._validation import _FROM_BHSD, _TO_BHSD, check_tensor_dict, cudnn_takes
+from .padded_batch import cudnn_seq_lens
 from .program import guard
 
 _MAX_ENTRIES = 1024
@@ -137,17 +142,44 @@ def _plain_tensors(q, k, v) -> bool:
     return type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
 
 
-def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str):
+def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str, score_mod_tensors=None,
+        score_mod_bprop_tensors=None):
     """The key of a call that could take the shortcut, or None: the mods, the shapes of q, k and v
-    (the program may depend on them, and a known shape passed the full path's checks), layout and
-    backend."""
+    (the program may depend on them, and a known shape passed the full path's checks), layout,
+    backend, and the names and dtypes of the score_mod (and bprop) tensors, which decide the
+    program's input slots."""
     if not _plain_tensors(q, k, v):
         return None
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
-    return None if mods is None else (mods, q.shape, k.shape, v.shape, layout, backend)
+    if mods is None:
+        return None
+    if score_mod_tensors is None and score_mod_bprop_tensors is None:
+        return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS)
+    slots = (_slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors))
+    return None if None in slots else (mods, q.shape, k.shape, v.shape, layout, backend, slots)
 
 
-def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool):
+_NO_TENSORS = ((), ())
+
+
+def _slot_signature(tensors) -> Optional[tuple]:
+    """((name, dtype), ...) of a dict of plain tensors, or None for anything else (the full path
+    says what is wrong; a tensor subclass may override __torch_function__, which the shortcut
+    does not call)."""
+    if tensors is None:
+        return ()
+    if type(tensors) is not dict:
+        return None
+    signature = []
+    for name, t in tensors.items():
+        if type(t) is not torch.Tensor:
+            return None
+        signature.append((name, t.dtype))
+    return tuple(signature)
+
+
+def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool, score_mod_tensors=None,
+         score_mod_bprop_tensors=None, seq_lens_q=None, seq_lens_kv=None):
     """flex_attention's result by the shortcut, or None: then the full path runs."""
     entry = _entries.get(key)
     if entry is None or not guard.unchanged(entry.reads):
@@ -164,13 +196,43 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         mod_tensors = entry.mod_tensors(q, k.shape[2])
         if mod_tensors is None:
             return None
-        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, mod_tensors, [], scale,
-                            bool(deterministic))
+        bprop_tensors = []
+        if key[6] is not _NO_TENSORS:
+            given = _given_tensors(key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)
+            if given is None:
+                return None
+            mod_tensors, bprop_tensors = mod_tensors + given[0], given[1]
+        seq_lens = []
+        if seq_lens_q is not None or seq_lens_kv is not None:
+            if not (_plain_or_none(seq_lens_q) and _plain_or_none(seq_lens_kv)):
+                return None
+            seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, mod_tensors, bprop_tensors, scale,
+                            bool(deterministic), seq_lens)
     except (ValueError, TypeError):
-        return None  # refused by the op: the full path checks in Python and says what is wrong
+        return None  # refused by a check or the op: the full path checks in Python and says what is wrong
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
+    """(score_mod tensors, bprop tensors) of a call as the full path hands them to the op, or None
+    when they are not the names and dtypes of the key (a dict changed since, by another thread).
+    check_tensor_dict raises what it refuses. (No key holds a float64 slot: the full path refuses
+    it, api.cudnn_call, and so never remembers one.)"""
+    given = []
+    for signature, tensors, arg in ((slots[0], score_mod_tensors, "score_mod_tensors"),
+                                    (slots[1], score_mod_bprop_tensors, "score_mod_bprop_tensors")):
+        names, checked = check_tensor_dict(tensors, arg, q, s_kv)
+        if tuple(zip(names, (t.dtype for t in checked))) != signature:
+            return None
+        given.append([record_call.as_graph_input(t) for t in checked])
+    return given[0], given[1]
+
+
+def _plain_or_none(t) -> bool:
+    return t is None or type(t) is torch.Tensor
 
 
 _REFUSED = object()
@@ -195,14 +257,13 @@ def reads_before(key, score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
 
 
 def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> None:
-    """After a call (q as [B, H, Sq, D]) ran in full on cuDNN without score_mod tensors or padded
-    lengths: remembers its program for the shortcut, if its mods allow one and nothing they read
-    changed while it ran. Nothing is kept for mods that allow none (the key would hold them, and
+    """After a call (q as [B, H, Sq, D]) ran in full on cuDNN: remembers its program for the
+    shortcut, if its mods allow one and nothing they read changed while it ran. Nothing is kept for mods that allow none (the key would hold them, and
     what their closures hold, alive)."""
     if reads is None:
         return  # the mods allow no shortcut
     captured = None
-    if _captures(program, key):
+    if _captures(program, key, len(key[6][0])):
         # Tensors in a torch-style mod's closure: only where its guard finds the program (else
         # a slot's tensor is made inside the mod, or a value is read, `t.item()`: traced every
         # call by the full path).
@@ -222,21 +283,20 @@ def _may_remember(key, reads: Optional[tuple], program, captured: Optional[tuple
     (_WeakFn)."""
     if reads is None or not guard.unchanged(reads):
         return None
-    if program is not None and program.bprop_slots:
-        return None  # score_mod_bprop tensors: read every call by the full path
     if captured:
         key = _held_weakly(key)
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     return key
 
 
-def _captures(program, key) -> bool:
-    """Whether a call's program has input slots (tensors its torch-style mods captured or made) or
-    the plain functions among its mods hold tensors (in their closures, defaults, or the functions
-    and lists there; a value read with `t.item()` leaves no slot)."""
+def _captures(program, key, given: int = 0) -> bool:
+    """Whether a call's program has input slots besides the `given` score_mod tensors (tensors its
+    torch-style mods captured or made; a torch-style mod is given none) or the plain functions
+    among its mods hold tensors (in their closures, defaults, or the functions and lists there; a
+    value read with `t.item()` leaves no slot)."""
     if program is None:
         return False
-    if program.mod_slots:
+    if len(program.mod_slots) > given:
         return True
     leaves: list = []
     for fn in key[0][:3]:

@@ -24,6 +24,31 @@ def cudnn_seq_lens(seq_lens_q: Optional[torch.Tensor], seq_lens_kv: Optional[tor
     if checked is None:
         return []
     kv, q_lengths = checked
-    full = lambda n: torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)  # noqa: E731
-    return [(full(q.shape[2]) if q_lengths is None else q_lengths).contiguous(),
-            (full(k.shape[2]) if kv is None else kv).contiguous()]
+    return [(full_lengths(q.shape[0], q.shape[2], q.device) if q_lengths is None else q_lengths).contiguous(),
+            (full_lengths(q.shape[0], k.shape[2], q.device) if kv is None else kv).contiguous()]
+
+
+# (device, batch, length) -> int32 [batch] of that length: the side a padded call leaves out (a
+# decode step gives seq_lens_kv only). Made once, complete before any stream reads it, never
+# written, and kept for the process: a CUDA graph captured over a call reads it at each replay, so
+# it is never freed (not by clear_cache() either). Past _MAX_FULL_LENGTHS each call makes its own.
+_kept_lengths: dict = {}
+_MAX_FULL_LENGTHS = 256
+
+
+def full_lengths(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # an op of the compiled graph
+        return torch.full((batch,), length, dtype=torch.int32, device=device)
+    key = (device, batch, length)
+    kept = _kept_lengths.get(key)
+    if kept is not None:
+        return kept
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    with torch.inference_mode(False):  # a later call with autograd may save it for its backward
+        made = torch.full((batch,), length, dtype=torch.int32, device=device)
+    if capturing or len(_kept_lengths) >= _MAX_FULL_LENGTHS:
+        return made  # (a capture cannot wait for its fill)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # another stream may read it next
+    _kept_lengths[key] = made
+    return made

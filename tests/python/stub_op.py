@@ -31,7 +31,7 @@ class StubOp:
             during, self.during = self.during, None
             during()
         self.ids.append((mod_id, bprop_id))
-        self.calls.append({"mod_tensors": list(mod_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
+        self.calls.append({"mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         if not cu_seqlens:
@@ -40,6 +40,22 @@ class StubOp:
         # that a test sees which rows reach each token.
         n = cu_seqlens[0].numel() - 1
         return out, torch.arange(n * q.shape[1] * max_seqlens[0], dtype=torch.float32).view(n, q.shape[1], -1)
+
+
+def logged_subclass(seen: list) -> type:
+    """A torch.Tensor subclass whose __torch_function__ records each call of the op in `seen` and
+    answers it with zeros of the op's shapes; anything else runs as for a plain tensor."""
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
+                seen.append(func)
+                q, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t
+                        for t in (args[0], args[2]))
+                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+    return Logged
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
 from cudnn_flex.program import guard
-from stub_op import op  # noqa: F401  (a fixture)
+from stub_op import logged_subclass, op  # noqa: F401  (op: a fixture)
 
 
 def qkv(s=8, layout_shape=None):
@@ -194,17 +194,6 @@ def test_another_shape_or_option_takes_the_full_path(op, what):
     assert op.records == 2
 
 
-def test_score_mod_tensors_and_lengths_are_read_by_the_full_path_every_call(op):
-    """(Tensors in a torch-style closure: test_captured_fast_path.py.)"""
-    q, k, v = qkv()
-    slopes = mods.alibi_slopes(2)
-    for _ in range(2):
-        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes.view(1, 2, 1, 1)})
-        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=torch.tensor([5], dtype=torch.int32))
-    assert op.records == 4
-    assert not fast_path._entries
-
-
 def test_clear_cache_forgets_the_shortcut(op):
     run_twice(op, score_mod=dsl_mods.causal)
     cudnn_flex.clear_cache()
@@ -377,17 +366,7 @@ def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
 def test_a_tensor_subclass_gets_torch_ops(op):
     """A subclass's __torch_function__ sees the op, as it did through torch.ops."""
     seen = []
-
-    class Logged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types_, args=(), kwargs=None):
-            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
-                seen.append(func)
-                q, k, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, Logged) else t
-                           for t in args[:3])
-                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
+    Logged = logged_subclass(seen)
 
     q, k, v = (t.as_subclass(Logged) for t in qkv())
     for _ in range(2):
@@ -448,16 +427,7 @@ def test_marking_a_mod_torch_style_later_takes_the_full_path(op):
 
 def test_a_subclass_among_the_lengths_gets_torch_ops(op):
     seen = []
-
-    class Logged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types_, args=(), kwargs=None):
-            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
-                seen.append(func)
-                q, v = args[0], args[2]
-                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
+    Logged = logged_subclass(seen)
 
     q, k, v = qkv()
     lengths = torch.tensor([5], dtype=torch.int32).as_subclass(Logged)

@@ -1,0 +1,239 @@
+"""The shortcut of a repeated call (fast_path.py) with score_mod tensors and padded lengths, on the
+CPU (cuDNN's op replaced by a stub): a repeat skips the recording, hands the op this call's tensors
+as the full path would, and refuses to the full path (with its error) whatever that path refuses."""
+
+import types
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import dsl_mods, fast_path, mods, padded_batch
+from stub_op import logged_subclass, op  # noqa: F401  (op: a fixture)
+
+
+def qkv(b=2, s=8):
+    return [torch.randn(b, 2, s, 16, dtype=torch.bfloat16) for _ in range(3)]
+
+
+def scaled_by(graph, score, tensors):
+    return graph.mul(score, tensors["c"])
+
+
+def scaled_by_bprop(graph, d_p, tensors):
+    return graph.mul(d_p, tensors["c"])
+
+
+def masked_by(graph, score, tensors):
+    return graph.binary_select(score, float("-inf"), tensors["keep"])
+
+
+def test_each_call_hands_the_op_its_own_tensors(op):
+    q, k, v = qkv()
+    for scale in (1.0, 2.0, 3.0):
+        slopes = (mods.alibi_slopes(2) * scale).view(1, 2, 1, 1)
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
+        assert op.calls[-1]["mod_tensors"][0] is slopes
+    assert op.records == 1
+    assert len(set(op.ids)) == 1
+
+
+def test_values_written_in_place_reach_the_op(op):
+    """The op gets the tensor itself: it reads the values at the launch."""
+    q, k, v = qkv()
+    bias = torch.zeros(1, 1, 8, 8)
+    for fill in (0.0, 5.0):
+        bias.fill_(fill)
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors={"bias": bias})
+    assert op.records == 1
+    assert op.calls[-1]["mod_tensors"][0] is bias
+
+
+def test_a_bool_tensor_is_converted_on_every_call(op):
+    """As the full path does (record_call.as_graph_input): a float32 copy of this call's values."""
+    q, k, v = qkv()
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": keep})
+    keep[..., 3] = False
+    cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": keep})
+    assert op.records == 1
+    passed = op.calls[-1]["mod_tensors"][0]
+    assert passed.dtype == torch.float32 and torch.equal(passed, keep.float())
+
+
+def test_bprop_tensors_are_passed_on_the_shortcut(op):
+    q, k, v = qkv()
+    for c in (2.0, 3.0):
+        scalar = {"c": torch.tensor(c)}
+        cudnn_flex.flex_attention(q, k, v, scaled_by, scaled_by_bprop, scalar, {"c": torch.tensor(c + 1)})
+        assert op.calls[-1]["mod_tensors"][0].item() == c
+        assert op.calls[-1]["bprop_tensors"][0].item() == c + 1
+    assert op.records == 1
+
+
+@pytest.mark.parametrize("change", ["dtype", "name", "another tensor", "no bprop tensors"])
+def test_another_slot_signature_is_recorded_again(op, change):
+    """The names and dtypes of the tensors are the program's input slots: another signature never
+    gets the program of the first."""
+    q, k, v = qkv()
+    first = {"c": torch.tensor(2.0)}
+    cudnn_flex.flex_attention(q, k, v, scaled_by, scaled_by_bprop, first, first)
+    tensors, bprop = dict(first), dict(first)
+    if change == "dtype":
+        tensors = {"c": torch.tensor(2.0, dtype=torch.bfloat16)}
+    elif change == "name":
+        tensors = {"c": torch.tensor(2.0), "unused": torch.tensor(1.0)}
+    elif change == "another tensor":
+        bprop = {"c": torch.tensor(2.0), "d": torch.tensor(1.0)}
+    else:
+        cudnn_flex.flex_attention(q, k, v, scaled_by, None, tensors)
+        assert op.records == 2 and op.ids[-1] != op.ids[0]
+        return
+    cudnn_flex.flex_attention(q, k, v, scaled_by, scaled_by_bprop, tensors, bprop)
+    assert op.records == 2
+    assert op.ids[-1] != op.ids[0]
+    cudnn_flex.flex_attention(q, k, v, scaled_by, scaled_by_bprop, first, first)
+    assert op.records == 2 and op.ids[-1] == op.ids[0]  # both remembered
+
+
+def _bad(kind):
+    if kind == "requires grad":
+        return {"slopes": torch.ones(1, 2, 1, 1, requires_grad=True)}, "requires grad"
+    if kind == "shape":
+        return {"slopes": torch.ones(1, 3, 1, 1)}, "does not broadcast"
+    if kind == "float64":
+        return {"slopes": torch.ones(1, 2, 1, 1, dtype=torch.float64)}, "float64"
+    if kind == "not a tensor":
+        return {"slopes": 0.5}, "must be a torch.Tensor"
+    if kind == "five dims":
+        return {"slopes": torch.ones(1, 1, 2, 1, 1)}, "does not broadcast"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["requires grad", "shape", "float64", "not a tensor", "five dims"])
+def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(op, kind):
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": torch.ones(1, 2, 1, 1)})
+    bad, message = _bad(kind)
+    calls = len(op.ids)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=bad)
+    assert len(op.ids) == calls
+
+
+def test_a_mapping_that_is_no_dict_takes_the_full_path(op):
+    q, k, v = qkv()
+    tensors = types.MappingProxyType({"slopes": mods.alibi_slopes(2).view(1, 2, 1, 1)})
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=tensors)
+    assert op.records == 2 and op.ids[0] == op.ids[1]
+
+
+def test_a_tensor_subclass_takes_the_full_path(op):
+    """A subclass may override __torch_function__, which the shortcut does not call: the full path
+    runs, and the op goes through torch.ops, which calls it."""
+    seen = []
+    Logged = logged_subclass(seen)
+
+    q, k, v = qkv()
+    slopes = mods.alibi_slopes(2).view(1, 2, 1, 1)
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes.as_subclass(Logged)})
+    assert op.records == 2 and len(seen) == 1
+
+
+def test_a_dict_changed_between_the_key_and_the_call(op, monkeypatch):
+    """Another thread adds a tensor after the key was taken: the call does not run the program of
+    the key's signature over the new tensors."""
+    q, k, v = qkv()
+    tensors = {"c": torch.tensor(2.0)}
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
+    key = fast_path.key
+
+    def key_then_change(*args):
+        found = key(*args)
+        tensors["d"] = torch.tensor(1.0)
+        return found
+    monkeypatch.setattr(fast_path, "key", key_then_change)
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
+    assert op.records == 2 and len(op.calls[-1]["mod_tensors"]) == 2 and op.ids[-1] != op.ids[0]
+
+
+# --- padded lengths ---------------------------------------------------------------------------------
+
+
+def test_lengths_take_the_shortcut_and_reach_the_op(op):
+    q, k, v = qkv(b=2, s=8)
+    for n in (5, 7):
+        lengths = torch.tensor([n, 8], dtype=torch.int32)
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+        seq_lens = op.calls[-1]["seq_lens"]
+        assert seq_lens[1] is lengths
+        assert seq_lens[0].tolist() == [8, 8]  # the queries' side: full
+    assert op.records == 1
+
+
+@pytest.fixture
+def no_kept_lengths(monkeypatch):
+    """padded_batch's kept full lengths, empty for this test (they live for the process)."""
+    monkeypatch.setattr(padded_batch, "_kept_lengths", {})
+
+
+def test_the_full_side_is_made_once_and_is_no_inference_tensor(op, no_kept_lengths):
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    with torch.inference_mode():
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths)
+    first, second = op.calls[0]["seq_lens"][1], op.calls[1]["seq_lens"][1]
+    assert first is second and not first.is_inference()
+    assert first.tolist() == [8, 8] and first.dtype == torch.int32
+
+
+def test_each_length_gets_its_own_full_side(op, no_kept_lengths):
+    k, v = qkv(b=2, s=8)[1:]
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    for s_q in (8, 5, 8):
+        q = torch.randn(2, 2, s_q, 16, dtype=torch.bfloat16)
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+        assert op.calls[-1]["seq_lens"][0].tolist() == [s_q, s_q]
+
+
+def test_lengths_written_in_place_are_checked_again(op):
+    q, k, v = qkv(b=1, s=8)
+    lengths = torch.tensor([5], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths, seq_lens_kv=lengths)
+    lengths.fill_(9)  # past the padded length
+    with pytest.raises(ValueError, match=r"seq_lens_kv must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths, seq_lens_kv=lengths)
+
+
+@pytest.mark.parametrize("kind", ["int64", "shape", "list"])
+def test_bad_lengths_on_a_repeat_get_the_full_paths_error(op, kind):
+    q, k, v = qkv(b=2, s=8)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=torch.tensor([5, 8], dtype=torch.int32))
+    bad = {"int64": torch.tensor([5, 8]), "shape": torch.tensor([5], dtype=torch.int32), "list": [5, 8]}[kind]
+    with pytest.raises((ValueError, TypeError), match="seq_lens_kv must be"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=bad)
+    assert len(op.ids) == 1
+
+
+def test_a_lengths_subclass_on_a_repeat_takes_the_full_path(op):
+    seen = []
+    Logged = logged_subclass(seen)
+
+    q, k, v = qkv(b=1, s=8)
+    lengths = torch.tensor([5], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths.as_subclass(Logged))
+    assert op.records == 2 and len(seen) == 1
+
+
+def test_lengths_with_a_score_mod_tensor(op):
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([3, 6], dtype=torch.int32)
+    slopes = mods.alibi_slopes(2).view(1, 2, 1, 1)
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": slopes}, seq_lens_kv=lengths)
+    assert op.records == 1
+    assert op.calls[-1]["mod_tensors"][0] is slopes and op.calls[-1]["seq_lens"][1] is lengths

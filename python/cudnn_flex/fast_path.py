@@ -77,23 +77,27 @@ class _Entry:
                 return None
         if not self.slots:
             return []
-        tensors = []
+        tensors, fresh = [None] * len(self.slots), []
         for n, (i, axes) in enumerate(self.slots):
             leaf, made = self.leaves[i][0], self.views[n]
             if leaf.requires_grad and torch.is_grad_enabled():
                 return None  # the full path refuses it (api.cudnn_call): cuDNN computes no gradient for it
             if made is not None and made[1] == leaf.data_ptr():
-                tensors.append(made[0])
-                continue
-            view = record_call.captured_views([(leaf, axes)], (q.shape[0], q.shape[1], q.shape[2], s_kv), q)[0]
-            # A view that aliases its leaf (same dtype, same address) reads the values at each
-            # launch: it is the view the full path makes while the leaf keeps its metadata and
-            # storage. A copy (float32 of integer ids, an aligned clone) is made every call, as by
-            # the full path: it holds the values of one moment, and not every write to the leaf
-            # is seen (a CUDA graph replay, DLPack, `.data`).
-            if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
-                self.views[n] = (view, leaf.data_ptr())
-            tensors.append(view)
+                tensors[n] = made[0]
+            else:
+                fresh.append((n, leaf, axes))
+        if fresh:  # made together, as by the full path (a tensor two slots copy is copied once)
+            views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh],
+                                               (q.shape[0], q.shape[1], q.shape[2], s_kv), q)
+            for (n, leaf, _), view in zip(fresh, views):
+                # A view that aliases its leaf (same dtype, same address) reads the values at each
+                # launch: it is the view the full path makes while the leaf keeps its metadata and
+                # storage. A copy (float32 of integer ids, an aligned clone) is made every call, as
+                # by the full path: it holds the values of one moment, and not every write to the
+                # leaf is seen (a CUDA graph replay, DLPack, `.data`).
+                if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
+                    self.views[n] = (view, leaf.data_ptr())
+                tensors[n] = view
         return tensors
 
 

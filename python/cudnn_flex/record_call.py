@@ -8,6 +8,7 @@ traced code (program/shadow.py) and the program is recorded once, while dynamo t
 
 from __future__ import annotations
 
+import math
 import re
 import types
 from typing import Optional
@@ -118,13 +119,30 @@ _MAX_LEAF_SLOTS = 4096
 
 def captured_views(found, shape, q) -> list:
     """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
-    checked to be on q's device."""
-    views = [torch_style.view_for(t, axes, shape, _capture_name(i)) for i, (t, axes) in enumerate(found)]
+    checked to be on q's device. A tensor that view_for copies (integer ids) and that several slots
+    read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that copy: one launch
+    and one allocation fewer per call, unless the tensor is larger than what its slots read."""
+    copied = _copied_once(found, shape)
+    views = [torch_style.view_for(copied.get(id(t), t), axes, shape, _capture_name(i))
+             for i, (t, axes) in enumerate(found)]
     for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
             raise ValueError(f"cudnn_flex: the score_mod indexes a tensor on {t.device} ({_capture_name(i)}) but q "
                              f"is on {q.device}; move the captured tensor to q's device")
     return views
+
+
+def _copied_once(found, shape) -> dict:
+    """id(tensor) -> its float32 copy, for the tensors view_for would copy for two or more slots,
+    when the whole tensor has no more elements than those slots read together."""
+    read: dict = {}
+    for t, axes in found:
+        if axes and t.dtype in torch_style.COPIED_DTYPES and not torch.compiler.is_compiling():
+            read.setdefault(id(t), [t, 0, 0])
+            read[id(t)][1] += 1
+            read[id(t)][2] += math.prod(shape[axis] for axis in axes)
+    return {key: t.to(torch.float32) for key, (t, slots, elements) in read.items()
+            if slots > 1 and t.numel() <= elements}
 
 
 def _slots_in_leaves(found, leaves) -> Optional[tuple]:

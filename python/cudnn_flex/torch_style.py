@@ -672,6 +672,10 @@ def trace(fn: Callable, recorder: Recorder, gathers: bool = True) -> tuple[int, 
     return value.index, tr.captures
 
 
+# The dtypes of captured tensors that view_for copies to float32.
+COPIED_DTYPES = (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64)
+
+
 def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
     """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
     except that integer and float64 tensors become float32 copies of the view (the score_mod's
@@ -693,7 +697,7 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
             view = _view_by_axes(t, axes, full)  # dynamo traces no storage_offset()
         else:
             view = t.as_strided(sizes, strides, t.storage_offset())
-    if view.dtype in (torch.bool, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.float64):
+    if view.dtype in COPIED_DTYPES:
         # cuDNN 9.19 crashes on BOOLEAN inputs (SIGFPE) and reads uint8 rows of odd length at
         # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)

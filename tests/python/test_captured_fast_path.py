@@ -268,3 +268,24 @@ def test_the_reference_path_trains_a_captured_tensor():
     out = cudnn_flex.flex_attention(q, k, v, bias_table(table), backend="reference")
     out.sum().backward()
     assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ids", ["per position", "per batch", "longer than the scores"])
+def test_ids_two_slots_read_are_copied_once(op, ids):
+    """`doc[q_idx] == doc[kv_idx]`: both slots are views of one float32 copy of the ids, on the full
+    path and the shortcut alike; ids much longer than the scores are copied per slot instead (one
+    copy of the whole tensor would be more work than the two small ones)."""
+    doc = {"per position": doc_ids()[0], "per batch": doc_ids(),
+           "longer than the scores": torch.arange(100, dtype=torch.int32) // 3}[ids]
+    mask = mods.document_mask(doc)
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+        at_q, at_kv = op.calls[-1]["mod_tensors"]
+        shared = at_q.untyped_storage().data_ptr() == at_kv.untyped_storage().data_ptr()
+        assert shared == (ids != "longer than the scores")
+        rows = doc if doc.dim() == 2 else doc.expand(B, -1)
+        assert at_q.dtype == at_kv.dtype == torch.float32
+        assert torch.equal(at_q.expand(B, 1, S, S), rows[:, None, :S, None].float().expand(B, 1, S, S))
+        assert torch.equal(at_kv.expand(B, 1, S, S), rows[:, None, None, :S].float().expand(B, 1, S, S))
+    assert op.records == 1

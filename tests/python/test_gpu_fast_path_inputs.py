@@ -95,10 +95,11 @@ def test_bprop_tensors_on_the_shortcut(records):
     assert records[0] == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.float32])
 def test_document_ids_as_score_mod_tensors(records, dtype):
     """Integer ids read by cuDNN as they are (only bool is converted): two documents per batch
-    element, compared for equality in the graph."""
+    element, compared for equality in the graph; 129 positions, so that a uint8 row is of odd
+    length."""
     s = 129
     q, k, v = make_inputs(b=2, h=H, h_kv=H_KV, s_q=s, s_kv=s, seed=6)
     for split in (40, 100):

@@ -193,6 +193,8 @@ MUTATIONS += [
      "        if not compiling and t.requires_grad and torch.is_grad_enabled():", "        if False:"),
     ("mod that reads a captured value remembered", P + "fast_path.py",
      "    if len(program.mod_slots) > given:\n        return True\n    leaves: list = []", "    if True:\n        return len(program.mod_slots) > given\n    leaves: list = []"),
+    ("int64 score_mod tensors handed to cuDNN", P + "record_call.py",
+     "_COPIED = (torch.bool, torch.uint8, torch.int64)", "_COPIED = (torch.bool, torch.uint8)"),
     ("ids copied once however long", P + "record_call.py",
      "            if slots > 1 and t.numel() <= elements}", "            if slots > 1}"),
     ("ids read by two slots copied per slot", P + "record_call.py",

@@ -22,10 +22,14 @@ from .program.record import Recorder
 
 
 def as_graph_input(t: torch.Tensor) -> torch.Tensor:
-    """A score_mod tensor as cuDNN reads it: bool as a float32 copy (cuDNN 9.19 crashes on
-    BOOLEAN inputs with SIGFPE, and reads a uint8 view of an odd-length mask at a misaligned
-    address); the program compares it with 0."""
-    return t.to(torch.float32) if t.dtype == torch.bool else t
+    """A score_mod tensor as cuDNN reads it: bool, uint8 and int64 as float32 copies, the dtype the
+    program computes in (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a
+    uint8 view of an odd-length row is read at a misaligned address, and a graph over an INT64
+    input never finished; INT32 ids compare exactly). The program compares bool with 0."""
+    return t.to(torch.float32) if t.dtype in _COPIED else t
+
+
+_COPIED = (torch.bool, torch.uint8, torch.int64)
 
 
 def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):

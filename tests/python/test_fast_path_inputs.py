@@ -28,6 +28,10 @@ def masked_by(graph, score, tensors):
     return graph.binary_select(score, float("-inf"), tensors["keep"])
 
 
+def same_document(graph, score, tensors):
+    return graph.binary_select(score, float("-inf"), graph.cmp_eq(tensors["q_doc"], tensors["kv_doc"]))
+
+
 def test_each_call_hands_the_op_its_own_tensors(op):
     q, k, v = qkv()
     for scale in (1.0, 2.0, 3.0):
@@ -59,6 +63,24 @@ def test_a_bool_tensor_is_converted_on_every_call(op):
     assert op.records == 1
     passed = op.calls[-1]["mod_tensors"][0]
     assert passed.dtype == torch.float32 and torch.equal(passed, keep.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32])
+def test_integer_ids_as_cudnn_reads_them(op, dtype):
+    """int64 and uint8 ids reach the op as float32 copies (cuDNN 9.19 never finished a graph over
+    an INT64 input, and reads odd-length uint8 rows misaligned); int32 ids as they are."""
+    q, k, v = qkv(b=1, s=9)
+    ids = (torch.arange(9) // 4).to(dtype)
+    tensors = {"q_doc": ids.view(1, 1, 9, 1), "kv_doc": ids.view(1, 1, 1, 9)}
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, same_document, score_mod_tensors=tensors)
+        passed = op.calls[-1]["mod_tensors"]
+        if dtype == torch.int32:
+            assert passed[0] is tensors["q_doc"] and passed[1] is tensors["kv_doc"]
+        else:
+            assert all(t.dtype == torch.float32 for t in passed)
+            assert torch.equal(passed[1], tensors["kv_doc"].float())
+    assert op.records == 1
 
 
 def test_bprop_tensors_are_passed_on_the_shortcut(op):

@@ -58,7 +58,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         score_mod_tensors: DSL only: name -> tensor broadcastable to [B, H_q, Sq, Skv] (a
             one-element CPU tensor is passed by value). Their values never rebuild a graph.
             cuDNN reads float and int32 tensors in place; bool, uint8 and int64 ones as float32
-            copies made on every call (pass int32 ids to avoid them).
+            copies made on every call (exact up to 2**24; pass int32 ids to avoid them).
         score_mod_bprop_tensors: the same, for score_mod_bprop.
         scale: default 1/sqrt(D).
         layout: "bhsd", "bshd" or "sbhd"; out comes back in it (views, no copies).

@@ -159,6 +159,9 @@ def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
         return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS)
+    if (score_mod_tensors is not None and score_mod is None) or (score_mod_bprop_tensors is not None
+                                                                 and score_mod_bprop is None):
+        return None  # refused by the full path (an empty dict too, whose slots are no slots)
     slots = (_slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors))
     return None if None in slots else (mods, q.shape, k.shape, v.shape, layout, backend, slots)
 

@@ -46,8 +46,10 @@ def full_lengths(batch: int, length: int, device: torch.device) -> torch.Tensor:
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     with torch.inference_mode(False):  # a later call with autograd may save it for its backward
         made = torch.full((batch,), length, dtype=torch.int32, device=device)
-    if capturing or len(_kept_lengths) >= _MAX_FULL_LENGTHS:
-        return made  # (a capture cannot wait for its fill)
+    if capturing or type(made) is not torch.Tensor or len(_kept_lengths) >= _MAX_FULL_LENGTHS:
+        # A capture cannot wait for its fill; under a mode (FakeTensorMode for a shape estimate)
+        # torch.full makes no real tensor.
+        return made
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # another stream may read it next
     _kept_lengths[key] = made

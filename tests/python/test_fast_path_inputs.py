@@ -143,6 +143,16 @@ def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(op, kind):
     assert len(op.ids) == calls
 
 
+@pytest.mark.parametrize("given", ["score_mod_tensors", "score_mod_bprop_tensors"])
+def test_an_empty_dict_without_its_mod_is_refused_on_a_repeat(op, given):
+    """An empty dict has no slots, as no dict; the full path still refuses it without its mod."""
+    q, k, v = qkv()
+    kw = {"score_mod": dsl_mods.causal} if given == "score_mod_bprop_tensors" else {}
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match=f"{given} were given without"):
+        cudnn_flex.flex_attention(q, k, v, **kw, **{given: {}})
+
+
 def test_a_mapping_that_is_no_dict_takes_the_full_path(op):
     q, k, v = qkv()
     tensors = types.MappingProxyType({"slopes": mods.alibi_slopes(2).view(1, 2, 1, 1)})
@@ -210,6 +220,21 @@ def test_the_full_side_is_made_once_and_is_no_inference_tensor(op, no_kept_lengt
     first, second = op.calls[0]["seq_lens"][1], op.calls[1]["seq_lens"][1]
     assert first is second and not first.is_inference()
     assert first.tolist() == [8, 8] and first.dtype == torch.int32
+
+
+def test_no_fake_tensor_is_kept_for_the_full_side(op, no_kept_lengths):
+    """A call under FakeTensorMode (a shape or memory estimate) makes a fake full side: a later real
+    call gets a real one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)  # lengths checked on the host
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        short = torch.empty(2, 2, 4, 16, dtype=torch.bfloat16)
+        cudnn_flex.flex_attention(short, k, v, seq_lens_kv=lengths)
+    cudnn_flex.flex_attention(torch.randn(2, 2, 4, 16, dtype=torch.bfloat16), k, v, seq_lens_kv=lengths)
+    full = op.calls[-1]["seq_lens"][0]
+    assert type(full) is torch.Tensor and full.tolist() == [4, 4]
 
 
 def test_each_length_gets_its_own_full_side(op, no_kept_lengths):

@@ -265,8 +265,8 @@ def reads_before(key, score_mod, score_mod_bprop, mask_mod) -> Optional[tuple]:
 
 def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> None:
     """After a call (q as [B, H, Sq, D]) ran in full on cuDNN: remembers its program for the
-    shortcut, if its mods allow one and nothing they read changed while it ran. Nothing is kept for mods that allow none (the key would hold them, and
-    what their closures hold, alive)."""
+    shortcut, if its mods allow one and nothing they read changed while it ran. Nothing is kept
+    for mods that allow none (the key would hold them, and what their closures hold, alive)."""
     if reads is None:
         return  # the mods allow no shortcut
     captured = None

@@ -9,27 +9,12 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods, padded_batch
+from dsl_tensor_mods import masked_by, same_document, scaled_by, scaled_by_bprop
 from stub_op import logged_subclass, op  # noqa: F401  (op: a fixture)
 
 
 def qkv(b=2, s=8):
     return [torch.randn(b, 2, s, 16, dtype=torch.bfloat16) for _ in range(3)]
-
-
-def scaled_by(graph, score, tensors):
-    return graph.mul(score, tensors["c"])
-
-
-def scaled_by_bprop(graph, d_p, tensors):
-    return graph.mul(d_p, tensors["c"])
-
-
-def masked_by(graph, score, tensors):
-    return graph.binary_select(score, float("-inf"), tensors["keep"])
-
-
-def same_document(graph, score, tensors):
-    return graph.binary_select(score, float("-inf"), graph.cmp_eq(tensors["q_doc"], tensors["kv_doc"]))
 
 
 def test_each_call_hands_the_op_its_own_tensors(op):

@@ -10,6 +10,7 @@ import torch
 import cudnn_flex
 from cases import ALL_PATTERNS, LAYOUTS, pattern_name
 from cudnn_flex import dsl_mods
+from dsl_tensor_mods import scaled_by, scaled_by_bprop
 import oracle
 from gpu_cases import bias_pattern, check, compare, dsl_formula, make_inputs
 from mod_cases import READY_MODS
@@ -82,14 +83,6 @@ def test_second_identical_call_builds_nothing():
     after = cudnn_flex.cache_stats()
     assert after["builds"] == before["builds"]
     assert after["hits"] == before["hits"] + 2
-
-
-def scaled_by(graph, score, tensors):
-    return graph.mul(score, tensors["c"])
-
-
-def scaled_by_bprop(graph, d_p, tensors):
-    return graph.mul(d_p, tensors["c"])  # d(c * s)/ds = c
 
 
 def test_pass_by_value_scalar_changes_result_without_a_build():

@@ -8,23 +8,15 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import api, mods
+from cudnn_flex import mods
 from gpu_cases import check, compare, make_inputs
 import oracle
 from oracle import ALIBI_SLOPES, NEG_INF
-from record_counter import count_records
+from record_counter import records  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.gpu
 
 H = 4
-
-
-@pytest.fixture
-def records(monkeypatch):
-    """How many calls took the full path since the fixture started."""
-    count = count_records(monkeypatch, api)
-    cudnn_flex.clear_cache()
-    return count
 
 
 def doc_ids(n: int, batch: int = 0) -> torch.Tensor:

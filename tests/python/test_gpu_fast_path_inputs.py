@@ -8,39 +8,16 @@ import torch
 
 import cudnn_flex
 import oracle
-from cudnn_flex import api, dsl_mods, mods
+from cudnn_flex import dsl_mods, mods
+from dsl_tensor_mods import masked_by, same_document, scaled_by, scaled_by_bprop
 from gpu_cases import check, compare, make_inputs
 from oracle import NEG_INF
-from record_counter import count_records
+from record_counter import records  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.gpu
 
 SHAPES = [(1, 129), (127, 127), (129, 64)]
 H, H_KV = 4, 2
-
-
-@pytest.fixture
-def records(monkeypatch):
-    """How many calls took the full path (recorded their mods) since the fixture started."""
-    count = count_records(monkeypatch, api)
-    cudnn_flex.clear_cache()
-    return count
-
-
-def masked_by(graph, score, tensors):
-    return graph.binary_select(score, float("-inf"), tensors["keep"])
-
-
-def scaled_by(graph, score, tensors):
-    return graph.mul(score, tensors["c"])
-
-
-def scaled_by_bprop(graph, d_p, tensors):
-    return graph.mul(d_p, tensors["c"])
-
-
-def same_document(graph, score, tensors):
-    return graph.binary_select(score, float("-inf"), graph.cmp_eq(tensors["q_doc"], tensors["kv_doc"]))
 
 
 @pytest.mark.parametrize("s_q,s_kv", SHAPES)

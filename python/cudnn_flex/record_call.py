@@ -138,13 +138,13 @@ def captured_views(found, shape, q) -> list:
 
 def _copied_once(found, shape) -> dict:
     """id(tensor) -> its float32 copy, for the tensors view_for would copy for two or more slots,
-    when the whole tensor has no more elements than those slots read together."""
-    read: dict = {}
+    when the whole tensor has no more elements than those slots read together. (Eager only: under
+    torch.compile the views are made by _traced_torch_style.)"""
+    read: dict = {}  # id(tensor) -> (tensor, slots that read it, elements they read)
     for t, axes in found:
-        if axes and t.dtype in torch_style.COPIED_DTYPES and not torch.compiler.is_compiling():
-            read.setdefault(id(t), [t, 0, 0])
-            read[id(t)][1] += 1
-            read[id(t)][2] += math.prod(shape[axis] for axis in axes)
+        if axes and t.dtype in torch_style.COPIED_DTYPES:
+            _, slots, elements = read.get(id(t), (t, 0, 0))
+            read[id(t)] = (t, slots + 1, elements + math.prod(shape[axis] for axis in axes))
     return {key: t.to(torch.float32) for key, (t, slots, elements) in read.items()
             if slots > 1 and t.numel() <= elements}
 

@@ -108,9 +108,20 @@ def _broadcasts(shape, full: tuple) -> bool:
     return True
 
 
+def graph_tensor_fits(t: torch.Tensor, q: torch.Tensor, full: tuple) -> bool:
+    """Whether a score_mod tensor that cuDNN reads from memory is on q's device, broadcastable to
+    the scores `full` and aligned (what _check_graph_tensor requires; the shortcut asks it
+    without the messages)."""
+    shape = t.shape
+    return (t.device == q.device and len(shape) <= 4 and _broadcasts(shape, full)
+            and not (t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16))
+
+
 def _check_graph_tensor(t: torch.Tensor, label: tuple, q: torch.Tensor, full: tuple) -> None:
     """A score_mod tensor that cuDNN reads from memory: on q's device, broadcastable to the scores
     `full`, aligned. label: (argument, name), for the messages."""
+    if graph_tensor_fits(t, q, full):
+        return
     if t.device != q.device:
         raise ValueError(f"cudnn_flex: {label[0]}[{label[1]!r}] is on {t.device} but q is on {q.device}; "
                          "move it to q's device (only one-element CPU tensors are passed by value)")

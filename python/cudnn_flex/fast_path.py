@@ -11,9 +11,10 @@ shortcut when it provably gets the same program:
   (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;
 - an object with score_mod_graph_cache_key() promises the same key;
 - score_mod tensors (and score_mod_bprop tensors) with the names and dtypes the program was
-  recorded for (its input slots): each call's tensors pass the full path's own checks
-  (check_tensor_dict) and conversion (as_graph_input) again, since any other metadata may change
-  from call to call without a new program;
+  recorded for (its input slots): each call's tensors pass the full path's own conditions again
+  (no grad; device, shape and alignment by graph_tensor_fits, which check_tensor_dict asks too)
+  and its conversion (as_graph_input), since any other metadata may change from call to call
+  without a new program; a tensor that fails one takes the full path, which says what is wrong;
 - padded lengths pass the full path's own checks and completion (cudnn_seq_lens: their values
   are read once per version, as there); the program does not depend on them;
 - tensors in a torch-style mod's closure (`mods.alibi(slopes)`, `document_mask(doc)`) only where
@@ -41,7 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from . import _ops, _registry, record_call, torch_style
-from ._validation import _FROM_BHSD, _TO_BHSD, check_tensor_dict, cudnn_takes
+from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes, graph_tensor_fits
 from .padded_batch import cudnn_seq_lens
 from .program import guard
 
@@ -55,7 +56,7 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
         self.reads, self.program = reads, program
@@ -67,6 +68,9 @@ class _Entry:
         # Per slot, (the view mod_tensors made, the leaf's data pointer then) when it aliases the
         # leaf, else None.
         self.views = [None] * len(self.slots)
+        # The leaves captured_views copies once (record_call.copied_once): it depends on their
+        # metadata and the scores' shape, fixed for an entry; taken at its first call.
+        self.copied_once = None
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
         """The input slots' tensors of a call with q ([B, H, Sq, D]) as the full path makes them,
@@ -87,8 +91,12 @@ class _Entry:
             else:
                 fresh.append((n, leaf, axes))
         if fresh:  # made together, as by the full path (a tensor two slots copy is copied once)
-            views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh],
-                                               (q.shape[0], q.shape[1], q.shape[2], s_kv), q)
+            shape = (q.shape[0], q.shape[1], q.shape[2], s_kv)
+            if self.copied_once is None:  # over every slot: a slot it copies is never served a kept view
+                self.copied_once = record_call.copied_once([(self.leaves[i][0], axes) for i, axes in self.slots],
+                                                           shape)
+            views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh], shape, q,
+                                               self.copied_once)
             for (n, leaf, _), view in zip(fresh, views):
                 # A view that aliases its leaf (same dtype, same address) reads the values at each
                 # launch: it is the view the full path makes while the leaf keeps its metadata and
@@ -225,16 +233,28 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
 
 def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
     """(score_mod tensors, bprop tensors) of a call as the full path hands them to the op, or None
-    when they are not the names and dtypes of the key (a dict changed since, by another thread).
-    check_tensor_dict raises what it refuses. (No key holds a float64 slot: the full path refuses
-    it, api.cudnn_call, and so never remembers one.)"""
+    when the full path must look at them: another name or dtype than the key's (a dict changed
+    since, by another thread), a tensor that requires grad, one on another device, of a shape that
+    does not broadcast, or misaligned (the full path raises its error, which says what is wrong).
+    The key's names and dtypes passed the full path's checks (check_tensor_dict) when it was
+    remembered; no key holds a float64 slot (api.cudnn_call refuses it)."""
+    full = (q.shape[0], q.shape[1], q.shape[2], s_kv)
     given = []
-    for signature, tensors, arg in ((slots[0], score_mod_tensors, "score_mod_tensors"),
-                                    (slots[1], score_mod_bprop_tensors, "score_mod_bprop_tensors")):
-        names, checked = check_tensor_dict(tensors, arg, q, s_kv)
-        if tuple(zip(names, (t.dtype for t in checked))) != signature:
+    for signature, tensors in zip(slots, (score_mod_tensors, score_mod_bprop_tensors)):
+        if not signature:  # none given (or an empty dict, the same to the full path)
+            if tensors:
+                return None  # filled since the key was taken
+            given.append([])
+            continue
+        if len(tensors) != len(signature):
             return None
-        given.append([record_call.as_graph_input(t) for t in checked])
+        inputs = []
+        for (name, dtype), (given_name, t) in zip(signature, tensors.items()):
+            if (given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad
+                    or not ((t.is_cpu and t.numel() == 1) or graph_tensor_fits(t, q, full))):
+                return None
+            inputs.append(record_call.as_graph_input(t))
+        given.append(inputs)
     return given[0], given[1]
 
 

@@ -121,13 +121,14 @@ _leaf_slots: dict = {}
 _MAX_LEAF_SLOTS = 4096
 
 
-def captured_views(found, shape, q) -> list:
+def captured_views(found, shape, q, once: Optional[list] = None) -> list:
     """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
     checked to be on q's device. A tensor that view_for copies (integer ids) and that several slots
     read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that copy: one launch
-    and one allocation fewer per call, unless the tensor is larger than what its slots read."""
-    copied = _copied_once(found, shape)
-    views = [torch_style.view_for(copied.get(id(t), t), axes, shape, _capture_name(i))
+    and one allocation fewer per call, unless the tensor is larger than what its slots read.
+    once: copied_once(found, shape), when the caller keeps it (the shortcut)."""
+    copies = {id(t): t.to(torch.float32) for t in (copied_once(found, shape) if once is None else once)}
+    views = [torch_style.view_for(copies.get(id(t), t), axes, shape, _capture_name(i))
              for i, (t, axes) in enumerate(found)]
     for i, t in enumerate(views):
         if not (t.device == q.device or (t.device.type == "cpu" and t.numel() == 1)):
@@ -136,17 +137,17 @@ def captured_views(found, shape, q) -> list:
     return views
 
 
-def _copied_once(found, shape) -> dict:
-    """id(tensor) -> its float32 copy, for the tensors view_for would copy for two or more slots,
-    when the whole tensor has no more elements than those slots read together. (Eager only: under
-    torch.compile the views are made by _traced_torch_style.)"""
+def copied_once(found, shape) -> list:
+    """The tensors that view_for would copy for two or more slots and that have no more elements
+    than those slots read together: captured_views copies each of them to float32 once. It depends
+    on the tensors' dtypes and sizes and the scores' shape only. (Eager only: under torch.compile
+    the views are made by _traced_torch_style.)"""
     read: dict = {}  # id(tensor) -> (tensor, slots that read it, elements they read)
     for t, axes in found:
         if axes and t.dtype in torch_style.COPIED_DTYPES:
             _, slots, elements = read.get(id(t), (t, 0, 0))
             read[id(t)] = (t, slots + 1, elements + math.prod(shape[axis] for axis in axes))
-    return {key: t.to(torch.float32) for key, (t, slots, elements) in read.items()
-            if slots > 1 and t.numel() <= elements}
+    return [t for t, slots, elements in read.values() if slots > 1 and t.numel() <= elements]
 
 
 def _slots_in_leaves(found, leaves) -> Optional[tuple]:

@@ -114,10 +114,12 @@ def _bad(kind):
         return {"slopes": 0.5}, "must be a torch.Tensor"
     if kind == "five dims":
         return {"slopes": torch.ones(1, 1, 2, 1, 1)}, "does not broadcast"
+    if kind == "device":
+        return {"slopes": torch.ones(1, 2, 1, 1, device="meta")}, "is on meta but q is on cpu"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["requires grad", "shape", "float64", "not a tensor", "five dims"])
+@pytest.mark.parametrize("kind", ["requires grad", "shape", "float64", "not a tensor", "five dims", "device"])
 def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(op, kind):
     q, k, v = qkv()
     cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": torch.ones(1, 2, 1, 1)})
@@ -174,6 +176,48 @@ def test_a_dict_changed_between_the_key_and_the_call(op, monkeypatch):
     monkeypatch.setattr(fast_path, "key", key_then_change)
     cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
     assert op.records == 2 and len(op.calls[-1]["mod_tensors"]) == 2 and op.ids[-1] != op.ids[0]
+
+
+def _scaled_by_any(graph, score, tensors):
+    return graph.mul(score, next(iter(tensors.values())))
+
+
+def test_a_dict_renamed_between_the_key_and_the_call(op, monkeypatch):
+    """Another thread renames the tensor after the key was taken: the names are the program's slots,
+    so the call does not run the key's program."""
+    q, k, v = qkv()
+    tensors = {"c": torch.tensor(2.0)}
+    cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
+    key = fast_path.key
+
+    def key_then_rename(*args):
+        found = key(*args)
+        tensors["d"] = tensors.pop("c")
+        return found
+    monkeypatch.setattr(fast_path, "key", key_then_rename)
+    cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
+    assert op.records == 2 and op.ids[-1] != op.ids[0]
+
+
+def _passes_dp(graph, d_p, tensors):
+    return d_p
+
+
+def test_an_empty_dict_filled_between_the_key_and_the_call(op, monkeypatch):
+    """An empty bprop dict (no slots) gets a tensor after the key was taken: the call does not
+    run the key's program, which has no slot for it."""
+    q, k, v = qkv()
+    bprop_tensors: dict = {}
+    cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
+    key = fast_path.key
+
+    def key_then_fill(*args):
+        found = key(*args)
+        bprop_tensors["c"] = torch.tensor(3.0)
+        return found
+    monkeypatch.setattr(fast_path, "key", key_then_fill)
+    cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
+    assert op.records == 2 and len(op.calls[-1]["bprop_tensors"]) == 1 and op.ids[-1] != op.ids[0]
 
 
 # --- padded lengths ---------------------------------------------------------------------------------

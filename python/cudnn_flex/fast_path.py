@@ -30,6 +30,8 @@ scale that is not a float) takes the full path too.
 flex_attention_varlen's packed calls have a shortcut of their own (varlen_key, varlen_call): the
 same mods and shapes, and the very same cu_seqlens tensors at the versions the full path read
 (what it derived from their values, the lengths and the longest sequence, holds while they do).
+Score_mod tensors and tensors in the mods' closures are taken as above, for the packed scores
+[n, H, longest_q, longest_kv].
 """
 
 from __future__ import annotations
@@ -167,14 +169,23 @@ def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
         return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS)
+    slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
+    return None if slots is None else (mods, q.shape, k.shape, v.shape, layout, backend, slots)
+
+
+_NO_TENSORS = ((), ())
+
+
+def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
+    """(score_mod tensors' signature, bprop tensors' signature) as a part of a key, or None when
+    the full path must look at them."""
+    if score_mod_tensors is None and score_mod_bprop_tensors is None:
+        return _NO_TENSORS
     if (score_mod_tensors is not None and score_mod is None) or (score_mod_bprop_tensors is not None
                                                                  and score_mod_bprop is None):
         return None  # refused by the full path (an empty dict too, whose slots are no slots)
     slots = (_slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors))
-    return None if None in slots else (mods, q.shape, k.shape, v.shape, layout, backend, slots)
-
-
-_NO_TENSORS = ((), ())
+    return None if None in slots else slots
 
 
 def _slot_signature(tensors) -> Optional[tuple]:
@@ -208,27 +219,34 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
-        mod_tensors = entry.mod_tensors(q, k.shape[2])
-        if mod_tensors is None:
+        tensors = _slot_tensors(entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)
+        if tensors is None:
             return None
-        bprop_tensors = []
-        if key[6] is not _NO_TENSORS:
-            given = _given_tensors(key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)
-            if given is None:
-                return None
-            mod_tensors, bprop_tensors = mod_tensors + given[0], given[1]
         seq_lens = []
         if seq_lens_q is not None or seq_lens_kv is not None:
             if not (_plain_or_none(seq_lens_q) and _plain_or_none(seq_lens_kv)):
                 return None
             seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
-        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, mod_tensors, bprop_tensors, scale,
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), seq_lens)
     except (ValueError, TypeError):
         return None  # refused by a check or the op: the full path checks in Python and says what is wrong
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+def _slot_tensors(entry, slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
+    """(mod tensors, bprop tensors) of a call for the op (q as [B, H, Sq, D]): the captured
+    tensors' views (entry.mod_tensors), then the given score_mod tensors; None when the full path
+    must run."""
+    mod_tensors = entry.mod_tensors(q, s_kv)
+    if mod_tensors is None:
+        return None
+    if slots is _NO_TENSORS:
+        return mod_tensors, []
+    given = _given_tensors(slots, q, s_kv, score_mod_tensors, score_mod_bprop_tensors)
+    return None if given is None else (mod_tensors + given[0], given[1])
 
 
 def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
@@ -289,22 +307,28 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
     for mods that allow none (the key would hold them, and what their closures hold, alive)."""
     if reads is None:
         return  # the mods allow no shortcut
-    captured = None
-    if _captures(program, key, len(key[6][0])):
-        # Tensors in a torch-style mod's closure: only where its guard finds the program (else
-        # a slot's tensor is made inside the mod, or a value is read, `t.item()`: traced every
-        # call by the full path).
-        captured = record_call.captured_slots(score_mod, score_mod_bprop, mask_mod, q, s_kv, program)
-        if captured is None:
-            return
+    captured = _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv)
+    if captured is None:
+        return
     key = _may_remember(key, reads, program, captured)
     if key is not None:
         _bounded_put(_entries, key, _Entry(reads, program, captured), _MAX_ENTRIES)
 
 
+def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> Optional[tuple]:
+    """The tensors in the mods' closures and where each input slot finds its own
+    (record_call.captured_slots), () when they hold none, or None when the call may not be
+    remembered. Tensors in a torch-style mod's closure allow a shortcut only where its guard finds
+    the program: else a slot's tensor is made inside the mod, or a value is read (`t.item()`),
+    and the full path traces the mods every call."""
+    if not _captures(program, key, len(key[6][0])):
+        return ()
+    return record_call.captured_slots(score_mod, score_mod_bprop, mask_mod, q, s_kv, program)
+
+
 def _may_remember(key, reads: Optional[tuple], program, captured: Optional[tuple] = None):
     """The key under which a call that ran in full may be remembered (remember, remember_varlen;
-    each has decided about tensors in the mods' closures, _captures), or None: when its mods allow
+    each has decided about tensors in the mods' closures, _captured), or None: when its mods allow
     no shortcut or something they read changed while it ran. Keeps what they read for their calls
     at other shapes. For mods that hold tensors (`captured`), the key holds the functions weakly
     (_WeakFn)."""
@@ -372,22 +396,26 @@ def _held_weakly(key: tuple) -> tuple:
 # Packed sequences (flex_attention_varlen). What the full path reads of cu_seqlens (the number of
 # sequences, the lengths, the longest) holds while the same tensors keep their versions, the rule
 # of its own host reads (_validation.once_per_version); the entry refers to them weakly, so that
-# it keeps no batch's cu_seqlens alive. (mods, q, k, v shapes, max_seqlen_q, max_seqlen_kv) ->
-# _VarlenEntry
+# it keeps no batch's cu_seqlens alive. (mods, q, k, v shapes, max_seqlen_q, max_seqlen_kv, the
+# score_mod tensors' slots) -> _VarlenEntry
 _varlen_entries: dict = {}
 _MAX_VARLEN_ENTRIES = 256
 
 
 class _VarlenEntry(_Entry):
-    __slots__ = ("cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens")
+    __slots__ = ("cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens", "queries")
 
-    def __init__(self, reads, program, cu_q, cu_kv, versions, seq_lens, max_seqlens):
-        super().__init__(reads, program)
+    def __init__(self, reads, program, captured, queries, cu_q, cu_kv, versions, seq_lens, max_seqlens):
+        super().__init__(reads, program, captured)
         self.cu_q, self.cu_kv = weakref.ref(cu_q), weakref.ref(cu_kv)
         self.versions, self.seq_lens, self.max_seqlens = versions, seq_lens, max_seqlens
+        # The full path's stand-in for the queries as a padded batch [n, H, longest_q, D]: the
+        # shape and device the score_mod tensors and captured tensors' views were made for.
+        self.queries = queries
 
 
-def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv):
+def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv, score_mod_tensors=None,
+               score_mod_bprop_tensors=None):
     """The key of a flex_attention_varlen call that could take the shortcut, or None."""
     if not _plain_tensors(q, k, v):
         return None
@@ -395,7 +423,10 @@ def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_
                                                                        or type(max_seqlen_kv) is int):
         return None  # a numpy or tensor integer: the full path reads it
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
-    return None if mods is None else (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv)
+    slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
+    if mods is None or slots is None:
+        return None
+    return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots)
 
 
 def versions(cu_seqlens_q, cu_seqlens_kv) -> Optional[tuple]:
@@ -412,7 +443,8 @@ def _state(cu_seqlens_q, cu_seqlens_kv) -> tuple:
     return cu_seqlens_q._version, cu_seqlens_q.data_ptr(), cu_seqlens_kv._version, cu_seqlens_kv.data_ptr()
 
 
-def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic):
+def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic, score_mod_tensors=None,
+                score_mod_bprop_tensors=None):
     """(out [total_q, H, D_v], cuDNN's lse [n, H, max_q], max_q) by the shortcut, or None: then
     the full path runs. (max_q is at least 2, varlen.py's one query row run as two; with one
     query per sequence, a longer lse row picks the same rows.)"""
@@ -426,26 +458,39 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
     if scale is _REFUSED or (q.is_cuda and torch._C._cuda_isCurrentStreamCapturing()):
         return None
     try:
-        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, [], [], scale,
+        # The tensors are made and checked for the scores [n, H, longest_q, longest_kv] of the
+        # stand-in the full path recorded the mods for (on the device of the same cu_seqlens,
+        # which the op checks against q's).
+        tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
+            entry, key[6], entry.queries, entry.max_seqlens[1], score_mod_tensors, score_mod_bprop_tensors)
+        if tensors is None:
+            return None
+        out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens)
     except (ValueError, TypeError):
         return None  # e.g. k and v with a gap between tokens: the full path copies them, or says what is wrong
     return out, lse, entry.max_seqlens[0]
 
 
-def remember_varlen(key, reads: Optional[tuple], program, cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple],
-                    seq_lens: list, max_seqlens: list) -> None:
+
+
+def remember_varlen(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, mask_mod, queries,
+                    cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple], seq_lens: list, max_seqlens: list) -> None:
     """After a flex_attention_varlen call ran in full on cuDNN's packed path, with q, k and v read
     in place: remembers it for the shortcut, if its mods allow one and nothing they read changed,
     under the versions of the cu_seqlens the call read (`before`: a change during the call leaves
-    an entry no later call matches)."""
-    if before is None or _captures(program, key):
-        return  # no shortcut over tensors in the mods' closures for packed calls (yet)
-    key = _may_remember(key, reads, program)
+    an entry no later call matches). queries: the stand-in [n, H, longest_q, D] the full path
+    recorded the mods for; max_seqlens[1] is the longest key sequence."""
+    if before is None:
+        return
+    captured = _captured(key, program, score_mod, score_mod_bprop, mask_mod, queries, max_seqlens[1])
+    if captured is None:
+        return
+    key = _may_remember(key, reads, program, captured)
     if key is None:
         return
-    _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, cu_seqlens_q, cu_seqlens_kv, before,
-                                                    list(seq_lens), list(max_seqlens)), _MAX_VARLEN_ENTRIES)
+    _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, captured, queries, cu_seqlens_q, cu_seqlens_kv,
+                                                    before, list(seq_lens), list(max_seqlens)), _MAX_VARLEN_ENTRIES)
 
 
 def _bounded_put(table: dict, key, value, capacity: int) -> None:

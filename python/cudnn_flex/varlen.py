@@ -221,14 +221,15 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, score_mod_tensors,
             score_mod_bprop_tensors, mask_mod, max_seqlen_q, max_seqlen_kv, scale, return_lse, deterministic):
-    shortcut = before = None  # a repeat of a packed call that ran in full (fast_path.py)
-    if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        shortcut = fast_path.varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv)
-        if shortcut is not None:
-            result = fast_path.varlen_call(shortcut, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
-            if result is not None:
-                return _packed_result(*result, cu_seqlens_q, q.shape[0], return_lse)
-            before = fast_path.versions(cu_seqlens_q, cu_seqlens_kv)
+    before = None  # a repeat of a packed call that ran in full (fast_path.py)
+    shortcut = fast_path.varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv,
+                                    score_mod_tensors, score_mod_bprop_tensors)
+    if shortcut is not None:
+        result = fast_path.varlen_call(shortcut, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic,
+                                       score_mod_tensors, score_mod_bprop_tensors)
+        if result is not None:
+            return _packed_result(*result, cu_seqlens_q, q.shape[0], return_lse)
+        before = fast_path.versions(cu_seqlens_q, cu_seqlens_kv)
     _check_tokens(q, k, v)
     seq_q = _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
     seq_kv = _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
@@ -256,9 +257,9 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
     if use_cudnn(q, "auto") and n > 0 and longest_q > 0 and longest_kv > 0:
         # cuDNN reads the packed tokens in place (ragged offsets), skipping the tiles past each length.
         reads = None if shortcut is None else fast_path.reads_before(shortcut, score_mod, score_mod_bprop, mask_mod)
+        queries = _queries_shaped(q, n, longest_q, capturing)
         program, mod_tensors, bprop_tensors = record_call(
-            score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors,
-            _queries_shaped(q, n, longest_q, capturing), longest_kv)
+            score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, queries, longest_kv)
         readable = [_readable_in_place(t) for t in (q, k, v)]
         check_dense_last_dim(*readable)
         # At most one query per sequence (decoding): cuDNN 9.19 evaluates kv_idx wrongly in a
@@ -269,8 +270,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
                               [cu_seqlens_q, cu_seqlens_kv], max_seqlens)
         if shortcut is not None and not capturing and all(r is t for r, t in zip(readable, (q, k, v))):
             # (Copied tokens would be refused by the op on the shortcut, then copied again.)
-            fast_path.remember_varlen(shortcut, reads, program, cu_seqlens_q, cu_seqlens_kv, before, seq_lens,
-                                      max_seqlens)
+            fast_path.remember_varlen(shortcut, reads, program, score_mod, score_mod_bprop, mask_mod, queries,
+                                      cu_seqlens_q, cu_seqlens_kv, before, seq_lens, max_seqlens)
         return _packed_result(out, lse, longest_q, cu_seqlens_q, q.shape[0], return_lse, capturing)
     rows_q = _padded_rows(cu_seqlens_q, q.shape[0], longest_q, capturing)
     rows_kv = _padded_rows(cu_seqlens_kv, k.shape[0], longest_kv, capturing)

@@ -29,6 +29,9 @@ MODS = {
     "causal": (lambda device: dict(mask_mod=mods.causal), lambda s, b, h, q, kv: where_kept(q >= kv, s)),
     "alibi": (lambda device: dict(score_mod=mods.alibi(SLOPES.to(device))),
               lambda s, b, h, q, kv: s + SLOPES.view(-1).double()[h] * (kv - q)),
+    "dsl alibi over score_mod_tensors": (
+        lambda device: dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": SLOPES.to(device)}),
+        lambda s, b, h, q, kv: s + SLOPES.view(-1).double()[h] * (kv - q)),
     "dsl softcap with its bprop": (lambda device: dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward),
                                    lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
     "softcap + window (a band)": (lambda device: dict(score_mod=mods.softcap(20.0), mask_mod=mods.sliding_window(50)),

@@ -256,13 +256,23 @@ def test_inference_tensors_are_read_every_call(op):
     assert op.records == 2
 
 
-def test_score_mod_tensors_take_the_full_path(op):
+def test_score_mod_tensors_take_the_shortcut_each_call_its_own(op):
+    """The slots' names and dtypes are the key's; each call's tensors reach the op, checked against
+    the packed scores [n, H, longest_q, longest_kv]."""
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
-    slopes = torch.ones(1, H, 1, 1, dtype=torch.float32)
-    for _ in range(2):
-        call(q, k, v, cu, score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": slopes})
-    assert op.records == 2
+    longest = max(LENGTHS)
+    for i in range(3):
+        bias = torch.full((1, H, longest, longest), float(i))
+        call(q, k, v, cu, score_mod=dsl_mods.add_bias, score_mod_tensors={"bias": bias})
+        assert op.calls[-1]["mod_tensors"][0] is bias
+    assert op.records == 1 and op.ids[0] == op.ids[1] == op.ids[2]
+    same_op_arguments(op.calls[0], op.calls[2])
+    with pytest.raises(ValueError, match="does not broadcast"):  # the full path's error, on a repeat
+        call(q, k, v, cu, score_mod=dsl_mods.add_bias, score_mod_tensors={"bias": torch.zeros(1, H, 4, 4)})
+    call(q, k, v, cu, score_mod=dsl_mods.add_bias,
+         score_mod_tensors={"bias": torch.zeros(1, H, longest, longest, dtype=torch.bool)})
+    assert op.records == 3 and op.calls[-1]["mod_tensors"][0].dtype == torch.float32  # another slot dtype
 
 
 def test_the_shortcut_keeps_no_cu_seqlens_alive_and_clear_cache_forgets_it(op):
@@ -296,9 +306,36 @@ def test_lengths_read_under_inference_mode_serve_a_later_backward():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-def test_captured_tensors_take_the_full_path_every_call(op):
-    """Packed calls take no shortcut over tensors in a closure (flex_attention's does): neither a
-    tensor passed as an input slot nor one read with .item(), whose value the program holds."""
+def test_captured_tensors_take_the_shortcut_as_the_full_path_makes_them(op):
+    """A torch-style mod over tensors in its closure (alibi's slopes, integer positions copied to
+    float32 every call) takes the shortcut, handing the op what the full path hands it; values
+    written in place are read."""
+    positions = torch.arange(max(LENGTHS), dtype=torch.int32)
+    slopes = mods.alibi_slopes(H)
+    alibi = mods.alibi(slopes)
+
+    def by_position(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * positions[kv_idx]
+
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    for mod in (alibi, by_position):
+        call(q, k, v, cu, score_mod=mod)
+        records = op.records
+        call(q, k, v, cu, score_mod=mod)
+        assert op.records == records and op.ids[-1] == op.ids[-2]
+        assert [t.tolist() for t in op.calls[-1]["mod_tensors"]] == [t.tolist() for t in op.calls[-2]["mod_tensors"]]
+    positions.mul_(2)
+    call(q, k, v, cu, score_mod=by_position)
+    assert op.calls[-1]["mod_tensors"][0].flatten().tolist() == (2 * torch.arange(max(LENGTHS))).tolist()
+    slopes.fill_(0.5)  # alibi's slopes: a view of the leaf, read at each launch
+    call(q, k, v, cu, score_mod=alibi)
+    assert op.calls[-1]["mod_tensors"][0].flatten().tolist() == [0.5] * H
+    assert op.records == 2
+
+
+def test_a_value_read_in_the_mod_takes_the_full_path_every_call(op):
+    """A tensor read with .item() leaves its value in the program: no shortcut."""
     t = torch.tensor([2.0])
 
     def by_item(score, b, h, q_idx, kv_idx):
@@ -306,11 +343,23 @@ def test_captured_tensors_take_the_full_path_every_call(op):
 
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
-    for kw in ({"score_mod": by_item}, {"score_mod": mods.alibi(mods.alibi_slopes(H))}):
-        for _ in range(2):
-            call(q, k, v, cu, **kw)
-    first = op.ids[-3]
+    for _ in range(2):
+        call(q, k, v, cu, score_mod=by_item)
+    first = op.ids[-1]
     t.fill_(0.25)
     call(q, k, v, cu, score_mod=by_item)
     assert op.ids[-1] != first
-    assert op.records == 5 and not fast_path._varlen_entries
+    assert op.records == 3 and not fast_path._varlen_entries
+
+
+def test_a_stand_in_on_another_device_takes_the_full_path(op):
+    """The captured tensors' views are made for the stand-in of the call that was remembered; a
+    call whose q is elsewhere does not get them (the op would refuse them, or its cu_seqlens)."""
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    alibi = mods.alibi(mods.alibi_slopes(H))
+    call(q, k, v, cu, score_mod=alibi)
+    (entry,) = fast_path._varlen_entries.values()
+    entry.queries = torch.empty(entry.queries.shape, device="meta")
+    call(q, k, v, cu, score_mod=alibi)
+    assert op.records == 2

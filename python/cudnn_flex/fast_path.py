@@ -219,7 +219,8 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
-        tensors = _slot_tensors(entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)
+        tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
+            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)  # (inline: the usual call)
         if tensors is None:
             return None
         seq_lens = []
@@ -423,7 +424,8 @@ def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_
                                                                        or type(max_seqlen_kv) is int):
         return None  # a numpy or tensor integer: the full path reads it
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
-    slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
+    slots = _NO_TENSORS if score_mod_tensors is None and score_mod_bprop_tensors is None else _tensor_slots(
+        score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)  # (inline: the usual call)
     if mods is None or slots is None:
         return None
     return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots)

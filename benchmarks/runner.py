@@ -166,6 +166,8 @@ def _host_kinds(inputs: dict) -> dict:
         "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
             row(q), row(k), row(v), cu, cu, mask_mod=mods.causal, max_seqlen_q=s,
             max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),
+        "cudnn_flex varlen alibi (captured slopes)": lambda q, k, v: cudnn_flex.flex_attention_varlen(
+            row(q), row(k), row(v), cu, cu, alibi, max_seqlen_q=s, max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),
     }
 
 

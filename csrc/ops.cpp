@@ -462,6 +462,7 @@ bool same_layout(const at::Tensor& t, const TensorDesc& d) {
 // Zeroes a tensor allocated dense (its bytes are its elements) with one cudaMemsetAsync on the
 // current stream: less host time than a fill kernel through TensorIterator.
 void zero_dense(const at::Tensor& t) {
+  if (t.nbytes() == 0) return;  // an empty problem's outputs (no storage to set)
   C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), at::cuda::getCurrentCUDAStream(t.device().index())));
 }
 
@@ -521,8 +522,9 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   if ((p.padded && !p.ragged) || empty) {
     // cuDNN leaves the rows of skipped tiles unwritten: padding rows get out 0 and lse -inf (a
     // row with no keys), as the rows it masks in the last partial tile do. With nothing to
-    // attend to, that is the whole result (no cuDNN launch on empty tensors).
-    out.zero_();
+    // attend to, that is the whole result (no cuDNN launch on empty tensors). out is allocated
+    // dense: a memset (-inf is no byte pattern: lse takes a fill kernel).
+    zero_dense(out);
     lse.fill_(-std::numeric_limits<float>::infinity());
     if (empty) return {out, lse};
   } else if (p.ragged) {
@@ -573,10 +575,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   const bool empty = q.numel() == 0 || k.numel() == 0;
   if ((p.padded && !p.ragged) || empty) {
     // cuDNN skips the tiles past the lengths and leaves their gradients unwritten: padding gets
-    // no gradient (and an empty problem none at all).
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
+    // no gradient (and an empty problem none at all). Allocated dense: memsets.
+    zero_dense(dq);
+    zero_dense(dk);
+    zero_dense(dv);
     if (empty) return {dq, dk, dv};
   } else if (p.ragged) {
     // Packed: cuDNN writes no dq for the queries of a sequence without keys (as out in fwd_cuda),

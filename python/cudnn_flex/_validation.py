@@ -70,9 +70,29 @@ def check_dense_last_dim(q, k, v) -> None:
                              f"offset?); cuDNN needs aligned inputs: pass {name}.clone()")
 
 
+def check_mods(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors) -> None:
+    """The mods and their tensors fit together (flex_attention and flex_attention_varlen)."""
+    for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
+        if isinstance(fn, type):
+            raise TypeError(f"cudnn_flex: {role} is the class {fn.__name__}; pass an instance of it, "
+                            f"{fn.__name__}(...) (dsl_mods.relative_bias(), softcap(cap) and sliding_window(w) "
+                            "make one each)")
+        if fn is not None and not callable(fn):
+            raise TypeError(f"cudnn_flex: {role} must be a callable (graph, tensor, tensors) -> tensor, "
+                            f"got {type(fn).__name__} (score_mod_tensors is the positional argument after "
+                            "score_mod_bprop; pass it by keyword)")
+    if score_mod_bprop is not None and score_mod is None:
+        raise ValueError("cudnn_flex: score_mod_bprop was given without score_mod")
+    if score_mod_tensors is not None and score_mod is None:
+        raise ValueError("cudnn_flex: score_mod_tensors were given without score_mod")
+    if score_mod_bprop_tensors is not None and score_mod_bprop is None:
+        raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
+                         "they are inputs of score_mod_bprop only")
+
+
 def check_tensor_dict(tensors: TensorDict, arg: str, q: torch.Tensor, s_kv: int):
     """(names, tensors) for the op; each tensor broadcastable to [B, H, Sq, Skv] or a host scalar.
-    (Runs on every call, the shortcut's too: messages are built only for a refusal.)"""
+    (Runs on every call of the full path: messages are built only for a refusal.)"""
     if tensors is None:
         return [], []
     if type(tensors) is not dict and not isinstance(tensors, Mapping):  # (an ABC check costs 0.4 us)

@@ -9,7 +9,7 @@ import torch
 
 from . import _ops, _registry, fast_path, reference
 from ._validation import (_CUDNN_DTYPES, _FROM_BHSD, _TO_BHSD, TensorDict, bhsd_views,
-                          check_dense_last_dim, check_scale, padded_lengths, use_cudnn)
+                          check_dense_last_dim, check_mods, check_scale, padded_lengths, use_cudnn)
 from .padded_batch import cudnn_seq_lens
 from .record_call import record_call
 
@@ -93,22 +93,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # No scale: the op applies 1/sqrt(head dim) itself, so that under torch.compile(dynamic=True)
     # the head dim can stay symbolic here.
     check_scale(scale)
-    for role, fn in (("score_mod", score_mod), ("score_mod_bprop", score_mod_bprop)):
-        if isinstance(fn, type):
-            raise TypeError(f"cudnn_flex: {role} is the class {fn.__name__}; pass an instance of it, "
-                            f"{fn.__name__}(...) (dsl_mods.relative_bias(), softcap(cap) and sliding_window(w) "
-                            "make one each)")
-        if fn is not None and not callable(fn):
-            raise TypeError(f"cudnn_flex: {role} must be a callable (graph, tensor, tensors) -> tensor, "
-                            f"got {type(fn).__name__} (score_mod_tensors is the 6th positional argument; "
-                            "pass it by keyword)")
-    if score_mod_bprop is not None and score_mod is None:
-        raise ValueError("cudnn_flex: score_mod_bprop was given without score_mod")
-    if score_mod_tensors is not None and score_mod is None:
-        raise ValueError("cudnn_flex: score_mod_tensors were given without score_mod")
-    if score_mod_bprop_tensors is not None and score_mod_bprop is None:
-        raise ValueError("cudnn_flex: score_mod_bprop_tensors were given without score_mod_bprop; "
-                         "they are inputs of score_mod_bprop only")
+    check_mods(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
     reads = None if shortcut is None else fast_path.reads_before(shortcut, score_mod, score_mod_bprop, mask_mod)
     program, mod_tensors, bprop_tensors = record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors,
                                                       score_mod_bprop_tensors, q, k.shape[2])

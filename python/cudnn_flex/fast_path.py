@@ -49,7 +49,7 @@ from .padded_batch import cudnn_seq_lens
 from .program import guard
 
 _MAX_ENTRIES = 1024
-# (mods, q.shape, k.shape, v.shape, layout, backend) -> _Entry
+# (mods, q.shape, k.shape, v.shape, layout, backend, the score_mod tensors' slots) -> _Entry
 _entries: dict = {}
 # mods -> what their guards read, as taken before a full call (reads_before); shared by the entries
 # of every shape, so that a call at a new shape (a decode step) need not take it again
@@ -178,9 +178,7 @@ _NO_TENSORS = ((), ())
 
 def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
     """(score_mod tensors' signature, bprop tensors' signature) as a part of a key, or None when
-    the full path must look at them."""
-    if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        return _NO_TENSORS
+    the full path must look at them. (Calls without tensors, most, get _NO_TENSORS without it.)"""
     if (score_mod_tensors is not None and score_mod is None) or (score_mod_bprop_tensors is not None
                                                                  and score_mod_bprop is None):
         return None  # refused by the full path (an empty dict too, whose slots are no slots)
@@ -220,7 +218,7 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
         tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)  # (inline: the usual call)
+            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)  # (no tensors: no call)
         if tensors is None:
             return None
         seq_lens = []
@@ -311,7 +309,7 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
     captured = _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv)
     if captured is None:
         return
-    key = _may_remember(key, reads, program, captured)
+    key = _may_remember(key, reads, program, captured, _entries)
     if key is not None:
         _bounded_put(_entries, key, _Entry(reads, program, captured), _MAX_ENTRIES)
 
@@ -327,21 +325,33 @@ def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) 
     return record_call.captured_slots(score_mod, score_mod_bprop, mask_mod, q, s_kv, program)
 
 
-def _may_remember(key, reads: Optional[tuple], program, captured: Optional[tuple] = None):
-    """The key under which a call that ran in full may be remembered (remember, remember_varlen;
-    each has decided about tensors in the mods' closures, _captured), or None: when its mods allow
-    no shortcut or something they read changed while it ran. Keeps what they read for their calls
-    at other shapes. For mods that hold tensors (`captured`), the key holds the functions weakly
-    (_WeakFn)."""
-    if reads is None or not guard.unchanged(reads):
+def _may_remember(key, reads: Optional[tuple], program, captured: tuple, table: dict):
+    """The key under which a call that ran in full may be remembered in `table` (remember,
+    remember_varlen; each has decided about tensors in the mods' closures, _captured), or None:
+    when its mods allow no shortcut, something they read changed while it ran, or its program's
+    input slots are not the key's. Keeps what they read for their calls at other shapes. For mods
+    that hold tensors (`captured`), the key holds the functions weakly (_WeakFn)."""
+    if reads is None or not guard.unchanged(reads) or not _slots_of(program, key[6]):
         return None
     if captured:
-        key = _held_weakly(key)
+        key = _held_weakly(key, table)
     _bounded_put(_snapshots, key[0], reads, _MAX_SNAPSHOTS)
     return key
 
 
-def _captures(program, key, given: int = 0) -> bool:
+def _slots_of(program, slots: tuple) -> bool:
+    """Whether the program was recorded for the key's score_mod (and bprop) tensors, their names
+    and dtypes: a dict changed while the full path ran (another thread) gave it other slots. (A
+    torch-style program's mod slots are its captured tensors, and it is given no score_mod
+    tensors; a DSL program's are the given ones, and captured_slots refuses a DSL program with
+    slots the key has not: _captured.)"""
+    if program is None:
+        return True  # no mods: no tensors (key() refuses tensors without their mod)
+    given, bprop = (tuple((name, str(dtype)) for name, dtype in part) for part in slots)
+    return program.bprop_slots == bprop and (not given or program.mod_slots == given)
+
+
+def _captures(program, key, given: int) -> bool:
     """Whether a call's program has input slots besides the `given` score_mod tensors (tensors its
     torch-style mods captured or made; a torch-style mod is given none) or the plain functions
     among its mods hold tensors (in their closures, defaults, or the functions and lists there; a
@@ -377,12 +387,12 @@ class _WeakFn:
         return other is fn or (type(other) is _WeakFn and other.ref() is fn)
 
 
-def _held_weakly(key: tuple) -> tuple:
-    """key with the plain functions among its mods held weakly; when one goes, the entries under
-    this key (and its mods' snapshot) are forgotten."""
+def _held_weakly(key: tuple, entries: dict) -> tuple:
+    """key with the plain functions among its mods held weakly; when one goes, the entry under
+    this key in `entries` (_entries or _varlen_entries) and its mods' snapshot are forgotten."""
     stored: list = []
 
-    def forget(_ref, entries=_entries, snapshots=_snapshots):  # the tables themselves: at exit the module's names are None
+    def forget(_ref, entries=entries, snapshots=_snapshots):  # the tables themselves: at exit the module's names are None
         # Found by their own key objects only (a dead _WeakFn equals nothing else); an equal key
         # stored before keeps its own object, whose _WeakFn forgets it.
         entries.pop(stored[0], None)
@@ -417,18 +427,20 @@ class _VarlenEntry(_Entry):
 
 def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv, score_mod_tensors=None,
                score_mod_bprop_tensors=None):
-    """The key of a flex_attention_varlen call that could take the shortcut, or None."""
+    """The key of a flex_attention_varlen call that could take the shortcut, or None: as key()'s,
+    with the max_seqlens in place of layout and backend."""
     if not _plain_tensors(q, k, v):
         return None
     if not (max_seqlen_q is None or type(max_seqlen_q) is int) or not (max_seqlen_kv is None
                                                                        or type(max_seqlen_kv) is int):
         return None  # a numpy or tensor integer: the full path reads it
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
-    slots = _NO_TENSORS if score_mod_tensors is None and score_mod_bprop_tensors is None else _tensor_slots(
-        score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)  # (inline: the usual call)
-    if mods is None or slots is None:
+    if mods is None:
         return None
-    return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots)
+    if score_mod_tensors is None and score_mod_bprop_tensors is None:
+        return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, _NO_TENSORS)
+    slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
+    return None if slots is None else (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots)
 
 
 def versions(cu_seqlens_q, cu_seqlens_kv) -> Optional[tuple]:
@@ -474,8 +486,6 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic,
     return out, lse, entry.max_seqlens[0]
 
 
-
-
 def remember_varlen(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, mask_mod, queries,
                     cu_seqlens_q, cu_seqlens_kv, before: Optional[tuple], seq_lens: list, max_seqlens: list) -> None:
     """After a flex_attention_varlen call ran in full on cuDNN's packed path, with q, k and v read
@@ -488,7 +498,7 @@ def remember_varlen(key, reads: Optional[tuple], program, score_mod, score_mod_b
     captured = _captured(key, program, score_mod, score_mod_bprop, mask_mod, queries, max_seqlens[1])
     if captured is None:
         return
-    key = _may_remember(key, reads, program, captured)
+    key = _may_remember(key, reads, program, captured, _varlen_entries)
     if key is None:
         return
     _bounded_put(_varlen_entries, key, _VarlenEntry(reads, program, captured, queries, cu_seqlens_q, cu_seqlens_kv,

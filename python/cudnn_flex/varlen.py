@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from . import fast_path
-from ._validation import TensorDict, check_dense_last_dim, check_scale, once_per_version, use_cudnn
+from ._validation import TensorDict, check_dense_last_dim, check_mods, check_scale, once_per_version, use_cudnn
 from ._ops import strides_like
 from .api import cudnn_call, flex_attention
 from .record_call import record_call
@@ -231,6 +231,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, sc
             return _packed_result(*result, cu_seqlens_q, q.shape[0], return_lse)
         before = fast_path.versions(cu_seqlens_q, cu_seqlens_kv)
     _check_tokens(q, k, v)
+    check_mods(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
     seq_q = _checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, "q", max_seqlen_q, "max_seqlen_q")
     seq_kv = _checked_cu_seqlens(cu_seqlens_kv, "cu_seqlens_kv", k, "k", max_seqlen_kv, "max_seqlen_kv")
     if seq_q.n != seq_kv.n:

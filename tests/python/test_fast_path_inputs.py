@@ -199,6 +199,28 @@ def test_a_dict_renamed_between_the_key_and_the_call(op, monkeypatch):
     assert op.records == 2 and op.ids[-1] != op.ids[0]
 
 
+def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypatch):
+    """Another thread changes a tensor's dtype after the shortcut declined the call and before the
+    full path read the dict: the program recorded for the new dtype is not kept under the key of
+    the old one."""
+    q, k, v = qkv()
+    tensors = {"keep": torch.ones(1, 2, 1, 1)}
+    shortcut = fast_path.call
+
+    def declined_then_change(*args, **kwargs):
+        result = shortcut(*args, **kwargs)
+        if result is None and tensors["keep"].dtype == torch.float32:
+            tensors["keep"] = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+        return result
+    monkeypatch.setattr(fast_path, "call", declined_then_change)
+    cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors=tensors)
+    monkeypatch.setattr(fast_path, "call", shortcut)
+    cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": torch.ones(1, 2, 1, 1)})
+    cudnn_flex.clear_cache()
+    cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": torch.ones(1, 2, 1, 1)})
+    assert op.ids[1] == op.ids[2] != op.ids[0]
+
+
 def _passes_dp(graph, d_p, tensors):
     return d_p
 

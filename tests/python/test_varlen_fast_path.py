@@ -12,6 +12,7 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
+from dsl_tensor_mods import masked_by, scaled_by, scaled_by_bprop
 from length_mods import cu_seqlens
 from stub_op import op  # noqa: F401  (a fixture)
 
@@ -352,14 +353,71 @@ def test_a_value_read_in_the_mod_takes_the_full_path_every_call(op):
     assert op.records == 3 and not fast_path._varlen_entries
 
 
-def test_a_stand_in_on_another_device_takes_the_full_path(op):
-    """The captured tensors' views are made for the stand-in of the call that was remembered; a
-    call whose q is elsewhere does not get them (the op would refuse them, or its cu_seqlens)."""
+def test_a_closure_per_batch_keeps_no_batch_alive(op):
+    """Each batch makes its mod over its own tensors: once the batch's closure goes, so do its
+    packed entry and its tensors (without waiting for the cycle collector)."""
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
-    alibi = mods.alibi(mods.alibi_slopes(H))
-    call(q, k, v, cu, score_mod=alibi)
-    (entry,) = fast_path._varlen_entries.values()
-    entry.queries = torch.empty(entry.queries.shape, device="meta")
-    call(q, k, v, cu, score_mod=alibi)
-    assert op.records == 2
+    gc.disable()
+    try:
+        before = len(fast_path._varlen_entries), len(fast_path._snapshots)
+        gone = []
+        for _ in range(3):
+            slopes = mods.alibi_slopes(H).clone()
+            gone.append(weakref.ref(slopes))
+            alibi = mods.alibi(slopes)
+            for _ in range(2):  # two layers
+                call(q, k, v, cu, score_mod=alibi)
+            del slopes, alibi
+        op.calls.clear()  # the stub keeps what it was handed
+        assert [r() for r in gone] == [None] * 3
+        assert (len(fast_path._varlen_entries), len(fast_path._snapshots)) == before
+    finally:
+        gc.enable()
+    assert op.records == 3
+
+
+def test_bprop_tensors_take_the_shortcut(op):
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    for c in (2.0, 3.0):
+        given = torch.full((1, H, 1, 1), c)
+        call(q, k, v, cu, score_mod=scaled_by, score_mod_bprop=scaled_by_bprop, score_mod_tensors={"c": given},
+             score_mod_bprop_tensors={"c": given})
+        assert op.calls[-1]["bprop_tensors"][0] is given
+    assert op.records == 1 and op.ids[0] == op.ids[1] and op.ids[0][1] != 0
+
+
+@pytest.mark.parametrize("given", ["score_mod_tensors", "score_mod_bprop", "score_mod_bprop_tensors"])
+def test_tensors_or_bprop_without_their_mod_are_refused(op, given):
+    """As flex_attention refuses them; the packed path used to drop them silently."""
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    kw = {"score_mod_tensors": {"c": torch.ones(1)}, "score_mod_bprop": scaled_by_bprop,
+          "score_mod_bprop_tensors": {"c": torch.ones(1)}}
+    extra = {"score_mod": scaled_by, "score_mod_tensors": {"c": torch.ones(1)}} if given.startswith("score_mod_bprop_") else {}
+    with pytest.raises(ValueError, match=f"{given} w.*given without"):
+        call(q, k, v, cu, **extra, **{given: kw[given]})
+    assert not op.ids
+
+
+def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypatch):
+    """As for flex_attention (test_fast_path_inputs.py): the program of a dtype changed between
+    the shortcut's refusal and the full path's read is not kept under the old dtype's key."""
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    tensors = {"keep": torch.ones(1, H, 1, 1)}
+    shortcut = fast_path.varlen_call
+
+    def declined_then_change(*args, **kwargs):
+        result = shortcut(*args, **kwargs)
+        if result is None and tensors["keep"].dtype == torch.float32:
+            tensors["keep"] = torch.ones(1, H, 1, 1, dtype=torch.bool)
+        return result
+    monkeypatch.setattr(fast_path, "varlen_call", declined_then_change)
+    call(q, k, v, cu, score_mod=masked_by, score_mod_tensors=tensors)
+    monkeypatch.setattr(fast_path, "varlen_call", shortcut)
+    call(q, k, v, cu, score_mod=masked_by, score_mod_tensors={"keep": torch.ones(1, H, 1, 1)})
+    cudnn_flex.clear_cache()
+    call(q, k, v, cu, score_mod=masked_by, score_mod_tensors={"keep": torch.ones(1, H, 1, 1)})
+    assert op.ids[1] == op.ids[2] != op.ids[0]

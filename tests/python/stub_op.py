@@ -2,6 +2,9 @@
 records which program each call runs, so that a test sees when the shortcut is taken and that it
 always runs the program the full path would."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -70,3 +73,38 @@ def op(monkeypatch):
     cudnn_flex.clear_cache()
     yield stub
     cudnn_flex.clear_cache()
+
+
+def then_once(monkeypatch, name: str, change) -> None:
+    """fast_path.<name> runs change() once, right after its next call returns: another thread
+    acting between that step of a call and the next."""
+    step, pending = getattr(fast_path, name), [change]
+
+    def step_then_change(*args, **kwargs):
+        result = step(*args, **kwargs)
+        if pending:
+            pending.pop()()
+        return result
+    monkeypatch.setattr(fast_path, name, step_then_change)
+
+
+def assert_batches_keep_nothing(op, table: dict, make_batch, run) -> None:
+    """Three batches, each with its tensor and a mod over it (make_batch() -> (tensor, mod)), each
+    mod run twice (two layers): once a batch's mod goes, so do its entry in `table`, its snapshot
+    and its tensor, without waiting for the cycle collector."""
+    gc.disable()
+    try:
+        before = len(table), len(fast_path._snapshots)
+        gone = []
+        for _ in range(3):
+            tensor, mod = make_batch()
+            gone.append(weakref.ref(tensor))
+            for _ in range(2):
+                run(mod)
+            del tensor, mod
+        op.calls.clear()  # the stub keeps what it was handed
+        assert [r() for r in gone] == [None] * 3
+        assert (len(table), len(fast_path._snapshots)) == before
+    finally:
+        gc.enable()
+    assert op.records == 3

@@ -4,15 +4,12 @@ indexed by head and positions, as flex users write them. A repeat takes the shor
 the op what the full path hands it; new values are read; a change of a tensor's metadata or of
 the closure takes the full path; a closure made per batch keeps nothing alive."""
 
-import gc
-import weakref
-
 import pytest
 import torch
 
 import cudnn_flex
 from cudnn_flex import fast_path, mods
-from stub_op import op  # noqa: F401  (a fixture)
+from stub_op import assert_batches_keep_nothing, op  # noqa: F401  (op: a fixture)
 
 B, H, S, D = 2, 2, 8, 16
 
@@ -225,23 +222,12 @@ def test_a_closure_per_batch_keeps_no_batch_alive(op):
     """Each batch makes its document mask: once the batch's closure goes, so do its entry and its
     ids (without waiting for the cycle collector)."""
     q, k, v = qkv()
-    gc.disable()
-    try:
-        before = len(fast_path._entries), len(fast_path._snapshots)
-        gone = []
-        for _ in range(3):
-            ids = doc_ids()
-            gone.append(weakref.ref(ids))
-            mask = mods.document_mask(ids)
-            for _ in range(2):  # two layers
-                cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
-            del ids, mask
-        op.calls.clear()  # the stub keeps what it was handed
-        assert [r() for r in gone] == [None] * 3
-        assert (len(fast_path._entries), len(fast_path._snapshots)) == before
-    finally:
-        gc.enable()
-    assert op.records == 3
+
+    def batch():
+        ids = doc_ids()
+        return ids, mods.document_mask(ids)
+    assert_batches_keep_nothing(op, fast_path._entries, batch,
+                                lambda mask: cudnn_flex.flex_attention(q, k, v, mask_mod=mask))
 
 
 @pytest.mark.parametrize("write", ["in place through .data", "through DLPack"])

@@ -10,7 +10,7 @@ import torch
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods, padded_batch
 from dsl_tensor_mods import masked_by, same_document, scaled_by, scaled_by_bprop
-from stub_op import logged_subclass, op  # noqa: F401  (op: a fixture)
+from stub_op import logged_subclass, op, then_once  # noqa: F401  (op: a fixture)
 
 
 def qkv(b=2, s=8):
@@ -167,13 +167,7 @@ def test_a_dict_changed_between_the_key_and_the_call(op, monkeypatch):
     q, k, v = qkv()
     tensors = {"c": torch.tensor(2.0)}
     cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
-    key = fast_path.key
-
-    def key_then_change(*args):
-        found = key(*args)
-        tensors["d"] = torch.tensor(1.0)
-        return found
-    monkeypatch.setattr(fast_path, "key", key_then_change)
+    then_once(monkeypatch, "key", lambda: tensors.update(d=torch.tensor(1.0)))
     cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
     assert op.records == 2 and len(op.calls[-1]["mod_tensors"]) == 2 and op.ids[-1] != op.ids[0]
 
@@ -188,13 +182,7 @@ def test_a_dict_renamed_between_the_key_and_the_call(op, monkeypatch):
     q, k, v = qkv()
     tensors = {"c": torch.tensor(2.0)}
     cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
-    key = fast_path.key
-
-    def key_then_rename(*args):
-        found = key(*args)
-        tensors["d"] = tensors.pop("c")
-        return found
-    monkeypatch.setattr(fast_path, "key", key_then_rename)
+    then_once(monkeypatch, "key", lambda: tensors.update(d=tensors.pop("c")))
     cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
     assert op.records == 2 and op.ids[-1] != op.ids[0]
 
@@ -205,16 +193,8 @@ def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypat
     the old one."""
     q, k, v = qkv()
     tensors = {"keep": torch.ones(1, 2, 1, 1)}
-    shortcut = fast_path.call
-
-    def declined_then_change(*args, **kwargs):
-        result = shortcut(*args, **kwargs)
-        if result is None and tensors["keep"].dtype == torch.float32:
-            tensors["keep"] = torch.ones(1, 2, 1, 1, dtype=torch.bool)
-        return result
-    monkeypatch.setattr(fast_path, "call", declined_then_change)
+    then_once(monkeypatch, "call", lambda: tensors.update(keep=torch.ones(1, 2, 1, 1, dtype=torch.bool)))
     cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors=tensors)
-    monkeypatch.setattr(fast_path, "call", shortcut)
     cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": torch.ones(1, 2, 1, 1)})
     cudnn_flex.clear_cache()
     cudnn_flex.flex_attention(q, k, v, masked_by, score_mod_tensors={"keep": torch.ones(1, 2, 1, 1)})
@@ -231,13 +211,7 @@ def test_an_empty_dict_filled_between_the_key_and_the_call(op, monkeypatch):
     q, k, v = qkv()
     bprop_tensors: dict = {}
     cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
-    key = fast_path.key
-
-    def key_then_fill(*args):
-        found = key(*args)
-        bprop_tensors["c"] = torch.tensor(3.0)
-        return found
-    monkeypatch.setattr(fast_path, "key", key_then_fill)
+    then_once(monkeypatch, "key", lambda: bprop_tensors.update(c=torch.tensor(3.0)))
     cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
     assert op.records == 2 and len(op.calls[-1]["bprop_tensors"]) == 1 and op.ids[-1] != op.ids[0]
 

@@ -14,7 +14,7 @@ import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
 from dsl_tensor_mods import masked_by, scaled_by, scaled_by_bprop
 from length_mods import cu_seqlens
-from stub_op import op  # noqa: F401  (a fixture)
+from stub_op import assert_batches_keep_nothing, op, then_once  # noqa: F401  (op: a fixture)
 
 H, H_KV, D = 4, 2, 16
 LENGTHS = [3, 1, 5]  # no two equal: the packed (ragged) path, not a batch of views
@@ -358,23 +358,11 @@ def test_a_closure_per_batch_keeps_no_batch_alive(op):
     packed entry and its tensors (without waiting for the cycle collector)."""
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
-    gc.disable()
-    try:
-        before = len(fast_path._varlen_entries), len(fast_path._snapshots)
-        gone = []
-        for _ in range(3):
-            slopes = mods.alibi_slopes(H).clone()
-            gone.append(weakref.ref(slopes))
-            alibi = mods.alibi(slopes)
-            for _ in range(2):  # two layers
-                call(q, k, v, cu, score_mod=alibi)
-            del slopes, alibi
-        op.calls.clear()  # the stub keeps what it was handed
-        assert [r() for r in gone] == [None] * 3
-        assert (len(fast_path._varlen_entries), len(fast_path._snapshots)) == before
-    finally:
-        gc.enable()
-    assert op.records == 3
+
+    def batch():
+        slopes = mods.alibi_slopes(H).clone()
+        return slopes, mods.alibi(slopes)
+    assert_batches_keep_nothing(op, fast_path._varlen_entries, batch, lambda alibi: call(q, k, v, cu, score_mod=alibi))
 
 
 def test_bprop_tensors_take_the_shortcut(op):
@@ -407,16 +395,8 @@ def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypat
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
     tensors = {"keep": torch.ones(1, H, 1, 1)}
-    shortcut = fast_path.varlen_call
-
-    def declined_then_change(*args, **kwargs):
-        result = shortcut(*args, **kwargs)
-        if result is None and tensors["keep"].dtype == torch.float32:
-            tensors["keep"] = torch.ones(1, H, 1, 1, dtype=torch.bool)
-        return result
-    monkeypatch.setattr(fast_path, "varlen_call", declined_then_change)
+    then_once(monkeypatch, "varlen_call", lambda: tensors.update(keep=torch.ones(1, H, 1, 1, dtype=torch.bool)))
     call(q, k, v, cu, score_mod=masked_by, score_mod_tensors=tensors)
-    monkeypatch.setattr(fast_path, "varlen_call", shortcut)
     call(q, k, v, cu, score_mod=masked_by, score_mod_tensors={"keep": torch.ones(1, H, 1, 1)})
     cudnn_flex.clear_cache()
     call(q, k, v, cu, score_mod=masked_by, score_mod_tensors={"keep": torch.ones(1, H, 1, 1)})

@@ -128,13 +128,20 @@ def _broadcasts(shape, full: tuple) -> bool:
     return True
 
 
-def graph_tensor_fits(t: torch.Tensor, q: torch.Tensor, full: tuple) -> bool:
+def graph_tensor_fits(t: torch.Tensor, q: torch.Tensor, full: tuple, compiling: Optional[bool] = None) -> bool:
     """Whether a score_mod tensor that cuDNN reads from memory is on q's device, broadcastable to
     the scores `full` and aligned (what _check_graph_tensor requires; the shortcut asks it
-    without the messages)."""
+    without the messages, and says it is not compiling: the alignment of a traced tensor is not
+    known)."""
     shape = t.shape
-    return (t.device == q.device and len(shape) <= 4 and _broadcasts(shape, full)
-            and not (t.is_cuda and not torch.compiler.is_compiling() and t.data_ptr() % 16))
+    if len(shape) > 4 or not _broadcasts(shape, full):
+        return False
+    if not t.is_cuda:
+        return t.device == q.device
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    # Two CUDA tensors: the same device index is the same device (an int, not a torch.device).
+    return q.is_cuda and t.get_device() == q.get_device() and (compiling or t.data_ptr() % 16 == 0)
 
 
 def _check_graph_tensor(t: torch.Tensor, label: tuple, q: torch.Tensor, full: tuple) -> None:

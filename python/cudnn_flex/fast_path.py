@@ -58,7 +58,7 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once", "copies")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
         self.reads, self.program = reads, program
@@ -73,6 +73,9 @@ class _Entry:
         # The leaves captured_views copies once (record_call.copied_once): it depends on their
         # metadata and the scores' shape, fixed for an entry; taken at its first call.
         self.copied_once = None
+        # How the slots' float32 copies are made again (record_call.CopiedViews), when every
+        # slot is one (a document mask over integer ids); taken with copied_once, else None.
+        self.copies = None
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
         """The input slots' tensors of a call with q ([B, H, Sq, D]) as the full path makes them,
@@ -83,6 +86,12 @@ class _Entry:
                 return None
         if not self.slots:
             return []
+        if self.copies is not None:  # every slot a float32 copy, made on every call (no view is kept)
+            if torch.is_grad_enabled():
+                for leaf in self.copies.tensors:
+                    if leaf.requires_grad:
+                        return None  # (float64 can) the full path refuses it, as below
+            return self.copies.make()
         tensors, fresh = [None] * len(self.slots), []
         for n, (i, axes) in enumerate(self.slots):
             leaf, made = self.leaves[i][0], self.views[n]
@@ -95,8 +104,9 @@ class _Entry:
         if fresh:  # made together, as by the full path (a tensor two slots copy is copied once)
             shape = (q.shape[0], q.shape[1], q.shape[2], s_kv)
             if self.copied_once is None:  # over every slot: a slot it copies is never served a kept view
-                self.copied_once = record_call.copied_once([(self.leaves[i][0], axes) for i, axes in self.slots],
-                                                           shape)
+                found = [(self.leaves[i][0], axes) for i, axes in self.slots]
+                self.copied_once = record_call.copied_once(found, shape)
+                self.copies = record_call.CopiedViews.plan(found, shape, self.copied_once)
             views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh], shape, q,
                                                self.copied_once)
             for (n, leaf, _), view in zip(fresh, views):
@@ -194,12 +204,8 @@ def _slot_signature(tensors) -> Optional[tuple]:
         return ()
     if type(tensors) is not dict:
         return None
-    signature = []
-    for name, t in tensors.items():
-        if type(t) is not torch.Tensor:
-            return None
-        signature.append((name, t.dtype))
-    return tuple(signature)
+    signature = tuple([(name, t.dtype) for name, t in tensors.items() if type(t) is torch.Tensor])
+    return signature if len(signature) == len(tensors) else None
 
 
 def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool, score_mod_tensors=None,
@@ -255,24 +261,24 @@ def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bpro
     does not broadcast, or misaligned (the full path raises its error, which says what is wrong).
     The key's names and dtypes passed the full path's checks (check_tensor_dict) when it was
     remembered; no key holds a float64 slot (api.cudnn_call refuses it)."""
-    full = (q.shape[0], q.shape[1], q.shape[2], s_kv)
-    given = []
-    for signature, tensors in zip(slots, (score_mod_tensors, score_mod_bprop_tensors)):
+    full = None
+    given = ([], [])
+    for signature, tensors, inputs in zip(slots, (score_mod_tensors, score_mod_bprop_tensors), given):
         if not signature:  # none given (or an empty dict, the same to the full path)
             if tensors:
                 return None  # filled since the key was taken
-            given.append([])
             continue
         if len(tensors) != len(signature):
             return None
-        inputs = []
         for (name, dtype), (given_name, t) in zip(signature, tensors.items()):
-            if (given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad
-                    or not ((t.is_cpu and t.numel() == 1) or graph_tensor_fits(t, q, full))):
+            if given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad:
                 return None
+            if not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
+                full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
+                if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
+                    return None
             inputs.append(record_call.as_graph_input(t))
-        given.append(inputs)
-    return given[0], given[1]
+    return given
 
 
 def _plain_or_none(t) -> bool:

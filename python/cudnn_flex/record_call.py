@@ -150,6 +150,58 @@ def copied_once(found, shape) -> list:
     return [t for t, slots, elements in read.values() if slots > 1 and t.numel() <= elements]
 
 
+class CopiedViews:
+    """captured_views again, for the same captured tensors at the same metadata (dtype, shape,
+    strides, device: the shortcut checks guard.leaf_metadata first) and scores `shape`, when
+    every slot's view is a float32 copy (integer ids, bool): what view_for and captured_views
+    checked then holds again, and each call makes only what they make (the copies and their
+    views, from the tensors' storage offsets now), without their checks. Integer ids are copied
+    on every call (a write that the version counter does not see is read); document masks over
+    them take this on every cached call.
+
+    plan(found, shape, once) is None when a slot's view is anything else (an alias of a float
+    tensor, a tensor indexed by nothing): captured_views makes those. It holds the tensors."""
+
+    __slots__ = ("slots", "tensors")
+
+    def __init__(self, slots: tuple, tensors: tuple):
+        # per slot: (its tensor's position in `tensors`, sizes, axes, whether a view of the one copy)
+        self.slots, self.tensors = slots, tensors
+
+    @staticmethod
+    def plan(found, shape, once: list) -> Optional["CopiedViews"]:
+        tensors, slots = [], []
+        for t, axes in found:
+            if not axes or t.dtype not in torch_style.COPIED_DTYPES:
+                return None
+            sizes = [1, 1, 1, 1]
+            for axis in axes:
+                sizes[axis] = shape[axis]
+            at = next((i for i, u in enumerate(tensors) if u is t), len(tensors))
+            if at == len(tensors):
+                tensors.append(t)
+            slots.append((at, sizes, axes, any(u is t for u in once)))
+        return CopiedViews(tuple(slots), tuple(tensors))
+
+    def make(self) -> list:
+        """The slots' tensors, as captured_views makes them now."""
+        copies: dict = {}
+        views = []
+        for at, sizes, axes, shared in self.slots:
+            t = self.tensors[at]
+            if shared:  # a view of the tensor's one float32 copy
+                t = copies.get(at)
+                if t is None:
+                    t = copies[at] = self.tensors[at].to(torch.float32)
+            strides, stride = [0, 0, 0, 0], t.stride()
+            for dim, axis in enumerate(axes):  # as view_for
+                strides[axis] = stride[dim]
+            view = t.as_strided(sizes, strides, t.storage_offset())
+            # A float32 copy made now: dense and freshly allocated, so aligned (view_for's check).
+            views.append(view if shared else view.to(torch.float32))
+        return views
+
+
 def _slots_in_leaves(found, leaves) -> Optional[tuple]:
     """(leaf index, axes) of each input slot, or None when a slot's tensor is not exactly one of
     the closure's tensors (made inside the mod, a gather's result, or held twice: a later call

@@ -30,12 +30,34 @@ def doc_ids():
     return torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 1, 1, 2, 2, 2]], dtype=torch.int32)
 
 
+def prefix_per_batch(prefix):
+    """Causal, plus a bidirectional prefix of prefix[b] keys per batch element (a prefix LM over
+    a batch of prompts of different lengths)."""
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < prefix[b])
+    return mask
+
+
+def ids_in_a_buffer(step: int):
+    """Document ids as a view into a longer buffer: a storage offset, and with step 2 a stride."""
+    buffer = (torch.arange(3 * S * step) // 3).to(torch.int32)
+    return buffer[S // 2:S // 2 + S * step:step]
+
+
 # name -> () -> (the call's mods, the captured tensor whose values a test rewrites)
 CASES = {
     "alibi slopes": lambda: (lambda t: ({"score_mod": mods.alibi(t)}, t))(mods.alibi_slopes(H).reshape(-1)),
     "document mask, ids per position": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()[0]),
     "document mask, ids per batch": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()),
+    "document mask, int64 ids": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()[0].long()),
+    "document mask, ids at an offset": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(ids_in_a_buffer(1)),
+    "document mask, ids at a stride": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(ids_in_a_buffer(2)),
+    "prefix per batch, int64": lambda: (lambda t: ({"mask_mod": prefix_per_batch(t)}, t))(torch.tensor([3, 5])),
+    "prefix per batch, at an offset": lambda: (lambda t: ({"mask_mod": prefix_per_batch(t)}, t))(
+        torch.tensor([8, 8, 3, 5, 2, 6])[2:4]),
     "bias table": lambda: (lambda t: ({"score_mod": bias_table(t)}, t))(torch.randn(H, S, S)),
+    "bias table, float64": lambda: (lambda t: ({"score_mod": bias_table(t)}, t))(torch.randn(H, S, S,
+                                                                                                dtype=torch.float64)),
     "both mods capture": lambda: (lambda t: ({"mask_mod": mods.document_mask(doc_ids()), "score_mod": mods.alibi(t)},
                                              t))(mods.alibi_slopes(H).reshape(-1)),
 }
@@ -116,6 +138,24 @@ def test_a_changed_slopes_tensor_gives_what_the_full_path_gives(op, change):
     assert (ids, True) == (lambda w: (w[0], same_tensors(got, w[1])))(full_path_call(q, k, v, kw, op))
 
 
+@pytest.mark.parametrize("case", ["document mask, ids at an offset", "document mask, ids at a stride",
+                                  "prefix per batch, at an offset"])
+def test_ids_moved_to_another_offset_are_read_there(op, case):
+    """`set_` to another offset of the same storage keeps every piece of metadata the key holds:
+    the copies are made from where the tensor now starts (document ids: one copy of the whole
+    tensor; prefix lengths: a copy of the view one slot reads)."""
+    kw, ids = CASES[case]()
+    q, k, v = qkv()
+    for _ in range(3):  # the third by the shortcut's kept way of making the copies
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    ids.set_(ids.untyped_storage(), ids.storage_offset() + 2, ids.shape, ids.stride())
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 1
+    got = op.calls[-1]["mod_tensors"]
+    assert got[0].flatten().tolist() == ids.tolist()
+    assert same_tensors(got, full_path_call(q, k, v, kw, op)[1])
+
+
 def test_metadata_changed_in_place_takes_the_full_path(op):
     """A transposed table gives other strides in the key (and other views): the full path runs."""
     table = torch.randn(H, S, S)
@@ -143,10 +183,11 @@ def test_a_tensor_that_starts_to_require_grad_is_refused(op):
     assert op.records == 3
 
 
-def test_a_tensor_that_requires_grad_remembered_without_grad_is_refused_with_grad(op):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tensor_that_requires_grad_remembered_without_grad_is_refused_with_grad(op, dtype):
     """Remembered under no_grad (an eval loop over a learnable table), then called with autograd:
-    refused, as the full path refuses it."""
-    table = torch.randn(H, S, S, requires_grad=True)
+    refused, as the full path refuses it (float64: a table copied to float32 on every call)."""
+    table = torch.randn(H, S, S, dtype=dtype, requires_grad=True)
     q, k, v = qkv()
     mod = bias_table(table)
     with torch.no_grad():

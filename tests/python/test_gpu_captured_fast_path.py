@@ -33,8 +33,9 @@ def case(name: str, n: int):
         slopes = torch.tensor(ALIBI_SLOPES[H], device="cuda")
         return ({"score_mod": mods.alibi(slopes)}, slopes,
                 lambda t: lambda s, b, h, q, kv: s + t.view(-1)[h] * (kv - q))
-    if name in ("document ids", "document ids per batch"):
-        ids = doc_ids(n, 2 if name.endswith("batch") else 0).to(device="cuda", dtype=torch.int32)
+    if name.startswith("document ids"):  # int64 ids, torch's default, as flex users make them
+        dtype = torch.int64 if name.endswith("int64") else torch.int32
+        ids = doc_ids(n, 2 if name.endswith("batch") else 0).to(device="cuda", dtype=dtype)
         index = (lambda t, b, i: t[i]) if ids.dim() == 1 else (lambda t, b, i: t[b, i])
         return ({"mask_mod": mods.document_mask(ids)}, ids,
                 lambda t: lambda s, b, h, q, kv: torch.where(index(t, b, q) == index(t, b, kv), s, NEG_INF))
@@ -47,7 +48,7 @@ def case(name: str, n: int):
     raise KeyError(name)
 
 
-KINDS = ["alibi", "document ids", "document ids per batch", "bias table"]
+KINDS = ["alibi", "document ids", "document ids per batch", "document ids, int64", "bias table"]
 
 
 def with_mods(kwargs):

@@ -477,7 +477,11 @@ MemsetD32 memset_d32() {
   static const MemsetD32 fn = [] {
     void* found = nullptr;
     cudaDriverEntryPointQueryResult status{};
+#if CUDART_VERSION >= 12050
     C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuMemsetD32Async", &found, 12000, cudaEnableDefault, &status));
+#else  // CUDA 12.0-12.4: the same lookup without a version
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuMemsetD32Async", &found, cudaEnableDefault, &status));
+#endif
     TORCH_CHECK(status == cudaDriverEntryPointSuccess && found != nullptr,
                 "cudnn_flex: the CUDA driver offers no cuMemsetD32Async");
     return reinterpret_cast<MemsetD32>(found);

@@ -197,8 +197,11 @@ class CopiedViews:
             for dim, axis in enumerate(axes):  # as view_for
                 strides[axis] = stride[dim]
             view = t.as_strided(sizes, strides, t.storage_offset())
-            # A float32 copy made now: dense and freshly allocated, so aligned (view_for's check).
-            views.append(view if shared else view.to(torch.float32))
+            if not shared:
+                view = view.to(torch.float32)
+            if view.is_cuda and view.data_ptr() % 16:  # as view_for: a pluggable allocator may not align
+                view = view.clone()
+            views.append(view)
         return views
 
 

@@ -271,11 +271,17 @@ def test_a_closure_per_batch_keeps_no_batch_alive(op):
                                 lambda mask: cudnn_flex.flex_attention(q, k, v, mask_mod=mask))
 
 
+@pytest.mark.parametrize("alongside", [None, "alibi over float slopes"])
 @pytest.mark.parametrize("write", ["in place through .data", "through DLPack"])
-def test_ids_written_without_a_version_bump_are_read(op, write):
+def test_ids_written_without_a_version_bump_are_read(op, write, alongside):
     """Integer ids reach the op as float32 copies, made on every call: a write that autograd's
-    version counter does not see (`.data`, DLPack, a CUDA graph replay, a custom kernel) is read."""
-    kw, ids = CASES["document mask, ids per position"]()
+    version counter does not see (`.data`, DLPack, a CUDA graph replay, a custom kernel) is read.
+    Alongside float slopes, which the shortcut keeps as views, the ids' copies are still made
+    anew (the entry keeps views, not copies)."""
+    ids = doc_ids()[0]
+    kw = {"mask_mod": mods.document_mask(ids)}
+    if alongside:
+        kw["score_mod"] = mods.alibi(mods.alibi_slopes(H).reshape(-1))
     q, k, v = qkv()
     for _ in range(2):
         cudnn_flex.flex_attention(q, k, v, **kw)
@@ -285,7 +291,8 @@ def test_ids_written_without_a_version_bump_are_read(op, write):
     assert ids._version == version  # unseen by the version counter
     cudnn_flex.flex_attention(q, k, v, **kw)
     assert op.records == 1
-    assert op.calls[-1]["mod_tensors"][0].flatten().tolist() == list(range(ids.numel()))
+    got = [t.flatten().tolist() for t in op.calls[-1]["mod_tensors"]]
+    assert len(got) == (3 if alongside else 2) and list(range(ids.numel())) in got
 
 
 def test_the_reference_path_trains_a_captured_tensor():

@@ -4,15 +4,15 @@ returns what it returned), in us per call, forward under no_grad, B=1 H=1 S=64 D
 time of three single torch ops for scale. Needs a GPU. docs/benchmarks.md reads it.
 (scripts/host_profile.py splits one kind of call by layer instead.)
 
-    PYTHONPATH=python python3 scripts/host_time_split.py TAG    (TAG names the run in each line)"""
-import statistics
+    PYTHONPATH=python:. python3 scripts/host_time_split.py TAG    (TAG names the run in each line;
+    the repo root on the path for benchmarks.timing)"""
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import cudnn_flex
+from benchmarks.timing import host_us
 from cudnn_flex import _ops, dsl_mods, mods
 
 tag = sys.argv[1]
@@ -54,19 +54,9 @@ SINGLE_OPS = {  # single torch calls from Python, for scale
 }
 
 
-def host(fn, n=300, loops=7) -> float:
-    """Median host us per call over `loops` loops of n calls, the GPU idle before each loop."""
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(loops):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+def host(fn) -> float:
+    """Median host us per call over 7 loops of 300 calls, the GPU idle before each loop."""
+    return host_us(fn, calls=300, repeats=7, warmup=30)
 
 
 class Recorder:

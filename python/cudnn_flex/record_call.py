@@ -123,8 +123,8 @@ _MAX_LEAF_SLOTS = 4096
 
 def captured_views(found, shape, q, once: Optional[list] = None) -> list:
     """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
-    checked to be on q's device. A tensor that view_for copies (integer ids) and that several slots
-    read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that copy: one launch
+    checked to be on q's device. A tensor that view_for copies (a bool mask, int16 ids) and that
+    several slots read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that copy: one launch
     and one allocation fewer per call, unless the tensor is larger than what its slots read.
     once: copied_once(found, shape), when the caller keeps it (the shortcut)."""
     copies = {id(t): t.to(torch.float32) for t in (copied_once(found, shape) if once is None else once)}
@@ -153,14 +153,15 @@ def copied_once(found, shape) -> list:
 class CopiedViews:
     """captured_views again, for the same captured tensors at the same metadata (dtype, shape,
     strides, device: the shortcut checks guard.leaf_metadata first) and scores `shape`, when
-    every slot's view is a float32 copy (integer ids, bool): what view_for and captured_views
-    checked then holds again, and each call makes only what they make (the copies and their
-    views, from the tensors' storage offsets now), without their checks. Integer ids are copied
-    on every call (a write that the version counter does not see is read); document masks over
-    them take this on every cached call.
+    every slot's view is a float32 copy (bool, int8, int16, uint8 or float64 tensors): what
+    view_for and captured_views checked then holds again, and each call makes only what they
+    make (the copies and their views, from the tensors' storage offsets now), without their
+    checks. The tensors are copied on every call (a write that the version counter does not see
+    is read).
 
-    plan(found, shape, once) is None when a slot's view is anything else (an alias of a float
-    tensor, a tensor indexed by nothing): captured_views makes those. It holds the tensors."""
+    plan(found, shape, once) is None when a slot's view is anything else (an alias of a float,
+    int32 or int64 tensor, a tensor indexed by nothing): captured_views makes those. It holds
+    the tensors."""
 
     __slots__ = ("slots", "tensors")
 

@@ -38,9 +38,9 @@ def prefix_per_batch(prefix):
     return mask
 
 
-def ids_in_a_buffer(step: int):
+def ids_in_a_buffer(step: int, dtype=torch.int32):
     """Document ids as a view into a longer buffer: a storage offset, and with step 2 a stride."""
-    buffer = (torch.arange(3 * S * step) // 3).to(torch.int32)
+    buffer = (torch.arange(3 * S * step) // 3).to(dtype)
     return buffer[S // 2:S // 2 + S * step:step]
 
 
@@ -50,11 +50,16 @@ CASES = {
     "document mask, ids per position": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()[0]),
     "document mask, ids per batch": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()),
     "document mask, int64 ids": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids()[0].long()),
+    "document mask, int16 ids": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(doc_ids().short()),
+    "document mask, int64 ids at a stride": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(
+        ids_in_a_buffer(2, torch.int64)),
     "document mask, ids at an offset": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(ids_in_a_buffer(1)),
     "document mask, ids at a stride": lambda: (lambda t: ({"mask_mod": mods.document_mask(t)}, t))(ids_in_a_buffer(2)),
     "prefix per batch, int64": lambda: (lambda t: ({"mask_mod": prefix_per_batch(t)}, t))(torch.tensor([3, 5])),
     "prefix per batch, at an offset": lambda: (lambda t: ({"mask_mod": prefix_per_batch(t)}, t))(
         torch.tensor([8, 8, 3, 5, 2, 6])[2:4]),
+    "prefix per batch, uint8 at an offset": lambda: (lambda t: ({"mask_mod": prefix_per_batch(t)}, t))(
+        torch.tensor([8, 8, 3, 5, 2, 6], dtype=torch.uint8)[2:4]),
     "bias table": lambda: (lambda t: ({"score_mod": bias_table(t)}, t))(torch.randn(H, S, S)),
     "bias table, float64": lambda: (lambda t: ({"score_mod": bias_table(t)}, t))(torch.randn(H, S, S,
                                                                                                 dtype=torch.float64)),
@@ -139,7 +144,7 @@ def test_a_changed_slopes_tensor_gives_what_the_full_path_gives(op, change):
 
 
 @pytest.mark.parametrize("case", ["document mask, ids at an offset", "document mask, ids at a stride",
-                                  "prefix per batch, at an offset"])
+                                  "prefix per batch, at an offset", "prefix per batch, uint8 at an offset"])
 def test_ids_moved_to_another_offset_are_read_there(op, case):
     """`set_` to another offset of the same storage keeps every piece of metadata the key holds:
     the copies are made from where the tensor now starts (document ids: one copy of the whole
@@ -271,14 +276,15 @@ def test_a_closure_per_batch_keeps_no_batch_alive(op):
                                 lambda mask: cudnn_flex.flex_attention(q, k, v, mask_mod=mask))
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("alongside", [None, "alibi over float slopes"])
 @pytest.mark.parametrize("write", ["in place through .data", "through DLPack"])
-def test_ids_written_without_a_version_bump_are_read(op, write, alongside):
-    """Integer ids reach the op as float32 copies, made on every call: a write that autograd's
-    version counter does not see (`.data`, DLPack, a CUDA graph replay, a custom kernel) is read.
-    Alongside float slopes, which the shortcut keeps as views, the ids' copies are still made
-    anew (the entry keeps views, not copies)."""
-    ids = doc_ids()[0]
+def test_ids_written_without_a_version_bump_are_read(op, write, alongside, dtype):
+    """A write that autograd's version counter does not see (`.data`, DLPack, a CUDA graph replay,
+    a custom kernel) is read: int32 and int64 ids reach the op as views of their storage, int16
+    ones as float32 copies made on every call. Alongside float slopes, which the shortcut keeps
+    as views, int16 ids' copies are still made anew (the entry keeps views, not copies)."""
+    ids = doc_ids()[0].to(dtype)
     kw = {"mask_mod": mods.document_mask(ids)}
     if alongside:
         kw["score_mod"] = mods.alibi(mods.alibi_slopes(H).reshape(-1))
@@ -295,6 +301,43 @@ def test_ids_written_without_a_version_bump_are_read(op, write, alongside):
     assert len(got) == (3 if alongside else 2) and list(range(ids.numel())) in got
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("ids", ["per position", "per batch", "at a stride"])
+def test_int32_and_int64_ids_are_read_in_place(op, dtype, ids):
+    """int32 ids reach the op as views of themselves and int64 ids as views of their low 32-bit
+    words (no copy per call), on the full path and the shortcut alike; the shortcut hands the
+    views it kept."""
+    doc = {"per position": doc_ids()[0], "per batch": doc_ids(), "at a stride": ids_in_a_buffer(2)}[ids].to(dtype)
+    if ids == "at a stride":
+        doc = torch.arange(3 * doc.numel(), dtype=dtype)[1::3].copy_(doc)  # a stride of 3 elements
+    doc[..., -1] += 2**31 - 100  # the view hands the op the value itself (a float32 copy rounds it)
+    mask = mods.document_mask(doc)
+    q, k, v = qkv()
+    rows = doc if doc.dim() == 2 else doc.expand(B, -1)
+    for call in range(3):
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+        at_q, at_kv = op.calls[-1]["mod_tensors"]
+        assert at_q.dtype == at_kv.dtype == torch.int32
+        assert at_q.data_ptr() == at_kv.data_ptr() == doc.data_ptr()  # views of doc's storage
+        assert torch.equal(at_q.expand(B, 1, S, S), rows[:, None, :S, None].int().expand(B, 1, S, S))
+        assert torch.equal(at_kv.expand(B, 1, S, S), rows[:, None, None, :S].int().expand(B, 1, S, S))
+        if call == 2:  # both shortcut calls hand the same kept views
+            assert at_q is op.calls[-2]["mod_tensors"][0] and at_kv is op.calls[-2]["mod_tensors"][1]
+    assert op.records == 1
+
+
+def test_int64_ids_beyond_int32_wrap_as_a_cast_does():
+    """The low words of int64 ids are their values within int32's range and wrap beyond it, exactly
+    as torch's cast to int32 does (the compiled path casts)."""
+    from cudnn_flex import torch_style
+    ids = torch.tensor([0, 7, -1, -2**31, 2**31 - 1, 2**31 + 5, 2**40 + 3, -2**40 - 9, 2**62])
+    strided = torch.stack([ids, -ids], 1)[:, 1]
+    for t in (ids, strided, ids.view(3, 3).t()):
+        words = torch_style._low_words(t)
+        assert words.data_ptr() == t.data_ptr() and words.shape == t.shape
+        assert torch.equal(words, t.to(torch.int32))
+
+
 def test_the_reference_path_trains_a_captured_tensor():
     """Only cuDNN drops a captured tensor's gradient: the reference path computes it."""
     table = torch.zeros(H, S, S, requires_grad=True)
@@ -306,11 +349,11 @@ def test_the_reference_path_trains_a_captured_tensor():
 
 @pytest.mark.parametrize("ids", ["per position", "per batch", "longer than the scores"])
 def test_ids_two_slots_read_are_copied_once(op, ids):
-    """`doc[q_idx] == doc[kv_idx]`: both slots are views of one float32 copy of the ids, on the full
-    path and the shortcut alike; ids much longer than the scores are copied per slot instead (one
-    copy of the whole tensor would be more work than the two small ones)."""
+    """`doc[q_idx] == doc[kv_idx]` over int16 ids: both slots are views of one float32 copy of the
+    ids, on the full path and the shortcut alike; ids much longer than the scores are copied per
+    slot instead (one copy of the whole tensor would be more work than the two small ones)."""
     doc = {"per position": doc_ids()[0], "per batch": doc_ids(),
-           "longer than the scores": torch.arange(100, dtype=torch.int32) // 3}[ids]
+           "longer than the scores": torch.arange(100, dtype=torch.int32) // 3}[ids].short()
     mask = mods.document_mask(doc)
     q, k, v = qkv()
     for _ in range(2):

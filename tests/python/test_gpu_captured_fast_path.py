@@ -34,8 +34,10 @@ def case(name: str, n: int):
         return ({"score_mod": mods.alibi(slopes)}, slopes,
                 lambda t: lambda s, b, h, q, kv: s + t.view(-1)[h] * (kv - q))
     if name.startswith("document ids"):  # int64 ids, torch's default, as flex users make them
-        dtype = torch.int64 if name.endswith("int64") else torch.int32
+        dtype = torch.int64 if "int64" in name else torch.int32
         ids = doc_ids(n, 2 if name.endswith("batch") else 0).to(device="cuda", dtype=dtype)
+        if "at a stride" in name:  # every third element of a longer buffer
+            ids = torch.zeros(3 * n + 2, device="cuda", dtype=dtype)[2::3].copy_(ids)
         index = (lambda t, b, i: t[i]) if ids.dim() == 1 else (lambda t, b, i: t[b, i])
         return ({"mask_mod": mods.document_mask(ids)}, ids,
                 lambda t: lambda s, b, h, q, kv: torch.where(index(t, b, q) == index(t, b, kv), s, NEG_INF))
@@ -48,7 +50,8 @@ def case(name: str, n: int):
     raise KeyError(name)
 
 
-KINDS = ["alibi", "document ids", "document ids per batch", "document ids, int64", "bias table"]
+KINDS = ["alibi", "document ids", "document ids per batch", "document ids, int64", "document ids, int64 at a stride",
+         "bias table"]
 
 
 def with_mods(kwargs):
@@ -91,11 +94,11 @@ def test_a_replaced_storage_is_read(records):
     check(got, want, label="alibi over a new storage")
 
 
-@pytest.mark.parametrize("kind", ["alibi", "document ids"])
+@pytest.mark.parametrize("kind", ["alibi", "document ids, int64"])
 def test_a_captured_graph_replays_the_current_values(records, kind):
-    """A call captured after the shortcut kept its view (alibi) or its float32 copy of the ids
-    (document mask): each replay reads the values the tensor holds at that replay, as the full
-    path's capture would."""
+    """A call captured after the shortcut kept its views (of the slopes; of the int64 ids' low
+    words): each replay reads the values the tensor holds at that replay, as the full path's
+    capture would."""
     kwargs, captured, formula = case(kind, 129)
     q, k, v = (t.detach() for t in make_inputs(b=1, h=H, s_q=129, s_kv=129, seed=7))
     stream = torch.cuda.Stream()

@@ -22,10 +22,14 @@ from .program.record import Recorder
 
 
 def as_graph_input(t: torch.Tensor) -> torch.Tensor:
-    """A score_mod tensor as cuDNN reads it: bool, uint8 and int64 as float32 copies, the dtype the
-    program computes in (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a
-    uint8 view of an odd-length row is read at a misaligned address, and a graph over an INT64
-    input never finished; INT32 ids compare exactly). The program compares bool with 0."""
+    """A score_mod tensor as cuDNN reads it: bool and uint8 as float32 copies, the dtype the
+    program computes in, and int64 as a view of its low 32-bit words, as view_for reads captured
+    ids (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a uint8 view of an
+    odd-length row is read at a misaligned address, and a graph over an INT64 input never
+    finished; INT32 ids are read). A one-element CPU tensor (passed by value) and one under
+    torch.compile are copied. The program compares bool with 0."""
+    if t.dtype == torch.int64 and t.dim() and not (t.is_cpu and t.numel() == 1) and not torch.compiler.is_compiling():
+        return torch_style.low_words(t)  # no copy per call; the same address, so as aligned as t
     return t.to(torch.float32) if t.dtype in _COPIED else t
 
 

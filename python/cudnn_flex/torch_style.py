@@ -674,7 +674,7 @@ def trace(fn: Callable, recorder: Recorder, gathers: bool = True) -> tuple[int, 
 
 
 # The dtypes of captured tensors that view_for copies to float32. int32 tensors are read in place
-# and int64 ones as int32 (_low_words): no copy per call for document ids. cuDNN computes with them
+# and int64 ones as int32 (low_words): no copy per call for document ids. cuDNN computes with them
 # in float32 (ids 2**31 - 1000 and 2**31 - 999 compared equal on the H200, cuDNN 9.19), so they are
 # exact below 2**24, as the float32 copies were.
 COPIED_DTYPES = (torch.bool, torch.int16, torch.int8, torch.uint8, torch.float64)
@@ -686,7 +686,7 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
     (the score_mod's arithmetic; small, since broadcast dims stay size 1) and int64 ones int32:
     a view of their low words where t is indexed (outside torch.compile), else a copy."""
     if t.dtype == torch.int64 and axes and not torch.compiler.is_compiling():
-        t = _low_words(t)
+        t = low_words(t)
     if axes is None:  # already broadcastable to full (a gather's result)
         view = t
     elif not axes:
@@ -709,14 +709,14 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
         # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)
     elif view.dtype == torch.int64:
-        # cuDNN 9.19 never finished a graph over an INT64 input; the cast wraps as _low_words does.
+        # cuDNN 9.19 never finished a graph over an INT64 input; the cast wraps as low_words does.
         view = view.to(torch.int32)
     if view.is_cuda and not torch.compiler.is_compiling() and view.data_ptr() % 16:
         view = view.clone()
     return view
 
 
-def _low_words(t: torch.Tensor) -> torch.Tensor:
+def low_words(t: torch.Tensor) -> torch.Tensor:
     """The low 32-bit words of an int64 tensor as an int32 tensor over the same storage: the same
     shape, its strides and storage offset doubled. Its values are t.to(torch.int32)'s: t's own
     within int32's range, wrapped (modulo 2**32) beyond it."""

@@ -333,7 +333,7 @@ def test_int64_ids_beyond_int32_wrap_as_a_cast_does():
     ids = torch.tensor([0, 7, -1, -2**31, 2**31 - 1, 2**31 + 5, 2**40 + 3, -2**40 - 9, 2**62])
     strided = torch.stack([ids, -ids], 1)[:, 1]
     for t in (ids, strided, ids.view(3, 3).t()):
-        words = torch_style._low_words(t)
+        words = torch_style.low_words(t)
         assert words.data_ptr() == t.data_ptr() and words.shape == t.shape
         assert torch.equal(words, t.to(torch.int32))
 

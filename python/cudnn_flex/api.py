@@ -57,9 +57,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             when not given (none is needed for biases and -inf masks).
         score_mod_tensors: DSL only: name -> tensor broadcastable to [B, H_q, Sq, Skv] (a
             one-element CPU tensor is passed by value). Their values never rebuild a graph.
-            cuDNN reads float and int32 tensors in place and int64 ones through their low 32-bit
-            words (their values within int32's range); bool and uint8 ones as float32 copies
-            made on every call. It computes in float32: integers are exact below 2**24.
+            cuDNN reads float and int32 tensors in place; bool, uint8 and int64 ones as float32
+            copies made on every call (pass int32 ids to avoid them). It computes in float32:
+            integers are exact below 2**24.
         score_mod_bprop_tensors: the same, for score_mod_bprop.
         scale: default 1/sqrt(D).
         layout: "bhsd", "bshd" or "sbhd"; out comes back in it (views, no copies).

@@ -74,7 +74,7 @@ class _Entry:
         # metadata and the scores' shape, fixed for an entry; taken at its first call.
         self.copied_once = None
         # How the slots' float32 copies are made again (record_call.CopiedViews), when every
-        # slot is one (a mask over a bool or float64 table); taken with copied_once, else None.
+        # slot is one (a document mask over int64 ids); taken with copied_once, else None.
         self.copies = None
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
@@ -110,14 +110,12 @@ class _Entry:
             views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh], shape, q,
                                                self.copied_once)
             for (n, leaf, _), view in zip(fresh, views):
-                # A view that aliases its leaf (its elements, or an int64 leaf's low words, at
-                # the same address) reads the values at each launch: it is the view the full path
-                # makes while the leaf keeps its metadata and storage. A copy (float32 of bool
-                # or float64, an aligned clone) is made every call, as by the full path: it holds
-                # the values of one moment, and not every write to the leaf is seen (a CUDA graph
-                # replay, DLPack, `.data`).
-                if view.data_ptr() == leaf.data_ptr() and (
-                        view.dtype == leaf.dtype or (view.dtype, leaf.dtype) == (torch.int32, torch.int64)):
+                # A view that aliases its leaf (same dtype, same address) reads the values at each
+                # launch: it is the view the full path makes while the leaf keeps its metadata and
+                # storage. A copy (float32 of int64 ids, an aligned clone) is made every call, as
+                # by the full path: it holds the values of one moment, and not every write to the
+                # leaf is seen (a CUDA graph replay, DLPack, `.data`).
+                if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
                     self.views[n] = (view, leaf.data_ptr())
                 tensors[n] = view
         return tensors

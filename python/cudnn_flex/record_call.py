@@ -22,14 +22,10 @@ from .program.record import Recorder
 
 
 def as_graph_input(t: torch.Tensor) -> torch.Tensor:
-    """A score_mod tensor as cuDNN reads it: bool and uint8 as float32 copies, the dtype the
-    program computes in, and int64 as a view of its low 32-bit words, as view_for reads captured
-    ids (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a uint8 view of an
-    odd-length row is read at a misaligned address, and a graph over an INT64 input never
-    finished; INT32 ids are read). A one-element CPU tensor (passed by value) and one under
-    torch.compile are copied. The program compares bool with 0."""
-    if t.dtype == torch.int64 and t.dim() and not (t.is_cpu and t.numel() == 1) and not torch.compiler.is_compiling():
-        return torch_style.low_words(t)  # no copy per call; the same address, so as aligned as t
+    """A score_mod tensor as cuDNN reads it: bool, uint8 and int64 as float32 copies, the dtype the
+    program computes in (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a
+    uint8 view of an odd-length row is read at a misaligned address, and a graph over an INT64
+    input never finished; INT32 ids are read in place). The program compares bool with 0."""
     return t.to(torch.float32) if t.dtype in _COPIED else t
 
 
@@ -127,9 +123,10 @@ _MAX_LEAF_SLOTS = 4096
 
 def captured_views(found, shape, q, once: Optional[list] = None) -> list:
     """The input slots' tensors of a torch-style call: each captured tensor as view_for makes it,
-    checked to be on q's device. A tensor that view_for copies (a bool mask, int16 ids) and that
-    several slots read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that copy: one launch
-    and one allocation fewer per call, unless the tensor is larger than what its slots read.
+    checked to be on q's device. A tensor that view_for copies (int64 ids, a bool mask) and that
+    several slots read (`doc[q_idx] == doc[kv_idx]`) is copied once, its slots views of that
+    copy: one launch and one allocation fewer per call, unless the tensor is larger than what its
+    slots read.
     once: copied_once(found, shape), when the caller keeps it (the shortcut)."""
     copies = {id(t): t.to(torch.float32) for t in (copied_once(found, shape) if once is None else once)}
     views = [torch_style.view_for(copies.get(id(t), t), axes, shape, _capture_name(i))
@@ -157,15 +154,15 @@ def copied_once(found, shape) -> list:
 class CopiedViews:
     """captured_views again, for the same captured tensors at the same metadata (dtype, shape,
     strides, device: the shortcut checks guard.leaf_metadata first) and scores `shape`, when
-    every slot's view is a float32 copy (bool, int8, int16, uint8 or float64 tensors): what
+    every slot's view is a float32 copy (bool, int8, int16, int64, uint8 or float64 tensors): what
     view_for and captured_views checked then holds again, and each call makes only what they
     make (the copies and their views, from the tensors' storage offsets now), without their
     checks. The tensors are copied on every call (a write that the version counter does not see
     is read).
 
-    plan(found, shape, once) is None when a slot's view is anything else (an alias of a float,
-    int32 or int64 tensor, a tensor indexed by nothing): captured_views makes those. It holds
-    the tensors."""
+    plan(found, shape, once) is None when a slot's view is anything else (an alias of a float or
+    int32 tensor, a tensor indexed by nothing): captured_views makes those. It holds the
+    tensors."""
 
     __slots__ = ("slots", "tensors")
 

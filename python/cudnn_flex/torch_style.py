@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import types
 from typing import Callable, Optional
 
@@ -674,19 +673,18 @@ def trace(fn: Callable, recorder: Recorder, gathers: bool = True) -> tuple[int, 
 
 
 # The dtypes of captured tensors that view_for copies to float32. int32 tensors are read in place
-# and int64 ones as int32 (low_words): no copy per call for document ids. cuDNN computes with them
-# in float32 (ids 2**31 - 1000 and 2**31 - 999 compared equal on the H200, cuDNN 9.19), so they are
-# exact below 2**24, as the float32 copies were.
-COPIED_DTYPES = (torch.bool, torch.int16, torch.int8, torch.uint8, torch.float64)
+# (no copy per call for document ids): cuDNN converts them to float32 as the copy did (ids
+# 2**31 - 1000 and 2**31 - 999 compared equal on the H200, cuDNN 9.19). int64 ones are copied: a
+# view of their low words would wrap values beyond int32's range (an int64 max as "no limit"
+# would become -1), where float32 keeps their order, and cuDNN 9.19 never finished a graph over an
+# INT64 input.
+COPIED_DTYPES = (torch.bool, torch.int64, torch.int16, torch.int8, torch.uint8, torch.float64)
 
 
 def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
     """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
-    except that bool, int8, int16, uint8 and float64 tensors become float32 copies of the view
-    (the score_mod's arithmetic; small, since broadcast dims stay size 1) and int64 ones int32:
-    a view of their low words where t is indexed (outside torch.compile), else a copy."""
-    if t.dtype == torch.int64 and axes and not torch.compiler.is_compiling():
-        t = low_words(t)
+    except that bool, int8, int16, int64, uint8 and float64 tensors become float32 copies of the
+    view (the score_mod's arithmetic; small, since broadcast dims stay size 1)."""
     if axes is None:  # already broadcastable to full (a gather's result)
         view = t
     elif not axes:
@@ -708,20 +706,9 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
         # cuDNN 9.19 crashes on BOOLEAN inputs (SIGFPE) and reads uint8 rows of odd length at
         # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)
-    elif view.dtype == torch.int64:
-        # cuDNN 9.19 never finished a graph over an INT64 input; the cast wraps as low_words does.
-        view = view.to(torch.int32)
     if view.is_cuda and not torch.compiler.is_compiling() and view.data_ptr() % 16:
         view = view.clone()
     return view
-
-
-def low_words(t: torch.Tensor) -> torch.Tensor:
-    """The low 32-bit words of an int64 tensor as an int32 tensor over the same storage: the same
-    shape, its strides and storage offset doubled. Its values are t.to(torch.int32)'s: t's own
-    within int32's range, wrapped (modulo 2**32) beyond it."""
-    words = t.unsqueeze(-1).view(torch.int32)  # [..., 2]: each element's two words
-    return words.select(-1, 0 if sys.byteorder == "little" else 1)
 
 
 def _view_by_axes(t: torch.Tensor, axes: tuple[int, ...], full: tuple) -> torch.Tensor:

@@ -91,3 +91,16 @@ def test_bounds_no_length_reaches_never_overflow_the_band(mask, lowered_as_band)
     """The band node takes its bounds as INT32 constants: -3e9 would wrap around."""
     fwd, _ = lowered(mask_mod=mask)
     assert (fwd == "DIAGONAL_BAND_MASK") == lowered_as_band, fwd
+
+
+@pytest.mark.parametrize("dtype,forward", [
+    (torch.int32, "GEN_INDEX MUL ADD IDENTITY CMP_LE BINARY_SELECT"),  # read in place: INT32 on the graph
+    (torch.int64, "GEN_INDEX MUL ADD CMP_LE BINARY_SELECT"),           # a float32 copy
+])
+def test_an_int32_tensor_compared_with_a_float_goes_through_identity(dtype, forward):
+    """int32 ids are read in place as INT32 inputs: compared first with a FLOAT tensor they go
+    through identity(), as INT32 indices do (cuDNN 9.19 compares INT32 first, FLOAT second
+    wrongly); INT32 with INT32 (`doc[q] == doc[kv]`) stays as it is."""
+    ids, bound = torch.zeros(200, dtype=dtype, device="meta"), torch.zeros(H, device="meta")
+    assert lowered(mask_mod=lambda b, h, q, kv: ids[q] <= bound[h])[0] == forward
+    assert lowered(mask_mod=lambda b, h, q, kv: ids[q] == ids[kv])[0] == "GEN_INDEX MUL ADD CMP_EQ BINARY_SELECT"

@@ -134,3 +134,41 @@ def test_gather_by_a_computed_index_matches_its_formula(name):
         kwargs, formula = {"score_mod": on_gpu}, on_cpu
     for call in range(2):  # the second call reuses the gathered tensor
         run_case(kwargs, formula, 2, 4, 2, GS, GS, seed=call, label=f"{name}, call {call}")
+
+
+# int32 tensors are read by cuDNN in place (INT32 inputs, where int64 ones are float32 copies):
+# each form that meets an INT32 input, with an index, a float tensor, a computed value, arithmetic.
+I_IDS = (torch.arange(GS) * 3 // GS).to(torch.int32)  # three documents: 0, 1, 2
+I_PREFIX = torch.tensor([5, 70], dtype=torch.int32)
+I_BOUND = torch.tensor([0.5, 1.5, 2.5, -0.5])  # float32, per head
+
+
+def _int32_forms():
+    return {
+        "prefix per batch": (lambda p, i, t: lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < p[b]), True),
+        "prefix first": (lambda p, i, t: lambda b, h, q_idx, kv_idx: (p[b] > kv_idx) | (q_idx >= kv_idx), True),
+        "ids against a float tensor": (
+            lambda p, i, t: lambda b, h, q_idx, kv_idx: (i[q_idx] <= t[h]) | (q_idx == kv_idx), True),
+        "ids against a computed float": (
+            lambda p, i, t: lambda b, h, q_idx, kv_idx: (i[kv_idx] >= q_idx * 0.02) | (q_idx == kv_idx), True),
+        "ids in arithmetic": (
+            lambda p, i, t: lambda score, b, h, q_idx, kv_idx: score + i[q_idx] * 0.25 - i[kv_idx] * 0.5, False),
+        "ids in a where": (
+            lambda p, i, t: lambda score, b, h, q_idx, kv_idx: torch.where(i[q_idx] == i[kv_idx], score, score - 2.0),
+            False),
+    }
+
+
+@pytest.mark.parametrize("s_q,s_kv", [(1, 129), (127, 127), (129, 64)])
+@pytest.mark.parametrize("name", list(_int32_forms()))
+def test_int32_tensors_read_in_place_match_plain_torch(name, s_q, s_kv):
+    factory, is_mask = _int32_forms()[name]
+    on_gpu = factory(I_PREFIX.cuda(), I_IDS.cuda(), I_BOUND.cuda())
+    on_cpu = factory(I_PREFIX, I_IDS, I_BOUND)
+    if is_mask:
+        kwargs = {"mask_mod": on_gpu}
+        formula = lambda s, *idx: s.masked_fill(~on_cpu(*idx), NEG_INF)  # noqa: E731
+    else:
+        kwargs, formula = {"score_mod": on_gpu}, on_cpu
+    for call in range(2):  # the second by the shortcut
+        run_case(kwargs, formula, 2, 4, 2, s_q, s_kv, seed=call, label=f"{name} {s_q}x{s_kv}, call {call}")

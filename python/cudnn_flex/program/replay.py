@@ -5,7 +5,8 @@ reads are never emitted (cuDNN 9.19 returns wrong dV for graphs with dangling op
 Lowering for cuDNN also rewrites the forms cuDNN 9.19 gets wrong (each measured on the H100 with
 cuDNN 9.19; docs/dsl_ops.md has the table):
 - a comparison whose first input is an INT32 index and whose second is a FLOAT tensor compares
-  garbage (`q_idx >= kv_idx + 5` was wrong everywhere): the index goes through identity() first;
+  garbage (`q_idx >= kv_idx + 5` was wrong everywhere): the index goes through identity() first,
+  and so does an INT32 score_mod tensor (int32 ids, read in place) there;
 - a finite fill below -2^14 (torch.finfo(dtype).min, what Hugging Face masks with) is lowered
   as -2^14: cuDNN's backward recomputes P = exp(S - LSE), and with a fill of -3.4e38 the LSE of a
   fully masked row (fill + log(Skv)) rounds to the fill, so P there was 1 instead of 1/Skv (dV
@@ -144,11 +145,19 @@ class Replay:
             return self._power(args[0], int(arg_kinds[1][1]), attrs)
         if OPS[op].kind == COMPARE:
             (k0, v0), (k1, v1) = arg_kinds
-            first_int = k0 == "n" and _is_int32(self.program.nodes[v0])
-            second_int = k1 == "n" and _is_int32(self.program.nodes[v1])
+            first_int = k0 == "n" and self._int32(v0, args[0])
+            second_int = k1 == "n" and self._int32(v1, args[1])
             if first_int and k1 == "n" and not second_int:
                 args[0] = graph.identity(args[0])
         return getattr(graph, op)(*args, **attrs)
+
+    def _int32(self, index: int, tensor: Any) -> bool:
+        """Node `index` is INT32 on the graph: by the program (_is_int32), or an input slot given
+        an INT32 tensor (int32 ids, read in place), which the program does not know of."""
+        node = self.program.nodes[index]
+        if node.op == "input" and node.out_dtype is None:
+            return "INT32" in str(tensor.get_data_type())
+        return _is_int32(node)
 
     def _power(self, x: Any, n: int, attrs: dict) -> Any:
         """x ** n for a small integer n as products: cuDNN's POW is exp(n log x), NaN for x < 0

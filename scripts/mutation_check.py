@@ -233,6 +233,8 @@ MUTATIONS += [
      "_COPIED = (torch.bool, torch.uint8, torch.int64)", "_COPIED = (torch.bool, torch.uint8)"),
     ("int32 tensors compared with a float not through identity", P + "program/replay.py",
      '            return "INT32" in str(tensor.get_data_type())', "            return False"),
+    ("int32 scalars passed by value as INT32", P + "torch_style.py",
+     "    if view.dtype in COPIED_DTYPES or (view.dtype == torch.int32 and not axes):", "    if view.dtype in COPIED_DTYPES:"),
     ("ids copied once however long", P + "record_call.py",
      "    return [t for t, slots, elements in read.values() if slots > 1 and t.numel() <= elements]",
      "    return [t for t, slots, elements in read.values() if slots > 1]"),

@@ -672,19 +672,21 @@ def trace(fn: Callable, recorder: Recorder, gathers: bool = True) -> tuple[int, 
     return value.index, tr.captures
 
 
-# The dtypes of captured tensors that view_for copies to float32. int32 tensors are read in place
-# (no copy per call for document ids): cuDNN converts them to float32 as the copy did (ids
-# 2**31 - 1000 and 2**31 - 999 compared equal on the H200, cuDNN 9.19). int64 ones are copied: a
-# view of their low words would wrap values beyond int32's range (an int64 max as "no limit"
-# would become -1), where float32 keeps their order, and cuDNN 9.19 never finished a graph over an
-# INT64 input.
+# The dtypes of captured tensors that view_for copies to float32. int32 tensors indexed by the
+# index variables are read in place (no copy per call for document ids): cuDNN converts them to
+# float32 as the copy did (ids 2**31 - 1000 and 2**31 - 999 compared equal on the H200, cuDNN
+# 9.19); an int32 scalar (passed by value) or gather result is still copied, as before (not
+# measured as INT32). int64 ones are copied: a view of their low words would wrap values beyond
+# int32's range (an int64 max as "no limit" would become -1), where float32 keeps their order,
+# and cuDNN 9.19 never finished a graph over an INT64 input.
 COPIED_DTYPES = (torch.bool, torch.int64, torch.int16, torch.int8, torch.uint8, torch.float64)
 
 
 def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, int], name: str) -> torch.Tensor:
     """t indexed by the index variables `axes` as a tensor broadcastable to `full`: a view of t,
-    except that bool, int8, int16, int64, uint8 and float64 tensors become float32 copies of the
-    view (the score_mod's arithmetic; small, since broadcast dims stay size 1)."""
+    except that bool, int8, int16, int64, uint8 and float64 tensors (and int32 ones indexed by
+    no index variable) become float32 copies of the view (the score_mod's arithmetic; small,
+    since broadcast dims stay size 1)."""
     if axes is None:  # already broadcastable to full (a gather's result)
         view = t
     elif not axes:
@@ -702,7 +704,7 @@ def view_for(t: torch.Tensor, axes: tuple[int, ...], full: tuple[int, int, int, 
             view = _view_by_axes(t, axes, full)  # dynamo traces no storage_offset()
         else:
             view = t.as_strided(sizes, strides, t.storage_offset())
-    if view.dtype in COPIED_DTYPES:
+    if view.dtype in COPIED_DTYPES or (view.dtype == torch.int32 and not axes):
         # cuDNN 9.19 crashes on BOOLEAN inputs (SIGFPE) and reads uint8 rows of odd length at
         # misaligned addresses: float32, as the score_mod computes anyway.
         view = view.to(torch.float32)

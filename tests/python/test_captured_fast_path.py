@@ -322,6 +322,20 @@ def test_int32_ids_are_read_in_place(op, ids):
     assert op.records == 1
 
 
+def test_an_int32_scalar_and_gather_stay_float32_copies(op):
+    """Only int32 tensors indexed by the index variables are read in place: a 0-dim one (passed by
+    value) and one gathered by a computed index reach the op as float32, as before."""
+    window = torch.tensor(3, dtype=torch.int32)
+    rel = torch.arange(2 * S, dtype=torch.int32) - S
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx - kv_idx < window, score + rel[q_idx - kv_idx + S] * 0.5, score)
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, mod)
+    passed = op.calls[-1]["mod_tensors"]
+    assert sorted(t.dim() for t in passed) == [0, 4] and all(t.dtype == torch.float32 for t in passed)
+
+
 def test_int64_values_beyond_int32_keep_their_order(op):
     """int64 tensors reach the op as float32 copies: an int64 max used as "no limit" stays larger
     than every position (a view of its low 32-bit words would read it as -1)."""

@@ -94,11 +94,11 @@ def test_a_replaced_storage_is_read(records):
     check(got, want, label="alibi over a new storage")
 
 
-@pytest.mark.parametrize("kind", ["alibi", "document ids, int64"])
+@pytest.mark.parametrize("kind", ["alibi", "document ids", "document ids, int64"])
 def test_a_captured_graph_replays_the_current_values(records, kind):
-    """A call captured after the shortcut kept its views (of the slopes; of the int64 ids' low
-    words): each replay reads the values the tensor holds at that replay, as the full path's
-    capture would."""
+    """A call captured after the shortcut kept its views (of the slopes, of int32 ids) or made its
+    float32 copy of int64 ids (a copy the graph makes again at each replay): each replay reads the
+    values the tensor holds at that replay, as the full path's capture would."""
     kwargs, captured, formula = case(kind, 129)
     q, k, v = (t.detach() for t in make_inputs(b=1, h=H, s_q=129, s_kv=129, seed=7))
     stream = torch.cuda.Stream()

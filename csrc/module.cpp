@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "copied_views.h"
 #include "ops.h"
 #include "plan_cache.h"
 #include "score_mod_bridge.h"
@@ -15,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cudnn_flex native extension";
   cudnn_flex::bridge::bind(m);
   cudnn_flex::bind_eager_fwd(m);
+  cudnn_flex::bind_copied_views(m);
 
   m.def("cache_stats", [] {
     auto s = cudnn_flex::graph_cache_stats();

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _registry, torch_style
+from . import _C, _registry, torch_style
 from ._validation import check_tensor_dict
 from .program import captures, guard, shadow
 from .program.record import Recorder
@@ -161,14 +161,16 @@ class CopiedViews:
     is read).
 
     plan(found, shape, once) is None when a slot's view is anything else (an alias of a float or
-    int32 tensor, a tensor indexed by nothing): captured_views makes those. It holds the
-    tensors."""
+    int32 tensor, a tensor indexed by nothing): captured_views makes those. `make()` is the
+    extension's (csrc/copied_views.cpp): from Python, the copy and its views were single torch
+    calls of several us each. `tensors` holds the tensors."""
 
-    __slots__ = ("slots", "tensors")
+    __slots__ = ("make", "tensors")
 
     def __init__(self, slots: tuple, tensors: tuple):
         # per slot: (its tensor's position in `tensors`, sizes, axes, whether a view of the one copy)
-        self.slots, self.tensors = slots, tensors
+        self.make = _C.CopiedViews(list(tensors), list(slots)).make
+        self.tensors = tensors
 
     @staticmethod
     def plan(found, shape, once: list) -> Optional["CopiedViews"]:
@@ -182,29 +184,8 @@ class CopiedViews:
             at = next((i for i, u in enumerate(tensors) if u is t), len(tensors))
             if at == len(tensors):
                 tensors.append(t)
-            slots.append((at, sizes, axes, any(u is t for u in once)))
+            slots.append((at, sizes, list(axes), any(u is t for u in once)))
         return CopiedViews(tuple(slots), tuple(tensors))
-
-    def make(self) -> list:
-        """The slots' tensors, as captured_views makes them now."""
-        copies: dict = {}
-        views = []
-        for at, sizes, axes, shared in self.slots:
-            t = self.tensors[at]
-            if shared:  # a view of the tensor's one float32 copy
-                t = copies.get(at)
-                if t is None:
-                    t = copies[at] = self.tensors[at].to(torch.float32)
-            strides, stride = [0, 0, 0, 0], t.stride()
-            for dim, axis in enumerate(axes):  # as view_for
-                strides[axis] = stride[dim]
-            view = t.as_strided(sizes, strides, t.storage_offset())
-            if not shared:
-                view = view.to(torch.float32)
-            if view.is_cuda and view.data_ptr() % 16:  # as view_for: a pluggable allocator may not align
-                view = view.clone()
-            views.append(view)
-        return views
 
 
 def _slots_in_leaves(found, leaves) -> Optional[tuple]:

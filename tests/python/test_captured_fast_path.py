@@ -367,7 +367,7 @@ def test_ids_two_slots_read_are_copied_once(op, ids):
            "longer than the scores": torch.arange(100, dtype=torch.int32) // 3}[ids].long()
     mask = mods.document_mask(doc)
     q, k, v = qkv()
-    for _ in range(2):
+    for _ in range(3):  # the full path, the shortcut's first call (captured_views), its recipe (CopiedViews)
         cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
         at_q, at_kv = op.calls[-1]["mod_tensors"]
         shared = at_q.untyped_storage().data_ptr() == at_kv.untyped_storage().data_ptr()
@@ -377,3 +377,19 @@ def test_ids_two_slots_read_are_copied_once(op, ids):
         assert torch.equal(at_q.expand(B, 1, S, S), rows[:, None, :S, None].float().expand(B, 1, S, S))
         assert torch.equal(at_kv.expand(B, 1, S, S), rows[:, None, None, :S].float().expand(B, 1, S, S))
     assert op.records == 1
+
+
+def test_the_copies_recipe_refuses_slots_it_cannot_make():
+    """record_call.CopiedViews makes its copies in the extension: a slot that names no tensor, or
+    more axes than its tensor has dimensions, is a ValueError there, never a read out of bounds."""
+    from cudnn_flex import _C
+    ids = torch.arange(8)
+    with pytest.raises(ValueError, match="slot tensor 1"):
+        _C.CopiedViews([ids], [(1, [1, 1, 8, 1], [2], True)])
+    with pytest.raises(ValueError, match="axis 4"):
+        _C.CopiedViews([ids], [(0, [1, 1, 8, 1], [4], True)])
+    too_many = _C.CopiedViews([ids], [(0, [1, 1, 8, 8], [2, 3], False)])
+    with pytest.raises(ValueError, match="2 axes for a 1-dim tensor"):
+        too_many.make()
+    view, = _C.CopiedViews([ids[2:]], [(0, [1, 1, 1, 6], [3], False)]).make()
+    assert view.dtype == torch.float32 and torch.equal(view.view(6), ids[2:].float())

@@ -121,9 +121,10 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
         if t.dtype == torch.float64:
             raise ValueError(f"cudnn_flex: score_mod tensor #{i} is float64, which cuDNN's fused "
                              "attention does not read; pass it as float32")
-        if not compiling and t.requires_grad and torch.is_grad_enabled():
+        if t.requires_grad and torch.is_grad_enabled():
             # A torch-style mod's captured tensor (score_mod_tensors that require grad are refused
             # by name before): torch's flex_attention would train it; the op returns no gradient.
+            # Also while dynamo traces: a compiled model's parameter would silently stop learning.
             raise ValueError(f"cudnn_flex: the mod captures a tensor that requires grad (capture {i}: shape "
                              f"{tuple(t.shape)} as indexed), but cuDNN computes no gradient for the tensors a mod "
                              "captures, so it would never learn; capture t.detach() (or a buffer), call under "

@@ -406,6 +406,33 @@ def test_what_a_compiled_torch_style_mod_cannot_do_is_named(monkeypatch, mod, ca
             compiled(q, k, v)
 
 
+def learned_slopes_bias(s, b, h, q_idx, kv_idx):
+    return s + CAPTURED[h] * (kv_idx - q_idx)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_compiled_mod_over_a_tensor_that_requires_grad_is_refused_as_in_eager(monkeypatch, grad):
+    """A learned tensor the mod captures (an nn.Parameter of per-head slopes) would get no
+    gradient from cuDNN: compiled, as in eager, that is an error naming the fix, never a
+    parameter that silently stops learning. Under no_grad nothing is trained: it compiles."""
+    mode = FakeTensorMode()
+    q, k, v = fake_qkv(mode)
+    with mode:
+        monkeypatch.setattr(sys.modules[__name__], "CAPTURED", torch.ones(4, device="cuda", requires_grad=True))
+
+    def fn(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, learned_slopes_bias)
+
+    compiled, graphs = compile_recording(fn)
+    with mode, torch.set_grad_enabled(grad):
+        if grad:
+            with pytest.raises(Exception, match="captures a tensor that requires grad"):
+                compiled(q, k, v)
+        else:
+            assert compiled(q, k, v).shape == q.shape
+            assert len(graphs) == 1 and len(op_calls(graphs[0])) == 1
+
+
 def torch_style_closures(q, k, v, doc):
     return cudnn_flex.flex_attention(q, k, v, mods.softcap(30.0), mask_mod=mods.document_mask(doc))
 

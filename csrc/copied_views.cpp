@@ -28,23 +28,25 @@ class CopiedViews {
   // copy (shared by the slots that read it) or a float32 copy of its own view.
   using Slot = std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, bool>;
 
-  CopiedViews(std::vector<at::Tensor> tensors, std::vector<Slot> slots)
-      : tensors_(std::move(tensors)), slots_(std::move(slots)) {
+  // It holds no tensor: make() is handed them on each call (a handle held here would raise their
+  // use count, and torch.utils.swap_tensors, load_state_dict's swap, refuses such a tensor).
+  CopiedViews(int64_t tensors, std::vector<Slot> slots) : count_(tensors), slots_(std::move(slots)) {
     for (const auto& [at, sizes, axes, shared] : slots_) {
-      TORCH_CHECK_VALUE(at >= 0 && at < int64_t(tensors_.size()), "CopiedViews: slot tensor ", at, " of ",
-                        tensors_.size());
+      TORCH_CHECK_VALUE(at >= 0 && at < count_, "CopiedViews: slot tensor ", at, " of ", count_);
       TORCH_CHECK_VALUE(sizes.size() == 4 && axes.size() <= 4, "CopiedViews: a slot needs 4 sizes and <= 4 axes");
       for (int64_t axis : axes) TORCH_CHECK_VALUE(axis >= 0 && axis < 4, "CopiedViews: axis ", axis);
     }
   }
 
-  // The slots' tensors, as record_call.captured_views makes them now.
-  std::vector<at::Tensor> make() const {
-    std::vector<std::optional<at::Tensor>> copies(tensors_.size());
+  // The slots' tensors, as record_call.captured_views makes them now from `tensors`.
+  std::vector<at::Tensor> make(const std::vector<at::Tensor>& tensors) const {
+    TORCH_CHECK_VALUE(int64_t(tensors.size()) == count_, "CopiedViews: ", tensors.size(), " tensors for ",
+                      count_);
+    std::vector<std::optional<at::Tensor>> copies(tensors.size());
     std::vector<at::Tensor> views;
     views.reserve(slots_.size());
     for (const auto& [at, sizes, axes, shared] : slots_) {
-      at::Tensor t = tensors_[at];
+      at::Tensor t = tensors[at];
       if (shared) {
         if (!copies[at]) copies[at] = t.to(at::kFloat);
         t = *copies[at];
@@ -64,10 +66,8 @@ class CopiedViews {
     return views;
   }
 
-  const std::vector<at::Tensor>& tensors() const { return tensors_; }
-
  private:
-  std::vector<at::Tensor> tensors_;
+  int64_t count_;
   std::vector<Slot> slots_;
 };
 
@@ -77,17 +77,16 @@ void bind_copied_views(pybind11::module& m) {
   pybind11::class_<CopiedViews>(m, "CopiedViews",
                                 "The float32 copies and views of captured tensors for a cached call "
                                 "(record_call.CopiedViews).")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<CopiedViews::Slot>>(), pybind11::arg("tensors"),
+      .def(pybind11::init<int64_t, std::vector<CopiedViews::Slot>>(), pybind11::arg("tensors"),
            pybind11::arg("slots"))
       .def(
           "make",
-          [](const CopiedViews& self) {
+          [](const CopiedViews& self, const std::vector<at::Tensor>& tensors) {
             HANDLE_TH_ERRORS
-            return self.make();
+            return self.make(tensors);
             END_HANDLE_TH_ERRORS_PYBIND
           },
-          "The slots' tensors: copies made now, from the tensors' storage offsets now.")
-      .def_property_readonly("tensors", &CopiedViews::tensors);
+          pybind11::arg("tensors"), "The slots' tensors: copies made now, from the tensors' storage offsets now.");
 }
 
 }  // namespace cudnn_flex

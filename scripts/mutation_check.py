@@ -217,6 +217,8 @@ MUTATIONS += [
     ("ids' kept copies copied per slot", P + "record_call.py",
      "slots.append((at, sizes, list(axes), any(u is t for u in once)))",
      "slots.append((at, sizes, list(axes), False))"),
+    ("ids of a subclass copied by the extension (no __torch_function__)", P + "record_call.py",
+     " or type(t) is not torch.Tensor:\n                return None", ":\n                return None"),
     ("ids' kept copies sized on their first axis only", P + "record_call.py",
      "            for axis in axes:\n                sizes[axis] = shape[axis]\n            at = next(",
      "            for axis in axes[:1]:\n                sizes[axis] = shape[axis]\n            at = next("),

@@ -161,22 +161,26 @@ class CopiedViews:
     is read).
 
     plan(found, shape, once) is None when a slot's view is anything else (an alias of a float or
-    int32 tensor, a tensor indexed by nothing): captured_views makes those. `make()` is the
-    extension's (csrc/copied_views.cpp): from Python, the copy and its views were single torch
-    calls of several us each. `tensors` holds the tensors."""
+    int32 tensor, a tensor indexed by nothing) or a tensor of a subclass (its __torch_function__
+    sees the copies captured_views makes): captured_views makes those. The copies are made by the
+    extension (csrc/copied_views.cpp): from Python, the copy and its views were single torch calls
+    of several us each. `tensors` holds the tensors."""
 
-    __slots__ = ("make", "tensors")
+    __slots__ = ("recipe", "tensors")
 
     def __init__(self, slots: tuple, tensors: tuple):
         # per slot: (its tensor's position in `tensors`, sizes, axes, whether a view of the one copy)
-        self.make = _C.CopiedViews(list(tensors), list(slots)).make
-        self.tensors = tensors
+        self.recipe, self.tensors = _C.CopiedViews(len(tensors), list(slots)), tensors
+
+    def make(self) -> list:
+        """The slots' tensors, as captured_views makes them now."""
+        return self.recipe.make(self.tensors)
 
     @staticmethod
     def plan(found, shape, once: list) -> Optional["CopiedViews"]:
         tensors, slots = [], []
         for t, axes in found:
-            if not axes or t.dtype not in torch_style.COPIED_DTYPES:
+            if not axes or t.dtype not in torch_style.COPIED_DTYPES or type(t) is not torch.Tensor:
                 return None
             sizes = [1, 1, 1, 1]
             for axis in axes:

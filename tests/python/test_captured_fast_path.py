@@ -380,16 +380,67 @@ def test_ids_two_slots_read_are_copied_once(op, ids):
 
 
 def test_the_copies_recipe_refuses_slots_it_cannot_make():
-    """record_call.CopiedViews makes its copies in the extension: a slot that names no tensor, or
-    more axes than its tensor has dimensions, is a ValueError there, never a read out of bounds."""
+    """record_call.CopiedViews makes its copies in the extension: a slot that names no tensor, more
+    axes than its tensor has dimensions, or another count of tensors is a ValueError there, never
+    a read out of bounds."""
     from cudnn_flex import _C
     ids = torch.arange(8)
     with pytest.raises(ValueError, match="slot tensor 1"):
-        _C.CopiedViews([ids], [(1, [1, 1, 8, 1], [2], True)])
+        _C.CopiedViews(1, [(1, [1, 1, 8, 1], [2], True)])
     with pytest.raises(ValueError, match="axis 4"):
-        _C.CopiedViews([ids], [(0, [1, 1, 8, 1], [4], True)])
-    too_many = _C.CopiedViews([ids], [(0, [1, 1, 8, 8], [2, 3], False)])
+        _C.CopiedViews(1, [(0, [1, 1, 8, 1], [4], True)])
+    too_many = _C.CopiedViews(1, [(0, [1, 1, 8, 8], [2, 3], False)])
     with pytest.raises(ValueError, match="2 axes for a 1-dim tensor"):
-        too_many.make()
-    view, = _C.CopiedViews([ids[2:]], [(0, [1, 1, 1, 6], [3], False)]).make()
+        too_many.make([ids])
+    with pytest.raises(ValueError, match="2 tensors for 1"):
+        too_many.make([ids, ids])
+    view, = _C.CopiedViews(1, [(0, [1, 1, 1, 6], [3], False)]).make([ids[2:]])
     assert view.dtype == torch.float32 and torch.equal(view.view(6), ids[2:].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_captured_buffer_copied_per_call_can_be_swapped_by_load_state_dict(op, dtype):
+    """A module's ids buffer that the mask captures, after the shortcut has made its copies a
+    few times, can still be replaced by load_state_dict under torch's swap setting
+    (torch.utils.swap_tensors refuses a tensor that something else holds a handle to); the next
+    call reads the loaded values."""
+    module = torch.nn.Module()
+    module.register_buffer("doc", doc_ids()[0].to(dtype))
+    mask = mods.document_mask(module.doc)
+    q, k, v = qkv()
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+    loaded = (torch.arange(S) % 2).to(dtype)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        module.load_state_dict({"doc": loaded})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+    assert torch.equal(op.calls[-1]["mod_tensors"][0].flatten(), loaded.float())
+
+
+class LoggedIds(torch.Tensor):
+    """Document ids of a subclass that keeps its type through ops and answers the op itself,
+    logging each call it sees."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+            cls.seen.append(func)
+            q, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in (args[0], args[2]))
+            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+        return super().__torch_function__(func, types_, args, kwargs)
+
+
+def test_ids_of_a_subclass_reach_its_torch_function_on_every_call(op):
+    """int64 ids of a tensor subclass: every call's copies are made through torch (the
+    subclass's __torch_function__ sees them, and so the op), on the shortcut as on the full
+    path; the extension's copies, which no handler sees, are for plain tensors only."""
+    LoggedIds.seen = []
+    mask = mods.document_mask(doc_ids()[0].long().as_subclass(LoggedIds))
+    q, k, v = qkv()
+    for call in range(1, 5):
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
+        assert len(LoggedIds.seen) == call

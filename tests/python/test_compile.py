@@ -410,11 +410,14 @@ def learned_slopes_bias(s, b, h, q_idx, kv_idx):
     return s + CAPTURED[h] * (kv_idx - q_idx)
 
 
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph break allowed"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_a_compiled_mod_over_a_tensor_that_requires_grad_is_refused_as_in_eager(monkeypatch, grad):
+def test_a_compiled_mod_over_a_tensor_that_requires_grad_is_refused_as_in_eager(monkeypatch, grad, fullgraph):
     """A learned tensor the mod captures (an nn.Parameter of per-head slopes) would get no
     gradient from cuDNN: compiled, as in eager, that is an error naming the fix, never a
-    parameter that silently stops learning. Under no_grad nothing is trained: it compiles."""
+    parameter that silently stops learning. With graph breaks allowed, the call runs eagerly and
+    raises the ValueError itself; with fullgraph=True, dynamo raises its own error, which carries
+    the message. Under no_grad nothing is trained: it compiles."""
     mode = FakeTensorMode()
     q, k, v = fake_qkv(mode)
     with mode:
@@ -423,10 +426,17 @@ def test_a_compiled_mod_over_a_tensor_that_requires_grad_is_refused_as_in_eager(
     def fn(q, k, v):
         return cudnn_flex.flex_attention(q, k, v, learned_slopes_bias)
 
-    compiled, graphs = compile_recording(fn)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph)
     with mode, torch.set_grad_enabled(grad):
         if grad:
-            with pytest.raises(Exception, match="captures a tensor that requires grad"):
+            with pytest.raises(torch._dynamo.exc.Unsupported if fullgraph else ValueError,
+                               match="captures a tensor that requires grad"):
                 compiled(q, k, v)
         else:
             assert compiled(q, k, v).shape == q.shape

@@ -127,14 +127,19 @@ def figure_host(host: dict) -> list:
 
 def figure_host_vs_sdpa(host: dict) -> list:
     """Issue 15: each kind of cudnn-flex call (rows named "cudnn_flex ...") over SDPA's host
-    time in the same run, forward and forward+backward; the worst kind names the figure."""
+    time in the same run, forward and forward+backward; the worst kind names the figure. A row
+    timed in rounds alternating with SDPA's gives its own ratio ("vs_sdpa", runner's
+    _paired_with_sdpa); else SDPA's row of the run is the anchor."""
     anchor = host.get(HOST_ANCHOR) or {}
     ratios = []
     for name, v in host.items():
         if not name.startswith("cudnn_flex") or v.get("error"):
             continue
+        paired = v.get("vs_sdpa") or {}
         for mode in ("fwd", "fwd_bwd"):
-            if v.get(mode) is not None and anchor.get(mode):
+            if paired.get(mode) is not None:
+                ratios.append((paired[mode], name, mode))
+            elif v.get(mode) is not None and anchor.get(mode):
                 ratios.append((v[mode] / anchor[mode], name, mode))
     if not ratios:
         return [Figure("host time per cached call / SDPA's", "not measured", None)]

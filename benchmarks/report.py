@@ -83,13 +83,17 @@ def not_expressible(rs: ResultSet) -> list:
 def host_table(host: dict) -> list:
     if not host:
         return ["(not measured)"]
-    lines = ["| path | fwd us/call | fwd+bwd us/call |", "|---|---|---|"]
+    # x SDPA: the ratio to SDPA's host time, timed in rounds alternating with it (runner's
+    # _paired_with_sdpa), which a busy host moves less than the us.
+    lines = ["| path | fwd us/call | fwd+bwd us/call | fwd x SDPA | fwd+bwd x SDPA |", "|---|---|---|---|---|"]
     for name, v in host.items():
         if v.get("error"):
             error = "error: " + short_error(v["error"]).replace("|", "/")
-            lines.append(f"| {name} | {error} | {error} |")
+            lines.append(f"| {name} | {error} | {error} | – | – |")
         else:
-            lines.append(f"| {name} | {fmt(v.get('fwd'), 1)} | {fmt(v.get('fwd_bwd'), 1)} |")
+            paired = v.get("vs_sdpa") or {}
+            lines.append(f"| {name} | {fmt(v.get('fwd'), 1)} | {fmt(v.get('fwd_bwd'), 1)} | "
+                         f"{fmt_ratio(paired.get('fwd'))} | {fmt_ratio(paired.get('fwd_bwd'))} |")
     return lines
 
 

@@ -18,7 +18,7 @@ import torch
 from .cases import CASES, SOFTCAP, Shape, make_inputs, seqlen_label
 from .paths import PATHS, make_runner, na_reason, sdpa
 from .results import NA, SKIPPED, Result, ResultSet, error_text, short_error
-from .timing import cuda_median_ms, first_call_s, fwd_and_fwd_bwd, host_us
+from .timing import cuda_median_ms, first_call_s, fwd_and_fwd_bwd, host_us, host_us_paired
 
 HOST_SHAPE = Shape(1, 1, 64, 64)   # kernels far shorter than the host time per call
 FORWARD_ONLY = NA + "forward only (decode is inference)"
@@ -179,6 +179,7 @@ def measure_host(args, log=print) -> dict:
     q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]
     out = {}
     kinds = _host_kinds(inputs) if "cudnn_flex" in args.path_list else {}
+    anchor = sdpa.call("causal", inputs) if "sdpa_cudnn" in args.path_list else None
     for label, case, path in (("cudnn_flex", "causal", "cudnn_flex"), ("frontend", "causal", "frontend"),
                               ("sdpa_cudnn", "causal", "sdpa_cudnn"),
                               ("cudnn_flex softcap", "softcap", "cudnn_flex"),
@@ -196,6 +197,10 @@ def measure_host(args, log=print) -> dict:
             else:
                 run = kinds[label] if case is None else make_runner(case, path, inputs, args)
                 context = contextlib.nullcontext
+            if anchor is not None and label.startswith("cudnn_flex"):
+                out[label] = _paired_with_sdpa(run, anchor, inputs, args.host_calls)
+                log(f"host {label:<20} {out[label]}")
+                continue
             with context(), torch.no_grad():   # around the loop, so that its cost is not counted per call
                 fwd_us = host_us(lambda: run(q, k, v), args.host_calls)
             with context():
@@ -207,6 +212,22 @@ def measure_host(args, log=print) -> dict:
             recover()
         log(f"host {label:<20} {out[label]}")
     return out
+
+
+def _paired_with_sdpa(run: Callable, anchor: Callable, inputs: dict, calls: int) -> dict:
+    """A cudnn-flex call's host us per call, forward and forward+backward, each timed in rounds
+    alternating with SDPA's (timing.host_us_paired): {"fwd", "fwd_bwd", "vs_sdpa": {mode: its
+    median ratio to SDPA's}}. The ratio is the issue's figure; the us are this run's host."""
+    q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]
+
+    def step(attend):
+        return lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+
+    with sdpa.backend(flash=False), torch.no_grad():  # SDPA's backend chosen once, around the loops
+        fwd_us, _, fwd_ratio = host_us_paired(lambda: run(q, k, v), lambda: anchor(q, k, v), calls)
+    with sdpa.backend(flash=False):
+        fwd_bwd_us, _, fwd_bwd_ratio = host_us_paired(step(run), step(anchor), max(calls // 3, 1))
+    return {"fwd": fwd_us, "fwd_bwd": fwd_bwd_us, "vs_sdpa": {"fwd": fwd_ratio, "fwd_bwd": fwd_bwd_ratio}}
 
 
 def measure_cold(args, log=print) -> dict:

@@ -52,6 +52,30 @@ def host_us(fn: Callable, calls: int, repeats: int = 5, warmup: int = 20) -> flo
     return statistics.median(per_call)
 
 
+def host_us_paired(fn: Callable, anchor: Callable, calls: int, rounds: int = 7, warmup: int = 20) -> tuple:
+    """(fn's host us per call, the anchor's, fn's over the anchor's): rounds of one loop of each,
+    back to back, the order swapped every round, each ratio taken within its round and the
+    median of each kept. A busy host slows both loops of a round alike, so the ratio holds where
+    a host time measured minutes before the other's would not (issue 15's ratios against SDPA)."""
+    for _ in range(warmup):
+        fn()
+        anchor()
+    torch.cuda.synchronize()
+    mine, theirs, ratios = [], [], []
+    for r in range(rounds):
+        pair = {}
+        for name, f in ((("fn", fn), ("anchor", anchor)) if r % 2 == 0 else (("anchor", anchor), ("fn", fn))):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            pair[name] = (time.perf_counter() - t0) / calls * 1e6
+            torch.cuda.synchronize()
+        mine.append(pair["fn"])
+        theirs.append(pair["anchor"])
+        ratios.append(pair["fn"] / pair["anchor"])
+    return statistics.median(mine), statistics.median(theirs), statistics.median(ratios)
+
+
 def fwd_and_fwd_bwd(run: Callable, inputs: dict) -> tuple:
     """The two timed closures of a runner: forward under no_grad, and forward + autograd.grad."""
     q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]

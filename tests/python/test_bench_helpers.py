@@ -18,7 +18,7 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, _ROOT)   # the package lives at the repo root: python3 -m benchmarks
 
-from benchmarks import cases, charts, cli, goals, paths, report, results, runner  # noqa: E402
+from benchmarks import cases, charts, cli, goals, paths, report, results, runner, timing  # noqa: E402
 from benchmarks.cases import CASES, GRID_CASES, MASK_CASES, Shape  # noqa: E402
 from benchmarks.results import Result, ResultSet  # noqa: E402
 
@@ -417,6 +417,35 @@ def test_host_time_figure_names_the_worst_kind_against_sdpa():
     host["cudnn_flex torch-style softcap"] = {"fwd": 25.0, "fwd_bwd": 120.0}
     assert goals.figure_host_vs_sdpa(host)[0].met is True
     assert goals.figure_host_vs_sdpa({})[0].met is None
+    # A row timed alternating with SDPA gives its own ratio, whatever SDPA's row of the run says.
+    host["cudnn_flex no mod"] = {"fwd": 22.0, "fwd_bwd": 110.0, "vs_sdpa": {"fwd": 1.4, "fwd_bwd": 1.05}}
+    (figure,) = goals.figure_host_vs_sdpa(host)
+    assert figure.met is False and "worst 1.40 (cudnn_flex no mod, fwd)" in figure.text
+    table = "\n".join(report.host_table(host))
+    assert "| cudnn_flex no mod | 22.0 | 110.0 | 1.40x | 1.05x |" in table
+    assert "| sdpa_cudnn | 20.0 | 100.0 | – | – |" in table
+
+
+def test_paired_host_time_takes_each_ratio_within_its_round(monkeypatch):
+    """timing.host_us_paired on a fake clock: the host slows down round after round (both loops
+    of a round alike), which moves the us but not the ratio; the order of the two loops swaps
+    every round, so neither always runs on the warmer host."""
+    now, last, synced = [0.0], [None], []
+
+    def loop_of(name, us):
+        def call():
+            last[0] = name
+            rounds = max(len(synced) - 1, 0) // 2  # a sync after the warm-up, then after each loop
+            now[0] += us * (1 + 0.5 * rounds) * 1e-6
+        return call
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: synced.append(last[0]))
+    mine, theirs, ratio = timing.host_us_paired(loop_of("fn", 30.0), loop_of("anchor", 20.0), calls=4, rounds=5,
+                                                warmup=1)
+    assert ratio == pytest.approx(1.5)
+    assert mine == pytest.approx(30.0 * 2) and theirs == pytest.approx(20.0 * 2)  # the third round's host
+    assert synced[1:7] == ["fn", "anchor", "anchor", "fn", "fn", "anchor"]
 
 
 def test_every_kind_of_call_the_host_table_times_runs():

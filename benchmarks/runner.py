@@ -139,19 +139,29 @@ def log_line(r: Result) -> str:
             f"fwd {_log_cell(r, 'fwd')}  fwd+bwd {_log_cell(r, 'fwd_bwd')}{first}")
 
 
+def _packed(inputs: dict) -> dict:
+    """inputs (batch 1) as flex_attention_varlen takes them: q, k, v and do [total, H, D], dense,
+    made once (a packed call's users hand it packed tensors; a layout change inside the timed call
+    would time three copies that are no part of it)."""
+    def row(t):
+        return t.detach().squeeze(0).transpose(0, 1).contiguous().requires_grad_(t.requires_grad)
+    return {**inputs, **{name: row(inputs[name]) for name in ("q", "k", "v", "do")}}
+
+
 def _host_kinds(inputs: dict) -> dict:
-    """label -> attention(q, k, v): one cudnn-flex call of each kind of mod issue 15 names."""
+    """label -> (attention(q, k, v), the inputs it takes): one cudnn-flex call of each kind of mod
+    issue 15 names; packed calls take packed inputs of their own."""
     import cudnn_flex
     from cudnn_flex import dsl_mods, mods
     cap, torch_cap = dsl_mods.softcap(SOFTCAP), mods.softcap(SOFTCAP)
     s, device = inputs["q"].shape[2], inputs["q"].device
     cu = torch.tensor([0, s // 3, s], dtype=torch.int32, device=device)  # two sequences: ragged
-    row = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
+    packed = _packed(inputs)
     alibi = mods.alibi(mods.alibi_slopes(inputs["q"].shape[1]).to(device))  # torch-style closures over tensors
     document = mods.document_mask((torch.arange(s, device=device) // max(s // 4, 1)).to(torch.int32))
     slopes = {"slopes": mods.alibi_slopes(inputs["q"].shape[1]).view(1, -1, 1, 1).to(device)}
     lengths = torch.full((inputs["q"].shape[0],), max(s - 3, 1), dtype=torch.int32, device=device)
-    return {
+    kinds = {
         "cudnn_flex no mod": lambda q, k, v: cudnn_flex.flex_attention(q, k, v),
         "cudnn_flex keyed DSL softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward),
         "cudnn_flex torch-style softcap": lambda q, k, v: cudnn_flex.flex_attention(q, k, v, torch_cap),
@@ -163,12 +173,15 @@ def _host_kinds(inputs: dict) -> dict:
             q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
         "cudnn_flex padded keys (seq_lens_kv)": lambda q, k, v: cudnn_flex.flex_attention(q, k, v,
                                                                                          seq_lens_kv=lengths),
-        "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
-            row(q), row(k), row(v), cu, cu, mask_mod=mods.causal, max_seqlen_q=s,
-            max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),
-        "cudnn_flex varlen alibi (captured slopes)": lambda q, k, v: cudnn_flex.flex_attention_varlen(
-            row(q), row(k), row(v), cu, cu, alibi, max_seqlen_q=s, max_seqlen_kv=s).transpose(0, 1).unsqueeze(0),
     }
+    varlen = {
+        "cudnn_flex varlen causal": lambda q, k, v: cudnn_flex.flex_attention_varlen(
+            q, k, v, cu, cu, mask_mod=mods.causal, max_seqlen_q=s, max_seqlen_kv=s),
+        "cudnn_flex varlen alibi (captured slopes)": lambda q, k, v: cudnn_flex.flex_attention_varlen(
+            q, k, v, cu, cu, alibi, max_seqlen_q=s, max_seqlen_kv=s),
+    }
+    return {**{label: (run, inputs) for label, run in kinds.items()},
+            **{label: (run, packed) for label, run in varlen.items()}}
 
 
 def measure_host(args, log=print) -> dict:
@@ -195,10 +208,10 @@ def measure_host(args, log=print) -> dict:
                 # against SDPA).
                 run, context = sdpa.call(case, inputs), lambda: sdpa.backend(flash=False)
             else:
-                run = kinds[label] if case is None else make_runner(case, path, inputs, args)
+                run, own = kinds[label] if case is None else (make_runner(case, path, inputs, args), inputs)
                 context = contextlib.nullcontext
             if anchor is not None and label.startswith("cudnn_flex"):
-                out[label] = _paired_with_sdpa(run, anchor, inputs, args.host_calls)
+                out[label] = _paired_with_sdpa(run, own, anchor, inputs, args.host_calls)
                 log(f"host {label:<20} {out[label]}")
                 continue
             with context(), torch.no_grad():   # around the loop, so that its cost is not counted per call
@@ -214,19 +227,22 @@ def measure_host(args, log=print) -> dict:
     return out
 
 
-def _paired_with_sdpa(run: Callable, anchor: Callable, inputs: dict, calls: int) -> dict:
-    """A cudnn-flex call's host us per call, forward and forward+backward, each timed in rounds
-    alternating with SDPA's (timing.host_us_paired): {"fwd", "fwd_bwd", "vs_sdpa": {mode: its
-    median ratio to SDPA's}}. The ratio is the issue's figure; the us are this run's host."""
-    q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]
+def _paired_with_sdpa(run: Callable, own: dict, anchor: Callable, inputs: dict, calls: int) -> dict:
+    """A cudnn-flex call's host us per call (on its own inputs), forward and forward+backward,
+    each timed in rounds alternating with SDPA's (on `inputs`; timing.host_us_paired): {"fwd",
+    "fwd_bwd", "vs_sdpa": {mode: its median ratio to SDPA's}}. The ratio is the issue's figure;
+    the us are this run's host."""
+    def forward(attend, x):
+        return lambda: attend(x["q"], x["k"], x["v"])
 
-    def step(attend):
-        return lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+    def step(attend, x):
+        qkv = (x["q"], x["k"], x["v"])
+        return lambda: torch.autograd.grad(attend(*qkv), qkv, x["do"])
 
     with sdpa.backend(flash=False), torch.no_grad():  # SDPA's backend chosen once, around the loops
-        fwd_us, _, fwd_ratio = host_us_paired(lambda: run(q, k, v), lambda: anchor(q, k, v), calls)
+        fwd_us, _, fwd_ratio = host_us_paired(forward(run, own), forward(anchor, inputs), calls)
     with sdpa.backend(flash=False):
-        fwd_bwd_us, _, fwd_bwd_ratio = host_us_paired(step(run), step(anchor), max(calls // 3, 1))
+        fwd_bwd_us, _, fwd_bwd_ratio = host_us_paired(step(run, own), step(anchor, inputs), max(calls // 3, 1))
     return {"fwd": fwd_us, "fwd_bwd": fwd_bwd_us, "vs_sdpa": {"fwd": fwd_ratio, "fwd_bwd": fwd_bwd_ratio}}
 
 

@@ -451,9 +451,14 @@ def test_paired_host_time_takes_each_ratio_within_its_round(monkeypatch):
 def test_every_kind_of_call_the_host_table_times_runs():
     pytest.importorskip("cudnn_flex")
     inputs = cases.make_inputs(runner.HOST_SHAPE, device="cpu", dtype=torch.float32)
-    q, k, v = inputs["q"], inputs["k"], inputs["v"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, run in runner._host_kinds(inputs).items():
+        for name, (run, own) in runner._host_kinds(inputs).items():
+            q, k, v = own["q"], own["k"], own["v"]
             out = run(q, k, v)
             assert out.shape == q.shape and torch.isfinite(out).all(), name
+            dq, = torch.autograd.grad(out, (q,), own["do"])  # what the timed forward+backward asks
+            assert dq.shape == q.shape, name
+            if "varlen" in name:  # packed once, outside the timed call: dense [total, H, D] leaves
+                assert q.dim() == 3 and q.is_contiguous() and q.is_leaf and q.requires_grad
+                torch.testing.assert_close(q, inputs["q"].squeeze(0).transpose(0, 1))

@@ -233,7 +233,7 @@ MUTATIONS += [
     ("captured tensors' keys hold their closures", P + "fast_path.py",
      "    if captured:\n        key = _held_weakly(key, table)\n", ""),
     ("captured tensor that requires grad passed silently", P + "api.py",
-     "        if not compiling and t.requires_grad and torch.is_grad_enabled():", "        if False:"),
+     "        if t.requires_grad and torch.is_grad_enabled():", "        if False:"),
     ("mod that reads a captured value remembered", P + "fast_path.py",
      "    if len(program.mod_slots) > given:\n        return True\n    leaves: list = []", "    if True:\n        return len(program.mod_slots) > given\n    leaves: list = []"),
     ("int64 score_mod tensors handed to cuDNN", P + "record_call.py",

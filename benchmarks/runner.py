@@ -189,7 +189,6 @@ def measure_host(args, log=print) -> dict:
     and the frontend path, each kind of mod on this library (issue 15), and torch SDPA (cuDNN,
     is_causal) as the reference point."""
     inputs = make_inputs(HOST_SHAPE)
-    q, k, v, do = inputs["q"], inputs["k"], inputs["v"], inputs["do"]
     out = {}
     kinds = _host_kinds(inputs) if "cudnn_flex" in args.path_list else {}
     anchor = sdpa.call("causal", inputs) if "sdpa_cudnn" in args.path_list else None
@@ -206,7 +205,7 @@ def measure_host(args, log=print) -> dict:
                 # The backend is chosen once, around the loops: torch's sdpa_kernel context manager
                 # is no part of an SDPA call's host time (held per call, it flattered every ratio
                 # against SDPA).
-                run, context = sdpa.call(case, inputs), lambda: sdpa.backend(flash=False)
+                run, own, context = sdpa.call(case, inputs), inputs, lambda: sdpa.backend(flash=False)
             else:
                 run, own = kinds[label] if case is None else (make_runner(case, path, inputs, args), inputs)
                 context = contextlib.nullcontext
@@ -214,10 +213,11 @@ def measure_host(args, log=print) -> dict:
                 out[label] = _paired_with_sdpa(run, own, anchor, inputs, args.host_calls)
                 log(f"host {label:<20} {out[label]}")
                 continue
+            qkv = (own["q"], own["k"], own["v"])  # a packed call's own packed inputs
             with context(), torch.no_grad():   # around the loop, so that its cost is not counted per call
-                fwd_us = host_us(lambda: run(q, k, v), args.host_calls)
+                fwd_us = host_us(lambda: run(*qkv), args.host_calls)
             with context():
-                fwd_bwd_us = host_us(lambda: torch.autograd.grad(run(q, k, v), (q, k, v), do),
+                fwd_bwd_us = host_us(lambda: torch.autograd.grad(run(*qkv), qkv, own["do"]),
                                      max(args.host_calls // 3, 1))
             out[label] = {"fwd": fwd_us, "fwd_bwd": fwd_bwd_us}
         except Exception as e:  # noqa: BLE001

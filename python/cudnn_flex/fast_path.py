@@ -58,7 +58,8 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once", "copies")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once", "copies",
+                 "kept", "grad_leaf")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
         self.reads, self.program = reads, program
@@ -76,6 +77,11 @@ class _Entry:
         # How the slots' float32 copies are made again (record_call.CopiedViews), when every
         # slot is one (a document mask over int64 ids); taken with copied_once, else None.
         self.copies = None
+        # When every slot's tensor is a kept view: (those views, ((leaf, its data pointer then), ...)
+        # for each leaf they alias), so that a call checks each leaf once, not each slot; else None.
+        self.kept = None
+        # Whether a leaf a slot reads requires grad (its metadata, checked first, says it still does).
+        self.grad_leaf = any(self.leaves[i][0].requires_grad for i, _ in self.slots)
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
         """The input slots' tensors of a call with q ([B, H, Sq, D]) as the full path makes them,
@@ -86,17 +92,21 @@ class _Entry:
                 return None
         if not self.slots:
             return []
+        if self.grad_leaf and torch.is_grad_enabled():
+            return None  # the full path refuses it (api.cudnn_call): cuDNN computes no gradient for it
+        kept = self.kept
+        if kept is not None:
+            for leaf, pointer in kept[1]:
+                if leaf.data_ptr() != pointer:
+                    break
+            else:
+                return kept[0]  # (not to be changed by the caller)
+            self.kept = None
         if self.copies is not None:  # every slot a float32 copy, made on every call (no view is kept)
-            if torch.is_grad_enabled():
-                for leaf in self.copies.tensors:
-                    if leaf.requires_grad:
-                        return None  # (float64 can) the full path refuses it, as below
             return self.copies.make()
         tensors, fresh = [None] * len(self.slots), []
         for n, (i, axes) in enumerate(self.slots):
             leaf, made = self.leaves[i][0], self.views[n]
-            if leaf.requires_grad and torch.is_grad_enabled():
-                return None  # the full path refuses it (api.cudnn_call): cuDNN computes no gradient for it
             if made is not None and made[1] == leaf.data_ptr():
                 tensors[n] = made[0]
             else:
@@ -118,6 +128,9 @@ class _Entry:
                 if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
                     self.views[n] = (view, leaf.data_ptr())
                 tensors[n] = view
+        if all(made is not None for made in self.views):
+            aliased = {id(self.leaves[i][0]): (self.leaves[i][0], made[1]) for (i, _), made in zip(self.slots, self.views)}
+            self.kept = (tensors, tuple(aliased.values()))
         return tensors
 
 

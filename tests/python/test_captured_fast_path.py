@@ -188,6 +188,46 @@ def test_a_tensor_that_starts_to_require_grad_is_refused(op):
     assert op.records == 3
 
 
+def two_biases(first, second):
+    """Two per-head biases in one closure (a learned bias next to a fixed ALiBi-style one): two
+    captured tensors, each read in place."""
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + first[h] + second[h]
+    return bias
+
+
+@pytest.mark.parametrize("learned", [0, 1])
+def test_either_of_two_captured_tensors_that_requires_grad_is_refused_with_grad(op, learned):
+    """Remembered under no_grad with one of two captured tensors requiring grad: with autograd the
+    call is refused whichever of the two it is."""
+    biases = [torch.randn(H), torch.randn(H)]
+    biases[learned].requires_grad_()
+    mod = two_biases(*biases)
+    q, k, v = qkv()
+    with torch.no_grad():
+        for _ in range(3):  # the third by the views the shortcut keeps
+            cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 1
+    with pytest.raises(ValueError, match="captures a tensor that requires grad"):
+        cudnn_flex.flex_attention(q, k, v, mod)
+
+
+@pytest.mark.parametrize("swapped", [0, 1])
+def test_either_of_two_captured_tensors_given_new_storage_is_read_there(op, swapped):
+    """`.data = new` (no version bump, the same metadata) on either of two captured tensors after
+    the shortcut kept views of both: the next call reads the new storage of that one."""
+    biases = [torch.randn(H), torch.randn(H)]
+    mod = two_biases(*biases)
+    q, k, v = qkv()
+    for _ in range(3):  # the third by the views the shortcut keeps
+        cudnn_flex.flex_attention(q, k, v, mod)
+    biases[swapped].data = torch.arange(H, dtype=torch.float32) + 10
+    cudnn_flex.flex_attention(q, k, v, mod)
+    assert op.records == 1
+    got = [t.flatten().tolist() for t in op.calls[-1]["mod_tensors"]]
+    assert sorted(got) == sorted(b.tolist() for b in biases)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_tensor_that_requires_grad_remembered_without_grad_is_refused_with_grad(op, dtype):
     """Remembered under no_grad (an eval loop over a learnable table), then called with autograd:

@@ -117,7 +117,7 @@ class _Entry:
                 found = [(self.leaves[i][0], axes) for i, axes in self.slots]
                 self.copied_once = record_call.copied_once(found, shape)
                 self.copies = record_call.CopiedViews.plan(found, shape, self.copied_once)
-            views = record_call.captured_views([(leaf, axes) for _, leaf, axes in fresh], shape, q,
+            views = record_call.captured_views([(_unheld(leaf), axes) for _, leaf, axes in fresh], shape, q,
                                                self.copied_once)
             for (n, leaf, _), view in zip(fresh, views):
                 # A view that aliases its leaf (same dtype, same address) reads the values at each
@@ -132,6 +132,14 @@ class _Entry:
             aliased = {id(self.leaves[i][0]): (self.leaves[i][0], made[1]) for (i, _), made in zip(self.slots, self.views)}
             self.kept = (tensors, tuple(aliased.values()))
         return tensors
+
+
+def _unheld(leaf):
+    """The captured tensor to make a slot's view of: one that view_for aliases is detached first, so
+    that the view the entry keeps holds its storage (and shares its version counter) but not the
+    tensor itself, which torch.utils.swap_tensors (load_state_dict under torch's swap setting,
+    Module.to) would then refuse; one it copies stays itself (copied_once knows it by identity)."""
+    return leaf if leaf.dtype in torch_style.COPIED_DTYPES else leaf.detach()
 
 
 def clear() -> None:

@@ -100,7 +100,7 @@ class _Entry:
                 if leaf.data_ptr() != pointer:
                     break
             else:
-                return kept[0]  # (not to be changed by the caller)
+                return list(kept[0])  # a list of its own: a TorchFunctionMode sees (and may edit) the op's
             self.kept = None
         if self.copies is not None:  # every slot a float32 copy, made on every call (no view is kept)
             return self.copies.make()
@@ -125,21 +125,25 @@ class _Entry:
                 # storage. A copy (float32 of int64 ids, an aligned clone) is made every call, as
                 # by the full path: it holds the values of one moment, and not every write to the
                 # leaf is seen (a CUDA graph replay, DLPack, `.data`).
-                if view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr():
-                    self.views[n] = (view, leaf.data_ptr())
+                aliases = view.dtype == leaf.dtype and view.data_ptr() == leaf.data_ptr()
+                # (a slot that aliased its tensor before may be a clone now: no old view stays)
+                self.views[n] = (view, leaf.data_ptr()) if aliases else None
                 tensors[n] = view
         if all(made is not None for made in self.views):
             aliased = {id(self.leaves[i][0]): (self.leaves[i][0], made[1]) for (i, _), made in zip(self.slots, self.views)}
-            self.kept = (tensors, tuple(aliased.values()))
+            self.kept = (tuple(tensors), tuple(aliased.values()))
         return tensors
 
 
 def _unheld(leaf):
-    """The captured tensor to make a slot's view of: one that view_for aliases is detached first, so
-    that the view the entry keeps holds its storage (and shares its version counter) but not the
-    tensor itself, which torch.utils.swap_tensors (load_state_dict under torch's swap setting,
-    Module.to) would then refuse; one it copies stays itself (copied_once knows it by identity)."""
-    return leaf if leaf.dtype in torch_style.COPIED_DTYPES else leaf.detach()
+    """The captured tensor to make a slot's view of: a plain one that view_for aliases is detached
+    first, so that the view the entry keeps holds its storage (and shares its version counter) but
+    not the tensor itself, which torch.utils.swap_tensors (load_state_dict under torch's swap
+    setting, Module.to) would then refuse. One it copies stays itself (copied_once knows it by
+    identity), and so does a subclass (its __torch_function__ sees what the full path does)."""
+    if type(leaf) is not torch.Tensor or leaf.dtype in torch_style.COPIED_DTYPES:
+        return leaf
+    return leaf.detach()
 
 
 def clear() -> None:

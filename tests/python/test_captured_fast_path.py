@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cudnn_flex
-from cudnn_flex import fast_path, mods
+from cudnn_flex import fast_path, mods, torch_style
 from stub_op import assert_batches_keep_nothing, op  # noqa: F401  (op: a fixture)
 
 B, H, S, D = 2, 2, 8, 16
@@ -159,6 +159,28 @@ def test_ids_moved_to_another_offset_are_read_there(op, case):
     got = op.calls[-1]["mod_tensors"]
     assert got[0].flatten().tolist() == ids.tolist()
     assert same_tensors(got, full_path_call(q, k, v, kw, op)[1])
+
+
+def test_ids_moved_to_a_misaligned_offset_and_back_are_read_there(op, monkeypatch):
+    """On CUDA a view that is not 16-byte aligned is cloned (view_for; mimicked here on the CPU).
+    int32 ids read in place, moved by `set_` to a misaligned offset (their slots are clones for a
+    call) and back: the next call reads them where they are, not the clone's values."""
+    view_for = torch_style.view_for
+
+    def aligned_as_on_cuda(t, axes, full, name):
+        view = view_for(t, axes, full, name)
+        return view.clone() if view.data_ptr() % 16 and view.data_ptr() == t.data_ptr() else view
+
+    monkeypatch.setattr(torch_style, "view_for", aligned_as_on_cuda)
+    ids = ids_in_a_buffer(1)
+    kw = {"mask_mod": mods.document_mask(ids)}
+    q, k, v = qkv()
+    offset = ids.storage_offset()
+    for moved in (0, 0, 2, 0, 0):  # the second call by the shortcut's views; then a clone; back
+        ids.set_(ids.untyped_storage(), offset + moved, ids.shape, ids.stride())
+        cudnn_flex.flex_attention(q, k, v, **kw)
+        assert [t.flatten().tolist() for t in op.calls[-1]["mod_tensors"]] == [ids.tolist()] * 2
+    assert op.records == 1
 
 
 def test_metadata_changed_in_place_takes_the_full_path(op):
@@ -459,6 +481,63 @@ def test_a_captured_buffer_can_be_swapped_by_load_state_dict(op, dtype):
         torch.__future__.set_swap_module_params_on_conversion(False)
     cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
     assert torch.equal(op.calls[-1]["mod_tensors"][0].flatten().float(), loaded.float())
+
+
+class PlainWhenDetached(torch.Tensor):
+    """A float table of a subclass whose detach() gives a plain tensor (as nn.Parameter's does),
+    logging each call of the op it sees."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+            cls.seen.append(func)
+            q, v = args[0], args[2]
+            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+        if func is torch.Tensor.detach:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args).as_subclass(torch.Tensor)
+        return super().__torch_function__(func, types_, args, kwargs)
+
+
+def test_a_table_of_a_subclass_reaches_its_torch_function_on_every_call(op):
+    """The views the shortcut keeps of a float table are made as the full path makes them: of a
+    subclass, they stay of the subclass, whose __torch_function__ sees every call of the op."""
+    PlainWhenDetached.seen = []
+    mod = bias_table(torch.randn(H, S, S).as_subclass(PlainWhenDetached))
+    q, k, v = qkv()
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert len(PlainWhenDetached.seen) == 3 and not op.calls
+
+
+class EditsTheOpsTensors(torch.overrides.TorchFunctionMode):
+    """A mode that hands the op bfloat16 copies of the mod tensors, by editing its argument list."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+            args[3][:] = [t.to(torch.bfloat16) for t in args[3]]
+            q, v = args[0], args[2]
+            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("calls_before", [1, 2])
+def test_a_mode_that_edits_the_ops_arguments_changes_no_later_call(op, calls_before):
+    """A TorchFunctionMode sees the op's own argument list: what it does to it stays in its call,
+    whether the shortcut made its views in that call (one call before: the full path's) or kept
+    them from before. The next call, without the mode, reads the captured table as it is then."""
+    table = torch.randn(H, S, S)
+    mod = bias_table(table)
+    q, k, v = qkv()
+    for _ in range(calls_before):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    with EditsTheOpsTensors():
+        cudnn_flex.flex_attention(q, k, v, mod)
+    table.add_(1)
+    cudnn_flex.flex_attention(q, k, v, mod)
+    got, = op.calls[-1]["mod_tensors"]
+    assert got.dtype == torch.float32 and torch.equal(got[0], table) and op.records == 1
 
 
 class LoggedIds(torch.Tensor):

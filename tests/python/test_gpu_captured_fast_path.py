@@ -119,3 +119,27 @@ def test_a_captured_graph_replays_the_current_values(records, kind):
         want, _ = oracle.attention(cpu(q), cpu(k), cpu(v), formula(captured.cpu()))
         check({"out": cpu(out)}, {"out": want}, label=f"{kind} replay")
     assert records[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["bias table", "document ids", "document ids, int64"])
+def test_a_buffer_swapped_by_load_state_dict_is_read(records, kind):
+    """A module's captured buffer (a float table and int32 ids read in place, int64 ids copied
+    each call), after the shortcut ran a few times, replaced by load_state_dict under torch's swap
+    setting (torch.utils.swap_tensors, which refuses a tensor that a kept view holds): the next
+    calls read the loaded values, out, lse and all three gradients."""
+    kwargs, captured, formula = case(kind, 129)
+    module = torch.nn.Module()
+    module.register_buffer("captured", captured)
+    q, k, v = make_inputs(b=2, h=H, s_q=129, s_kv=129, seed=8)
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, **kwargs)
+    loaded = captured.flip(-1) * 2 if captured.is_floating_point() else captured.flip(-1)
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        module.load_state_dict({"captured": loaded})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    assert torch.equal(captured, loaded)  # swapped in place of the object the mod holds
+    got, want = compare(q, k, v, formula(loaded.cpu()), attention=with_mods(kwargs))
+    assert records[0] == 1
+    check(got, want, label=f"{kind} loaded")

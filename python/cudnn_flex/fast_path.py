@@ -130,7 +130,8 @@ class _Entry:
                 self.views[n] = (view, leaf.data_ptr()) if aliases else None
                 tensors[n] = view
         if all(made is not None for made in self.views):
-            aliased = {id(self.leaves[i][0]): (self.leaves[i][0], made[1]) for (i, _), made in zip(self.slots, self.views)}
+            aliased = {id(self.leaves[i][0]): (self.leaves[i][0], made[1])
+                       for (i, _), made in zip(self.slots, self.views)}
             self.kept = (tuple(tensors), tuple(aliased.values()))
         return tensors
 
@@ -139,8 +140,9 @@ def _unheld(leaf):
     """The captured tensor to make a slot's view of: a plain one that view_for aliases is detached
     first, so that the view the entry keeps holds its storage (and shares its version counter) but
     not the tensor itself, which torch.utils.swap_tensors (load_state_dict under torch's swap
-    setting, Module.to) would then refuse. One it copies stays itself (copied_once knows it by
-    identity), and so does a subclass (its __torch_function__ sees what the full path does)."""
+    setting, Module.to) would then refuse. A tensor of a dtype view_for always copies stays itself
+    (copied_once knows those by identity), and so does a subclass (its __torch_function__ sees
+    what the full path does)."""
     if type(leaf) is not torch.Tensor or leaf.dtype in torch_style.COPIED_DTYPES:
         return leaf
     return leaf.detach()

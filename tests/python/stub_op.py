@@ -45,17 +45,27 @@ class StubOp:
         return out, torch.arange(n * q.shape[1] * max_seqlens[0], dtype=torch.float32).view(n, q.shape[1], -1)
 
 
+def is_the_op(func) -> bool:
+    """Whether a __torch_function__ handler is called for the forward op (torch.ops.cudnn_flex.fwd)."""
+    return func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd
+
+
+def op_zeros(args) -> tuple:
+    """What a handler answers the op with: zeros of its out [B, H, Sq, D_v] and lse [B, H, Sq] for
+    its arguments (q, k, v first; a subclass's q or v read as a plain tensor)."""
+    q, v = (t if type(t) is torch.Tensor else torch.Tensor._make_subclass(torch.Tensor, t) for t in (args[0], args[2]))
+    return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+
+
 def logged_subclass(seen: list) -> type:
     """A torch.Tensor subclass whose __torch_function__ records each call of the op in `seen` and
     answers it with zeros of the op's shapes; anything else runs as for a plain tensor."""
     class Logged(torch.Tensor):
         @classmethod
         def __torch_function__(cls, func, types_, args=(), kwargs=None):
-            if func is torch.ops.cudnn_flex.fwd.default or func is torch.ops.cudnn_flex.fwd:
+            if is_the_op(func):
                 seen.append(func)
-                q, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t
-                        for t in (args[0], args[2]))
-                return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+                return op_zeros(args)
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
     return Logged

@@ -9,7 +9,7 @@ import torch
 
 import cudnn_flex
 from cudnn_flex import fast_path, mods, torch_style
-from stub_op import assert_batches_keep_nothing, op  # noqa: F401  (op: a fixture)
+from stub_op import assert_batches_keep_nothing, is_the_op, op, op_zeros  # noqa: F401  (op: a fixture)
 
 B, H, S, D = 2, 2, 8, 16
 
@@ -490,10 +490,9 @@ class PlainWhenDetached(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
-        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+        if is_the_op(func):
             cls.seen.append(func)
-            q, v = args[0], args[2]
-            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            return op_zeros(args)
         if func is torch.Tensor.detach:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args).as_subclass(torch.Tensor)
@@ -515,10 +514,9 @@ class EditsTheOpsTensors(torch.overrides.TorchFunctionMode):
     """A mode that hands the op bfloat16 copies of the mod tensors, by editing its argument list."""
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
-        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+        if is_the_op(func):
             args[3][:] = [t.to(torch.bfloat16) for t in args[3]]
-            q, v = args[0], args[2]
-            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            return op_zeros(args)
         return func(*args, **(kwargs or {}))
 
 
@@ -547,10 +545,9 @@ class LoggedIds(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
-        if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+        if is_the_op(func):
             cls.seen.append(func)
-            q, v = (torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in (args[0], args[2]))
-            return torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype), torch.zeros(q.shape[:3])
+            return op_zeros(args)
         return super().__torch_function__(func, types_, args, kwargs)
 
 

@@ -404,6 +404,11 @@ std::vector<at::Tensor> graph_inputs(TensorList tensors, const char* role, const
                         ", which does not broadcast against the scores [B, H, Sq, Skv] = ", at::IntArrayRef(full));
     }
     if (t.scalar_type() == at::kBool) t = t.to(at::kFloat);
+    // As flex_attention checks in eager mode; here also for the shortcut (fast_path.py), which
+    // leaves these checks to the op, and for a compiled call, whose tensors are only known here.
+    TORCH_CHECK_VALUE(!on_device || host_scalar || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                      "cudnn_flex: ", role, " #", i, " is not 16-byte aligned for cuDNN (a slice at an odd "
+                      "offset?); pass a .clone()");
     out.push_back(t);
   }
   return out;

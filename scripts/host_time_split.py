@@ -19,6 +19,7 @@ tag = sys.argv[1]
 dev = "cuda"
 q, k, v = (torch.randn(1, 1, 64, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
 slopes = {"slopes": mods.alibi_slopes(1).view(1, 1, 1, 1).to(dev)}
+host_slope = {"slopes": mods.alibi_slopes(1).view(1, 1, 1, 1)}  # one element on the CPU: passed by value
 bias = {"bias": torch.randn(1, 1, 64, 64, device=dev)}
 ids32 = (torch.arange(64, device=dev) // 16).to(torch.int32)
 ids64 = (torch.arange(64, device=dev) // 16)
@@ -37,6 +38,8 @@ kinds = {
     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     "no mod": lambda: cudnn_flex.flex_attention(q, k, v),
     "causal": lambda: cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal),
+    "dsl causal": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.causal),
+    "dsl alibi 1": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=host_slope),
     "talibi": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=talibi_mod),
     "dsl alibi T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
     "dsl bias T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors=bias),

@@ -250,8 +250,11 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
+        # The op checks the score_mod tensors against q's scores itself, but for one query row,
+        # which it runs as two (_ops.fwd): a tensor over two rows would pass there.
         tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors)  # (no tensors: no call)
+            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors,
+            q.shape[2] != 1)  # (no tensors: no call)
         if tensors is None:
             return None
         seq_lens = []
@@ -268,26 +271,31 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
     return (out, lse) if return_lse else out
 
 
-def _slot_tensors(entry, slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
+def _slot_tensors(entry, slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors,
+                  op_checks: bool) -> Optional[tuple]:
     """(mod tensors, bprop tensors) of a call for the op (q as [B, H, Sq, D]): the captured
     tensors' views (entry.mod_tensors), then the given score_mod tensors; None when the full path
-    must run."""
+    must run. op_checks: as _given_tensors's."""
     mod_tensors = entry.mod_tensors(q, s_kv)
     if mod_tensors is None:
         return None
     if slots is _NO_TENSORS:
         return mod_tensors, []
-    given = _given_tensors(slots, q, s_kv, score_mod_tensors, score_mod_bprop_tensors)
+    given = _given_tensors(slots, q, s_kv, score_mod_tensors, score_mod_bprop_tensors, op_checks)
     return None if given is None else (mod_tensors + given[0], given[1])
 
 
-def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
+def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors,
+                   op_checks: bool) -> Optional[tuple]:
     """(score_mod tensors, bprop tensors) of a call as the full path hands them to the op, or None
     when the full path must look at them: another name or dtype than the key's (a dict changed
     since, by another thread), a tensor that requires grad, one on another device, of a shape that
     does not broadcast, or misaligned (the full path raises its error, which says what is wrong).
     The key's names and dtypes passed the full path's checks (check_tensor_dict) when it was
-    remembered; no key holds a float64 slot (api.cudnn_call refuses it)."""
+    remembered; no key holds a float64 slot (api.cudnn_call refuses it). With op_checks the last
+    three are left to the op, which refuses them as the full path does (ops.cpp, graph_inputs;
+    about 1 us of Python a tensor): only where it checks them against the scores [B, H, Sq, s_kv]
+    of q itself."""
     full = None
     given = ([], [])
     for signature, tensors, inputs in zip(slots, (score_mod_tensors, score_mod_bprop_tensors), given):
@@ -300,7 +308,7 @@ def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bpro
         for (name, dtype), (given_name, t) in zip(signature, tensors.items()):
             if given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad:
                 return None
-            if not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
+            if not op_checks and not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
                 full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
                 if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
                     return None
@@ -509,7 +517,8 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic,
         # stand-in the full path recorded the mods for (on the device of the same cu_seqlens,
         # which the op checks against q's).
         tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, key[6], entry.queries, entry.max_seqlens[1], score_mod_tensors, score_mod_bprop_tensors)
+            entry, key[6], entry.queries, entry.max_seqlens[1], score_mod_tensors, score_mod_bprop_tensors,
+            False)  # (the op's longest query may be wider than the stand-in's: one row runs as two)
         if tensors is None:
             return None
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,

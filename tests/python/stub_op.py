@@ -33,6 +33,7 @@ class StubOp:
         if self.during is not None:
             during, self.during = self.during, None
             during()
+        refuse_like_the_op(q, k, list(mod_tensors) + list(bprop_tensors), cu_seqlens, max_seqlens)
         self.ids.append((mod_id, bprop_id))
         self.calls.append({"mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})
@@ -43,6 +44,24 @@ class StubOp:
         # that a test sees which rows reach each token.
         n = cu_seqlens[0].numel() - 1
         return out, torch.arange(n * q.shape[1] * max_seqlens[0], dtype=torch.float32).view(n, q.shape[1], -1)
+
+
+def refuse_like_the_op(q, k, tensors: list, cu_seqlens, max_seqlens) -> None:
+    """The refusals of score_mod tensors that the op makes itself (ops.cpp, graph_inputs) and the
+    shortcut leaves to it: a tensor not on q's device (a one-element CPU tensor is passed by
+    value), of more than 4 dims, or of a shape that does not broadcast against the scores (packed:
+    [n, H, max_q, max_kv]). Its alignment check is the GPU tests' (on the CPU the full path does not
+    check alignment either)."""
+    if cu_seqlens:
+        scores = (cu_seqlens[0].numel() - 1, q.shape[1], max_seqlens[0], max_seqlens[1])
+    else:
+        scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    for i, t in enumerate(tensors):
+        host_scalar = t.device.type == "cpu" and t.numel() == 1
+        if not host_scalar and t.device != q.device:
+            raise ValueError(f"stub op: score_mod tensor #{i} is on {t.device} but q is on {q.device}")
+        if t.dim() > 4 or not host_scalar and any(n not in (1, f) for n, f in zip(reversed(t.shape), reversed(scores))):
+            raise ValueError(f"stub op: score_mod tensor #{i} of shape {tuple(t.shape)} does not broadcast against {scores}")
 
 
 def is_the_op(func) -> bool:

@@ -130,6 +130,31 @@ def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(op, kind):
     assert len(op.ids) == calls
 
 
+@pytest.mark.parametrize("kind", ["shape", "five dims", "device"])
+def test_the_op_refuses_what_the_shortcut_leaves_to_it(op, kind):
+    """The shortcut leaves a given tensor's device and shape to the op, which refuses them as the
+    full path does (then the full path runs and says what is wrong): the op sees the bad tensor."""
+    q, k, v = qkv()
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": torch.ones(1, 2, 1, 1)})
+    bad, message = _bad(kind)
+    handed = []
+    op.during = lambda: handed.append(True)  # runs inside the op's next call
+    with pytest.raises(ValueError, match=message):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=bad)
+    assert handed, "the shortcut refused the tensor itself"
+
+
+def test_one_query_row_checks_the_tensors_itself(op):
+    """One query row runs as two (_ops.fwd): a tensor over two query rows fits the op's scores but
+    not the call's, so the shortcut checks it itself and the full path refuses it."""
+    q, (k, v) = qkv(s=1)[0], qkv()[1:]
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": torch.ones(1, 2, 1, 1)})
+    calls = len(op.ids)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors={"slopes": torch.ones(1, 2, 2, 1)})
+    assert len(op.ids) == calls
+
+
 @pytest.mark.parametrize("given", ["score_mod_tensors", "score_mod_bprop_tensors"])
 def test_an_empty_dict_without_its_mod_is_refused_on_a_repeat(op, given):
     """An empty dict has no slots, as no dict; the full path still refuses it without its mod."""

@@ -62,6 +62,42 @@ def test_a_bool_mask_changed_between_calls(records, s_q, s_kv):
     assert records[0] == 1
 
 
+def _bad_bias(kind: str, good: torch.Tensor):
+    """(a bias the full path refuses, its error): each is left to the op by the shortcut, which must
+    refuse it as well (ops.cpp, graph_inputs)."""
+    if kind == "misaligned":
+        return torch.randn(good.numel() + 1, device="cuda")[1:].view(good.shape), "is not 16-byte aligned"
+    if kind == "shape":
+        return torch.randn(good.shape[:2] + (good.shape[2] - 1, good.shape[3]), device="cuda"), "does not broadcast"
+    if kind == "five dims":
+        return good[None], "does not broadcast"
+    if kind == "host tensor":
+        return good.cpu(), "is on cpu but q is on cuda"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["misaligned", "shape", "five dims", "host tensor"])
+def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(records, kind):
+    """The shortcut leaves a given tensor's alignment, device and shape to the op: the op refuses
+    what the full path refuses, which then says what is wrong; the next good call is right."""
+    q, k, v = make_inputs(b=2, h=H, h_kv=H_KV, s_q=129, s_kv=127, seed=5)
+    bias = torch.randn(2, H, 129, 127, device="cuda")
+    for step in range(2):
+        ref = bias.double().cpu()
+        got, want = compare(q, k, v, lambda s, b, h, qi, kv: s + ref, score_mod=dsl_mods.add_bias,
+                            score_mod_tensors={"bias": bias})
+        check(got, want, label=f"call {step}")
+    bad, message = _bad_bias(kind, bias)
+    with pytest.raises(ValueError, match=message):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors={"bias": bad})
+    bias = torch.randn(2, H, 129, 127, device="cuda")
+    ref = bias.double().cpu()
+    got, want = compare(q, k, v, lambda s, b, h, qi, kv: s + ref, score_mod=dsl_mods.add_bias,
+                        score_mod_tensors={"bias": bias})
+    check(got, want, label=f"after a {kind} bias")
+    assert records[0] == 1, "the good repeats did not take the shortcut"
+
+
 def test_bprop_tensors_on_the_shortcut(records):
     q, k, v = make_inputs(b=1, h=H, h_kv=H_KV, s_q=129, s_kv=127, seed=5)
     for c in (1.5, 0.25):

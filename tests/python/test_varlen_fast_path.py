@@ -196,6 +196,22 @@ def test_one_query_per_sequence_keeps_its_lse_rows(op):
     assert results[1][1].shape == (H, 3)
 
 
+def test_one_query_per_sequence_checks_the_tensors_against_one_row(op):
+    """The op's packed scores have two query rows where the sequences have one: a bias over two
+    rows fits the op but not the call, so the shortcut checks it itself and the full path refuses it."""
+    kv_lengths = [4, 7, 2]
+    q = torch.randn(3, H, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(kv_lengths), H_KV, D, dtype=torch.bfloat16) for _ in range(2))
+    cu_q, cu_kv = cu_seqlens([1, 1, 1]), cu_seqlens(kv_lengths)
+    kw = dict(score_mod=dsl_mods.add_bias, max_seqlen_q=1, max_seqlen_kv=7)
+    cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, score_mod_tensors={"bias": torch.zeros(1, H, 1, 7)}, **kw)
+    calls = len(op.ids)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cudnn_flex.flex_attention_varlen(q, k, v, cu_q, cu_kv, score_mod_tensors={"bias": torch.zeros(1, H, 2, 7)},
+                                         **kw)
+    assert len(op.ids) == calls
+
+
 @pytest.mark.parametrize("what", ["max_seqlen", "numpy max_seqlen", "mods", "shape"])
 def test_another_call_takes_the_full_path(op, what):
     q, k, v = tokens()

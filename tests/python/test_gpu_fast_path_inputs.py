@@ -88,14 +88,16 @@ def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(records, kind):
                             score_mod_tensors={"bias": bias})
         check(got, want, label=f"call {step}")
     bad, message = _bad_bias(kind, bias)
+    assert records[0] == 1, "the second call did not take the shortcut"
     with pytest.raises(ValueError, match=message):
         cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors={"bias": bad})
+    assert records[0] == 2, "the error did not come from the full path"
     bias = torch.randn(2, H, 129, 127, device="cuda")
     ref = bias.double().cpu()
     got, want = compare(q, k, v, lambda s, b, h, qi, kv: s + ref, score_mod=dsl_mods.add_bias,
                         score_mod_tensors={"bias": bias})
     check(got, want, label=f"after a {kind} bias")
-    assert records[0] == 1, "the good repeats did not take the shortcut"
+    assert records[0] == 2, "the good call after the error did not take the shortcut"
 
 
 def test_bprop_tensors_on_the_shortcut(records):

@@ -45,7 +45,7 @@ import torch
 
 from . import _ops, _registry, record_call, torch_style
 from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes, graph_tensor_fits
-from .padded_batch import cudnn_seq_lens
+from .padded_batch import cudnn_seq_lens, full_lengths
 from .program import guard
 
 _MAX_ENTRIES = 1024
@@ -59,7 +59,7 @@ _MAX_SNAPSHOTS = 256
 
 class _Entry:
     __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once", "copies",
-                 "kept", "grad_leaf")
+                 "kept", "grad_leaf", "padded")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
         self.reads, self.program = reads, program
@@ -82,6 +82,8 @@ class _Entry:
         self.kept = None
         # Whether a leaf a slot reads requires grad (its metadata, checked first, says it still does).
         self.grad_leaf = any(self.leaves[i][0].requires_grad for i, _ in self.slots)
+        # The lengths of the last padded call that passed cudnn_seq_lens's checks (_PassedLengths).
+        self.padded = None
 
     def mod_tensors(self, q, s_kv: int) -> Optional[list]:
         """The input slots' tensors of a call with q ([B, H, Sq, D]) as the full path makes them,
@@ -261,7 +263,7 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
         if seq_lens_q is not None or seq_lens_kv is not None:
             if not (_plain_or_none(seq_lens_q) and _plain_or_none(seq_lens_kv)):
                 return None
-            seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
+            seq_lens = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), seq_lens)
     except (ValueError, TypeError):
@@ -318,6 +320,55 @@ def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bpro
 
 def _plain_or_none(t) -> bool:
     return t is None or type(t) is torch.Tensor
+
+
+def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> list:
+    """cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k) for a call of this entry (its shapes, which
+    bound the lengths, are the key's): without the checks when the same tensors passed them at its
+    last padded call and kept their versions and storage since, the full path's own rule for what
+    it reads of them (_validation.once_per_version). Their metadata is the op's to check again
+    (int32 [B], unit stride, on q's device); a side not given is the kept full length, as there."""
+    passed = entry.padded
+    if passed is not None and passed.holds(seq_lens_q, seq_lens_kv):
+        return [full_lengths(q.shape[0], q.shape[2], q.device) if seq_lens_q is None else seq_lens_q,
+                full_lengths(q.shape[0], k.shape[2], q.device) if seq_lens_kv is None else seq_lens_kv]
+    seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
+    entry.padded = _PassedLengths.of(seq_lens_q, seq_lens_kv, seq_lens)
+    return seq_lens
+
+
+class _PassedLengths:
+    """Padded lengths that passed cudnn_seq_lens's checks: the given tensors (None where not
+    given), held weakly (an entry keeps no batch's tensors alive), with their versions and data
+    pointers then."""
+
+    __slots__ = ("q", "kv", "state")
+
+    def __init__(self, seq_lens_q, seq_lens_kv):
+        self.q = None if seq_lens_q is None else weakref.ref(seq_lens_q)
+        self.kv = None if seq_lens_kv is None else weakref.ref(seq_lens_kv)
+        self.state = _lengths_state(seq_lens_q, seq_lens_kv)
+
+    @classmethod
+    def of(cls, seq_lens_q, seq_lens_kv, seq_lens: list) -> Optional["_PassedLengths"]:
+        """The passed lengths, or None where a later call could not take them as they are: an
+        inference tensor (no version counter: the full path reads it every call) or one the check
+        copied (not contiguous: the op was handed a copy of this moment's values)."""
+        for given, handed in zip((seq_lens_q, seq_lens_kv), seq_lens):
+            if given is not None and (given.is_inference() or handed is not given):
+                return None
+        return cls(seq_lens_q, seq_lens_kv)
+
+    def holds(self, seq_lens_q, seq_lens_kv) -> bool:
+        """Whether a call's lengths are these: the same tensors (a side given now but not then
+        gives a longer state), at the same versions and data pointers."""
+        if (self.q is not None and self.q() is not seq_lens_q) or (self.kv is not None and self.kv() is not seq_lens_kv):
+            return False
+        return _lengths_state(seq_lens_q, seq_lens_kv) == self.state
+
+
+def _lengths_state(seq_lens_q, seq_lens_kv) -> tuple:
+    return tuple((t._version, t.data_ptr()) for t in (seq_lens_q, seq_lens_kv) if t is not None)
 
 
 _REFUSED = object()

@@ -34,6 +34,7 @@ class StubOp:
             during, self.during = self.during, None
             during()
         refuse_like_the_op(q, k, list(mod_tensors) + list(bprop_tensors), cu_seqlens, max_seqlens)
+        refuse_lengths_like_the_op(q, seq_lens, cu_seqlens)
         self.ids.append((mod_id, bprop_id))
         self.calls.append({"mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic})
@@ -62,6 +63,16 @@ def refuse_like_the_op(q, k, tensors: list, cu_seqlens, max_seqlens) -> None:
             raise ValueError(f"stub op: score_mod tensor #{i} is on {t.device} but q is on {q.device}")
         if t.dim() > 4 or not host_scalar and any(n not in (1, f) for n, f in zip(reversed(t.shape), reversed(scores))):
             raise ValueError(f"stub op: score_mod tensor #{i} of shape {tuple(t.shape)} does not broadcast against {scores}")
+
+
+def refuse_lengths_like_the_op(q, seq_lens, cu_seqlens) -> None:
+    """The op's own refusals of a padded batch's lengths (ops.cpp, padded_batch): each contiguous
+    int32 [B] on q's device. (The shortcut leaves their metadata to it on a repeat.)"""
+    batch = cu_seqlens[0].numel() - 1 if cu_seqlens else q.shape[0]
+    for t in seq_lens:
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] != batch or t.stride(0) != 1 or t.device != q.device:
+            raise ValueError(f"stub op: lengths must be a contiguous int32 [{batch}] on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
 
 
 def is_the_op(func) -> bool:

@@ -305,6 +305,98 @@ def test_lengths_written_in_place_are_checked_again(op):
         cudnn_flex.flex_attention(q, k, v, seq_lens_q=lengths, seq_lens_kv=lengths)
 
 
+def count_length_checks(monkeypatch) -> list:
+    """How many times the shortcut ran cudnn_seq_lens (its checks of the lengths' values)."""
+    count = [0]
+    real = fast_path.cudnn_seq_lens
+
+    def counted(*args):
+        count[0] += 1
+        return real(*args)
+    monkeypatch.setattr(fast_path, "cudnn_seq_lens", counted)
+    return count
+
+
+@pytest.mark.parametrize("sides", ["kv", "q", "both"])
+def test_the_same_lengths_are_checked_once(op, monkeypatch, sides):
+    """Lengths that passed the checks on the shortcut's last padded call, the same tensors at the
+    same versions and storage, are not read again (the full path's rule, once_per_version); a
+    write in place or new storage has them checked again."""
+    checks = count_length_checks(monkeypatch)
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    kw = {"seq_lens_q": lengths} if sides == "q" else {"seq_lens_kv": lengths}
+    if sides == "both":
+        kw["seq_lens_q"] = torch.tensor([8, 3], dtype=torch.int32)
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+        assert op.calls[-1]["seq_lens"][0 if sides == "q" else 1] is lengths
+    assert op.records == 1 and checks[0] == 1
+    lengths[1] = 9  # past the padded length
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    lengths.data = torch.tensor([5, 8], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, **kw)
+    lengths.data = torch.tensor([9, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+
+
+def test_other_lengths_are_checked(op, monkeypatch):
+    """Another tensor, or lengths now given for the other side too, is checked, whatever passed before."""
+    checks = count_length_checks(monkeypatch)
+    q, k, v = qkv(b=2, s=8)
+    good = torch.tensor([5, 8], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=good)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=torch.tensor([9, 8], dtype=torch.int32))
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=good)
+    with pytest.raises(ValueError, match=r"seq_lens_q must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=torch.tensor([9, 8], dtype=torch.int32), seq_lens_kv=good)
+    assert checks[0] == 3
+
+
+def test_inference_lengths_are_checked_every_call(op):
+    """An inference tensor has no version counter: a write in place goes unseen by versions, so its
+    values are checked on every call, as by the full path."""
+    q, k, v = qkv(b=1, s=8)
+    with torch.inference_mode():
+        lengths = torch.tensor([5], dtype=torch.int32)
+        for _ in range(2):
+            cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+        lengths.fill_(9)
+        with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+            cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+
+
+def test_strided_lengths_are_copied_on_every_call(op):
+    """Lengths the checks copy (not contiguous) are handed as a copy of each call's values; a write
+    through .data, which no version sees, still reaches the next call."""
+    q, k, v = qkv(b=2, s=8)
+    base = torch.tensor([5, 0, 8, 0], dtype=torch.int32)
+    lengths = base[::2]
+    for _ in range(2):  # the full path, then the shortcut
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    base.data[0] = 3
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    handed = op.calls[-1]["seq_lens"][1]
+    assert handed.is_contiguous() and handed.tolist() == [3, 8]
+    assert op.records == 1, "the repeat did not take the shortcut"
+
+
+def test_a_new_tensor_over_checked_lengths_is_checked(op):
+    """Another tensor object over the same storage, at the same version, is checked as the full path
+    checks it (its values were written through .data since, which no version sees)."""
+    q, k, v = qkv(b=2, s=8)
+    store = torch.tensor([5, 8, 0, 0], dtype=torch.int32)
+    first = store[:2]
+    for _ in range(2):  # the full path, then the shortcut, which keeps the lengths as checked
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=first)
+    store.data[1] = 9
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=store[:2])
+
+
 @pytest.mark.parametrize("kind", ["int64", "shape", "list"])
 def test_bad_lengths_on_a_repeat_get_the_full_paths_error(op, kind):
     q, k, v = qkv(b=2, s=8)

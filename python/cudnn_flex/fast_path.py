@@ -360,8 +360,11 @@ class _PassedLengths:
         return cls(seq_lens_q, seq_lens_kv)
 
     def holds(self, seq_lens_q, seq_lens_kv) -> bool:
-        """Whether a call's lengths are these: the same tensors (a side given now but not then
-        gives a longer state), at the same versions and data pointers."""
+        """Whether a call's lengths are these: the same sides given, the same tensors, at the same
+        versions and data pointers. (The sides first: a tensor gone since reads as None, and
+        another side's tensor made where it was could have its state.)"""
+        if (seq_lens_q is None) != (self.q is None) or (seq_lens_kv is None) != (self.kv is None):
+            return False
         if (self.q is not None and self.q() is not seq_lens_q) or (self.kv is not None and self.kv() is not seq_lens_kv):
             return False
         return _lengths_state(seq_lens_q, seq_lens_kv) == self.state

@@ -310,6 +310,8 @@ def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bpro
         for (name, dtype), (given_name, t) in zip(signature, tensors.items()):
             if given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad:
                 return None
+            if op_checks and dtype in record_call.COPIED and t.is_cuda and t.data_ptr() % 16:
+                return None  # the op sees only its aligned float32 copy; the full path refuses the tensor itself
             if not op_checks and not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
                 full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
                 if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
@@ -332,8 +334,11 @@ def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> list:
     if passed is not None and passed.holds(seq_lens_q, seq_lens_kv):
         return [full_lengths(q.shape[0], q.shape[2], q.device) if seq_lens_q is None else seq_lens_q,
                 full_lengths(q.shape[0], k.shape[2], q.device) if seq_lens_kv is None else seq_lens_kv]
+    # Their state as the checks are about to read them (once_per_version's rule): a write during
+    # or after the checks (another thread) leaves a state that no later call matches.
+    before = _PassedLengths.taken(seq_lens_q, seq_lens_kv)
     seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
-    entry.padded = _PassedLengths.of(seq_lens_q, seq_lens_kv, seq_lens)
+    entry.padded = before if before is not None and before.handed(seq_lens_q, seq_lens_kv, seq_lens) else None
     return seq_lens
 
 
@@ -350,14 +355,19 @@ class _PassedLengths:
         self.state = _lengths_state(seq_lens_q, seq_lens_kv)
 
     @classmethod
-    def of(cls, seq_lens_q, seq_lens_kv, seq_lens: list) -> Optional["_PassedLengths"]:
-        """The passed lengths, or None where a later call could not take them as they are: an
-        inference tensor (no version counter: the full path reads it every call) or one the check
-        copied (not contiguous: the op was handed a copy of this moment's values)."""
-        for given, handed in zip((seq_lens_q, seq_lens_kv), seq_lens):
-            if given is not None and (given.is_inference() or handed is not given):
+    def taken(cls, seq_lens_q, seq_lens_kv) -> Optional["_PassedLengths"]:
+        """The lengths as they are now, or None for an inference tensor (no version counter: the
+        full path reads it on every call)."""
+        for given in (seq_lens_q, seq_lens_kv):
+            if given is not None and given.is_inference():
                 return None
         return cls(seq_lens_q, seq_lens_kv)
+
+    @staticmethod
+    def handed(seq_lens_q, seq_lens_kv, seq_lens: list) -> bool:
+        """Whether the checks handed the given tensors themselves to the op, not a copy of this
+        moment's values (of lengths that are not contiguous), which a later call must make again."""
+        return all(given is None or handed is given for given, handed in zip((seq_lens_q, seq_lens_kv), seq_lens))
 
     def holds(self, seq_lens_q, seq_lens_kv) -> bool:
         """Whether a call's lengths are these: the same sides given, the same tensors, at the same

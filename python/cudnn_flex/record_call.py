@@ -26,10 +26,10 @@ def as_graph_input(t: torch.Tensor) -> torch.Tensor:
     program computes in (measured on the H200, cuDNN 9.19: BOOLEAN inputs crash with SIGFPE, a
     uint8 view of an odd-length row is read at a misaligned address, and a graph over an INT64
     input never finished; INT32 ids are read in place). The program compares bool with 0."""
-    return t.to(torch.float32) if t.dtype in _COPIED else t
+    return t.to(torch.float32) if t.dtype in COPIED else t
 
 
-_COPIED = (torch.bool, torch.uint8, torch.int64)
+COPIED = (torch.bool, torch.uint8, torch.int64)
 
 
 def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):

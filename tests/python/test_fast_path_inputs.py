@@ -413,6 +413,82 @@ def test_lengths_of_the_other_side_where_checked_ones_were_are_checked(op):
         cudnn_flex.flex_attention(q, k, v, seq_lens_kv=store[:2])
 
 
+def test_lengths_of_the_other_side_at_a_checked_ones_address_are_checked_against_their_bound(op):
+    """The queries' lengths passed against Sq = 8 and are gone; the keys' lengths, another view of
+    the same storage (same address and version counter), are checked against Skv = 4."""
+    q, k, v = qkv(b=2, s=8)[0], *qkv(b=2, s=4)[1:]
+    store = torch.tensor([8, 8], dtype=torch.int32)
+    for _ in range(2):  # the full path, then the shortcut, which keeps the lengths as checked
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=store[:])
+    op.calls.clear()  # the stub keeps what it was handed
+    with pytest.raises(ValueError, match=r"seq_lens_kv must lie in \[0, 4\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=store[:])
+
+
+def test_inference_lengths_beside_checked_ones(op):
+    """An inference tensor (no version counter) beside lengths kept as checked takes the shortcut
+    with its values checked, as the full path takes it."""
+    q, k, v = qkv(b=2, s=8)
+    kv = torch.tensor([5, 8], dtype=torch.int32)
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=kv)
+    with torch.inference_mode():
+        q_lengths = torch.tensor([3, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seq_lens_q must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_q=q_lengths, seq_lens_kv=kv)
+    q_lengths = q_lengths.clone()  # (outside inference mode: a normal tensor)
+    q_lengths[1] = 8
+    cudnn_flex.flex_attention(q, k, v, seq_lens_q=q_lengths, seq_lens_kv=kv)
+    assert op.records == 2 and op.calls[-1]["seq_lens"][0] is q_lengths
+
+
+def test_lengths_written_while_checked_are_checked_again(op, monkeypatch):
+    """Another thread writes the lengths right after the shortcut checked them: the state kept as
+    checked is the one the checks read, so the next call checks the new values."""
+    q, k, v = qkv(b=2, s=8)
+    kv = torch.tensor([5, 8], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=kv)  # the full path
+    then_once(monkeypatch, "cudnn_seq_lens", lambda: kv.fill_(9))
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=kv)  # the shortcut checks [5, 8]; then the write
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=kv)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_a_misaligned_tensor_of_a_copied_dtype_gets_the_full_paths_error(op, monkeypatch, dtype):
+    """The op is handed the aligned float32 copy of an int64, bool or uint8 tensor, so it cannot
+    refuse the tensor itself misaligned, as the full path does on CUDA: the shortcut checks it.
+    (CUDA's alignment rule mimicked on the CPU: the full path, the shortcut's test of a CUDA
+    tensor and the op's refusal.)"""
+    import stub_op
+    from cudnn_flex import _validation
+    real_check, real_refuse = _validation._check_graph_tensor, stub_op.refuse_like_the_op
+
+    def check_as_on_cuda(t, label, q, full):
+        real_check(t, label, q, full)
+        if t.data_ptr() % 16:
+            raise ValueError(f"cudnn_flex: {label[0]}[{label[1]!r}] is not 16-byte aligned; pass a .clone()")
+
+    def refuse_as_on_cuda(q, k, tensors, cu_seqlens, max_seqlens):
+        real_refuse(q, k, tensors, cu_seqlens, max_seqlens)
+        if any(not (t.device.type == "cpu" and t.numel() == 1) and t.data_ptr() % 16 for t in tensors):
+            raise ValueError("stub op: a score_mod tensor is not 16-byte aligned")
+
+    monkeypatch.setattr(_validation, "_check_graph_tensor", check_as_on_cuda)
+    monkeypatch.setattr(stub_op, "refuse_like_the_op", refuse_as_on_cuda)
+    q, k, v = qkv(b=1, s=9)
+    ids = (torch.arange(10) // 4).to(dtype)
+    good, bad = ids[:9], ids[1:]
+    assert good.data_ptr() % 16 == 0 and bad.data_ptr() % 16 != 0
+    tensors = lambda i: {"q_doc": i.view(1, 1, 9, 1), "kv_doc": i.view(1, 1, 1, 9)}  # noqa: E731
+    for _ in range(2):  # the full path, then the shortcut
+        cudnn_flex.flex_attention(q, k, v, same_document, score_mod_tensors=tensors(good))
+    with monkeypatch.context() as on_cuda, pytest.raises(ValueError, match="not 16-byte aligned"):
+        on_cuda.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # for the shortcut's test
+        cudnn_flex.flex_attention(q, k, v, same_document, score_mod_tensors=tensors(bad))
+    assert op.records == 2
+
+
 @pytest.mark.parametrize("kind", ["int64", "shape", "list"])
 def test_bad_lengths_on_a_repeat_get_the_full_paths_error(op, kind):
     q, k, v = qkv(b=2, s=8)

@@ -100,6 +100,22 @@ def test_a_bad_tensor_on_a_repeat_gets_the_full_paths_error(records, kind):
     assert records[0] == 2, "the good call after the error did not take the shortcut"
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_a_misaligned_tensor_of_a_copied_dtype_on_a_repeat_gets_the_full_paths_error(records, dtype):
+    """The op is handed the aligned float32 copy of int64 or uint8 ids, so the shortcut checks the
+    ids themselves, as the full path does."""
+    s = 129
+    q, k, v = make_inputs(b=1, h=H, h_kv=H_KV, s_q=s, s_kv=s, seed=9)
+    ids = (torch.arange(s + 1, device="cuda") >= 60).to(dtype)
+    good, bad = ids[:s], ids[1:]
+    tensors = lambda i: {"q_doc": i.view(1, 1, s, 1), "kv_doc": i.view(1, 1, 1, s)}  # noqa: E731
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, same_document, score_mod_tensors=tensors(good))
+    assert records[0] == 1, "the repeat did not take the shortcut"
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        cudnn_flex.flex_attention(q, k, v, same_document, score_mod_tensors=tensors(bad))
+
+
 def test_bprop_tensors_on_the_shortcut(records):
     q, k, v = make_inputs(b=1, h=H, h_kv=H_KV, s_q=129, s_kv=127, seed=5)
     for c in (1.5, 0.25):

@@ -12,11 +12,13 @@ shortcut when it provably gets the same program:
 - an object with score_mod_graph_cache_key() promises the same key;
 - score_mod tensors (and score_mod_bprop tensors) with the names and dtypes the program was
   recorded for (its input slots): each call's tensors pass the full path's own conditions again
-  (no grad; device, shape and alignment by graph_tensor_fits, which check_tensor_dict asks too)
-  and its conversion (as_graph_input), since any other metadata may change from call to call
-  without a new program; a tensor that fails one takes the full path, which says what is wrong;
-- padded lengths pass the full path's own checks and completion (cudnn_seq_lens: their values
-  are read once per version, as there); the program does not depend on them;
+  (no grad here; device, shape and alignment in the op, which refuses them as check_tensor_dict
+  does, or here where the op's scores or tensors are not the call's: _given_tensors) and its
+  conversion (as_graph_input), since any other metadata may change from call to call without a
+  new program; a tensor that fails one takes the full path, which says what is wrong;
+- padded lengths pass the full path's own checks and completion (cudnn_seq_lens), and are kept
+  as checked while the same tensors keep their versions and storage (the full path reads their
+  values once per version too; the op checks their metadata); the program does not depend on them;
 - tensors in a torch-style mod's closure (`mods.alibi(slopes)`, `document_mask(doc)`) only where
   the full path finds its program by the guard (it reads no value of them): they are the same
   objects (unchanged) with the same metadata (guard.leaf_metadata), and their views are made as
@@ -297,7 +299,7 @@ def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bpro
     remembered; no key holds a float64 slot (api.cudnn_call refuses it). With op_checks the last
     three are left to the op, which refuses them as the full path does (ops.cpp, graph_inputs;
     about 1 us of Python a tensor): only where it checks them against the scores [B, H, Sq, s_kv]
-    of q itself."""
+    of q itself, and but for the alignment of a tensor it is handed as a float32 copy."""
     full = None
     given = ([], [])
     for signature, tensors, inputs in zip(slots, (score_mod_tensors, score_mod_bprop_tensors), given):

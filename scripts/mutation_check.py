@@ -177,6 +177,8 @@ MUTATIONS += [
     ("shortcut hands a misaligned copied tensor's copy to the op", P + "fast_path.py",
      "            if op_checks and dtype in record_call.COPIED and t.is_cuda and t.data_ptr() % 16:",
      "            if False:"),
+    ("shortcut lets the op's NotImplementedError out", P + "fast_path.py",
+     "    except (ValueError, TypeError, NotImplementedError):", "    except (ValueError, TypeError):"),
     ("shortcut passes score_mod tensors that require grad", P + "fast_path.py",
      " or t.dtype != dtype or t.requires_grad:\n", " or t.dtype != dtype:\n"),
     ("shortcut runs the key's slots over a changed dict", P + "fast_path.py",

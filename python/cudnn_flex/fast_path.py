@@ -268,8 +268,10 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
             seq_lens = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), seq_lens)
-    except (ValueError, TypeError):
-        return None  # refused by a check or the op: the full path checks in Python and says what is wrong
+    except (ValueError, TypeError, NotImplementedError):
+        # Refused by a check or the op (NotImplementedError: no kernel for a tensor's layout, a
+        # sparse score_mod tensor): the full path checks in Python and says what is wrong.
+        return None
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out

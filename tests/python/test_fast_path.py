@@ -237,6 +237,19 @@ def test_a_refusal_of_the_op_gets_the_full_paths_error(op):
         cudnn_flex.flex_attention(strided, k, v)
 
 
+def test_an_op_without_a_kernel_for_the_call_takes_the_full_path(op):
+    """The dispatcher raises NotImplementedError for a tensor layout the op has no kernel for (a
+    sparse score_mod tensor, which the shortcut leaves to the op): the full path runs, and says
+    what it says of it."""
+    q, k, v = qkv()
+    tensors = {"slopes": torch.ones(1, 2, 1, 1)}
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=tensors)
+    op.refuse = NotImplementedError("Could not run 'cudnn_flex::fwd' with arguments from the 'SparseCUDA' backend")
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=tensors)
+    assert op.records == 2 and len(op.ids) == 3
+
+
 def test_a_torch_function_mode_sees_the_op(op):
     """torch.ops calls __torch_function__ handlers, _C.fwd does not: under a TorchFunctionMode the
     call goes through torch.ops."""

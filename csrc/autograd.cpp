@@ -23,15 +23,16 @@ std::tuple<at::Tensor, at::Tensor> call_fwd(const at::Tensor& q, const at::Tenso
                                             at::TensorList mod_tensors, at::TensorList bprop_tensors,
                                             int64_t mod_id, int64_t bprop_id, bool cacheable,
                                             std::optional<double> scale, bool deterministic, at::TensorList seq_lens,
-                                            at::TensorList cu_seqlens, at::IntArrayRef max_seqlens) {
+                                            at::TensorList cu_seqlens, at::IntArrayRef max_seqlens,
+                                            bool every_row_attends) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("cudnn_flex::fwd", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
                            at::TensorList, int64_t, int64_t, bool, std::optional<double>, bool, at::TensorList,
-                           at::TensorList, at::IntArrayRef)>();
+                           at::TensorList, at::IntArrayRef, bool)>();
   return op.call(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
-                 cu_seqlens, max_seqlens);
+                 cu_seqlens, max_seqlens, every_row_attends);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bwd(
@@ -84,10 +85,10 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
                                std::vector<at::Tensor> bprop_tensors, int64_t mod_id, int64_t bprop_id,
                                bool cacheable, std::optional<double> scale, bool deterministic,
                                std::vector<at::Tensor> seq_lens, std::vector<at::Tensor> cu_seqlens,
-                               std::vector<int64_t> max_seqlens) {
+                               std::vector<int64_t> max_seqlens, bool every_row_attends) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, lse] = call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale,
-                               deterministic, seq_lens, cu_seqlens, max_seqlens);
+                               deterministic, seq_lens, cu_seqlens, max_seqlens, every_row_attends);
     // Saving the score_mod tensors makes autograd's version check catch an in-place change of
     // one of them between forward and backward.
     variable_list saved{q, k, v, out, lse};
@@ -137,7 +138,7 @@ class FlexAttentionFunction : public torch::autograd::Function<FlexAttentionFunc
     if (grads[1].defined()) dv = dv.narrow(-1, 0, saved[2].size(-1));
     // One gradient per forward argument: the score_mod tensors and options get none.
     return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -146,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::T
                                                 int64_t mod_id, int64_t bprop_id, bool cacheable,
                                                 std::optional<double> scale, bool deterministic,
                                                 at::TensorList seq_lens, at::TensorList cu_seqlens,
-                                                at::IntArrayRef max_seqlens) {
+                                                at::IntArrayRef max_seqlens, bool every_row_attends) {
   // A call that nothing differentiates (no_grad, or q, k, v needing no gradient: the only inputs
   // Function::apply records) skips the autograd node that apply would find unneeded anyway; it
   // costs host time on every inference call. Forward-mode AD goes through apply, which refuses it
@@ -157,18 +158,18 @@ std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::T
   if (!needs_grad && !has_tangent) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
-                    cu_seqlens, max_seqlens);
+                    cu_seqlens, max_seqlens, every_row_attends);
   }
   auto outs = FlexAttentionFunction::apply(q, k, v, mod_tensors.vec(), bprop_tensors.vec(), mod_id, bprop_id,
                                            cacheable, scale, deterministic, seq_lens.vec(), cu_seqlens.vec(),
-                                           max_seqlens.vec());
+                                           max_seqlens.vec(), every_row_attends);
   return {outs[0], outs[1]};
 }
 
 }  // namespace
 
 void bind_eager_fwd(pybind11::module& m) {
-  // torch.ops.cudnn_flex.fwd boxes its 13 arguments into a stack of IValues and back on every
+  // torch.ops.cudnn_flex.fwd boxes its 14 arguments into a stack of IValues and back on every
   // call; this binding calls the same op through the dispatcher, unboxed (autograd, then the CUDA
   // kernel, or whatever a TorchDispatchMode puts in between). Eager calls only: torch.compile
   // traces torch.ops.cudnn_flex.fwd. Errors reach Python as the op's would (ValueError for
@@ -178,13 +179,17 @@ void bind_eager_fwd(pybind11::module& m) {
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::vector<at::Tensor> mod_tensors,
          std::vector<at::Tensor> bprop_tensors, int64_t mod_id, int64_t bprop_id, bool cacheable,
          std::optional<double> scale, bool deterministic, std::vector<at::Tensor> seq_lens,
-         std::vector<at::Tensor> cu_seqlens, std::vector<int64_t> max_seqlens) {
+         std::vector<at::Tensor> cu_seqlens, std::vector<int64_t> max_seqlens, bool every_row_attends) {
         HANDLE_TH_ERRORS
         return call_fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
-                        seq_lens, cu_seqlens, max_seqlens);
+                        seq_lens, cu_seqlens, max_seqlens, every_row_attends);
         END_HANDLE_TH_ERRORS_PYBIND
       },
-      "torch.ops.cudnn_flex.fwd without boxing its arguments (eager calls).");
+      "torch.ops.cudnn_flex.fwd without boxing its arguments (eager calls).", pybind11::arg("q"), pybind11::arg("k"),
+      pybind11::arg("v"), pybind11::arg("mod_tensors"), pybind11::arg("bprop_tensors"), pybind11::arg("mod_id"),
+      pybind11::arg("bprop_id"), pybind11::arg("cacheable"), pybind11::arg("scale"), pybind11::arg("deterministic"),
+      pybind11::arg("seq_lens"), pybind11::arg("cu_seqlens"), pybind11::arg("max_seqlens"),
+      pybind11::arg("every_row_attends") = false);  // the schema's default
 }
 
 TORCH_LIBRARY_IMPL(cudnn_flex, Autograd, m) {

@@ -27,20 +27,24 @@ def _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens, cu_seqlens) -> b
 
 
 def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,
-        deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False):
+        deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False,
+        every_row_attends: bool = False):
     """(out, lse) of torch.ops.cudnn_flex.fwd. Eager calls go through _C.fwd, the same op without
     boxing its arguments, unless __torch_function__ may want to see it (_overridable). `program`
-    (None under torch.compile) is kept alive by the autograd node for its backward."""
+    (None under torch.compile) is kept alive by the autograd node for its backward.
+    every_row_attends: the padded lengths' values, read on the host, leave no query row outside its
+    sequence or without a key (padded_batch.cudnn_seq_lens), so the op need not clear out and lse."""
     # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
     # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
     # is right): one query row runs as two, the second zero and dropped (decoding; a tiny copy).
     one_row = mod_id != 0 and q.shape[2] == 1 and not cu_seqlens
     if one_row:
         q = torch.cat([q, torch.zeros_like(q)], dim=2)
+        every_row_attends = False  # the second row lies past the query lengths: the op clears it
     op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
                                                              cu_seqlens) else _C.fwd
     out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
-                  cu_seqlens, max_seqlens)
+                  cu_seqlens, max_seqlens, every_row_attends)
     if program is not None and out.requires_grad:
         # The backward graph may be built long after: its program lives as long as the node.
         out.grad_fn.metadata["cudnn_flex_program"] = program
@@ -85,7 +89,7 @@ def _check(q, k, v, mod_tensors, bprop_tensors, cu_seqlens) -> None:
 
 @torch.library.register_fake("cudnn_flex::fwd")
 def _fwd_fake(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic, seq_lens,
-              cu_seqlens, max_seqlens):
+              cu_seqlens, max_seqlens, every_row_attends=False):
     _check(q, k, v, mod_tensors, bprop_tensors, cu_seqlens)
     out = _empty_like_layout(q, tuple(q.shape[:-1]) + (v.shape[-1],))
     # Packed sequences ([total, H, D]): lse per sequence and position, [n, H, max_q].

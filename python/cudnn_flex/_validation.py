@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Hashable, Mapping, Optional
+from typing import Callable, Hashable, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -216,12 +216,15 @@ def once_per_version(t: torch.Tensor, what: Hashable, compute: Callable[[], obje
     return value
 
 
-def check_values_once(t: torch.Tensor, against: Hashable, check: Callable[[list], None]) -> None:
-    """check(t.tolist()) unless this tensor, unchanged, passed it against the same bounds."""
-    once_per_version(t, ("checked against", against), lambda: check(t.tolist()))
+def check_values_once(t: torch.Tensor, against: Hashable, check: Callable[[list], object]) -> object:
+    """check(t.tolist()) unless this tensor, unchanged, passed it against the same bounds; what it
+    returned."""
+    return once_per_version(t, ("checked against", against), lambda: check(t.tolist()))
 
 
-def _checked_lengths(lengths, name: str, batch: int, longest: int, q: torch.Tensor) -> torch.Tensor:
+def _shortest_checked(lengths, name: str, batch: int, longest: int, q: torch.Tensor) -> Optional[int]:
+    """The shortest of the lengths, checked (or `longest` for an empty batch); None under
+    torch.compile, which checks their metadata only."""
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"cudnn_flex: {name} must be a torch.Tensor of int32, got {type(lengths).__name__}")
     if lengths.dtype != torch.int32 or lengths.shape != (batch,):
@@ -230,18 +233,32 @@ def _checked_lengths(lengths, name: str, batch: int, longest: int, q: torch.Tens
     if lengths.device != q.device:
         raise ValueError(f"cudnn_flex: {name} is on {lengths.device} but q is on {q.device}; put it on q's device")
     if torch.compiler.is_compiling():
-        return lengths  # no host read inside a compiled graph; eager calls check the values
+        return None  # no host read inside a compiled graph; eager calls check the values
     def check(values):
         if any(n < 0 or n > longest for n in values):
             raise ValueError(f"cudnn_flex: {name} must lie in [0, {longest}] (the padded length), got {values}")
-    check_values_once(lengths, longest, check)
-    return lengths
+        return min(values, default=longest)
+    return check_values_once(lengths, longest, check)
 
 
-def padded_lengths(seq_lens_q, seq_lens_kv, q, k):
-    """(kv lengths, q lengths) of a padded batch, checked (on the host), or None without them."""
+class PaddedLengths(NamedTuple):
+    """A padded batch's lengths, checked: the tensors given (None for a side not given, which is
+    the full length), and whether every query row lies inside its sequence and has a key, by their
+    values as read on the host (False where unread: under torch.compile). Then cuDNN writes every
+    row of out and lse, and the op need not clear them first."""
+    kv: Optional[torch.Tensor]
+    q: Optional[torch.Tensor]
+    every_row_attends: bool
+
+
+def padded_lengths(seq_lens_q, seq_lens_kv, q, k) -> Optional[PaddedLengths]:
+    """The lengths of a padded batch, checked (on the host), or None without them."""
     if seq_lens_q is None and seq_lens_kv is None:
         return None
-    kv = None if seq_lens_kv is None else _checked_lengths(seq_lens_kv, "seq_lens_kv", q.shape[0], k.shape[2], q)
-    q_lengths = None if seq_lens_q is None else _checked_lengths(seq_lens_q, "seq_lens_q", q.shape[0], q.shape[2], q)
-    return kv, q_lengths
+    shortest_kv = k.shape[2] if seq_lens_kv is None else _shortest_checked(
+        seq_lens_kv, "seq_lens_kv", q.shape[0], k.shape[2], q)
+    shortest_q = q.shape[2] if seq_lens_q is None else _shortest_checked(
+        seq_lens_q, "seq_lens_q", q.shape[0], q.shape[2], q)
+    every_row_attends = shortest_kv is not None and shortest_q is not None and shortest_kv > 0 and \
+        shortest_q == q.shape[2]
+    return PaddedLengths(seq_lens_kv, seq_lens_q, every_row_attends)

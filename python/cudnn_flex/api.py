@@ -100,8 +100,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                       score_mod_bprop_tensors, q, k.shape[2])
     if use_cudnn(q, backend):
         check_dense_last_dim(q, k, v)
-        seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
-        out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens)
+        seq_lens, every_row_attends = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
+        out, lse = cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens,
+                              every_row_attends=every_row_attends)
         if shortcut is not None:
             fast_path.remember(shortcut, reads, program, score_mod, score_mod_bprop, mask_mod, q, k.shape[2])
     else:
@@ -113,9 +114,9 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministic, seq_lens=(), cu_seqlens=(),
-               max_seqlens=()):
+               max_seqlens=(), every_row_attends: bool = False):
     """torch.ops.cudnn_flex.fwd for a recorded call (flex_attention's and flex_attention_varlen's
-    cuDNN path): (out, lse)."""
+    cuDNN path): (out, lse). every_row_attends: as padded_batch.cudnn_seq_lens found it."""
     compiling = torch.compiler.is_compiling()
     for i, t in enumerate(mod_tensors + bprop_tensors):
         if t.dtype == torch.float64:
@@ -135,7 +136,7 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
         mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
     return _ops.fwd(q, k, v, program, mod_id, bprop_id, mod_tensors, bprop_tensors,
                     None if scale is None else float(scale), bool(deterministic), seq_lens, cu_seqlens, max_seqlens,
-                    compiling)
+                    compiling, every_row_attends)
 
 
 @torch.compiler.disable  # reads lengths on the host and evaluates the program in Python: eager under compile
@@ -143,7 +144,7 @@ def _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_k
     """flex_attention's reference path: (out in q's dtype, lse)."""
     if isinstance(program, tuple):  # (mod_id, bprop_id), recorded while dynamo traced (record_call)
         program = _registry.lookup(program[0]) if program[0] else None
-    kv_lengths, q_lengths = padded_lengths(seq_lens_q, seq_lens_kv, q, k) or (None, None)
+    kv_lengths, q_lengths, _ = padded_lengths(seq_lens_q, seq_lens_kv, q, k) or (None, None, False)
     out, lse = reference.attention_program(q, k, v, program, mod_tensors, scale, kv_lengths=kv_lengths,
                                            q_lengths=q_lengths)
     return out.to(q.dtype), lse

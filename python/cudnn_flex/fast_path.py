@@ -47,7 +47,7 @@ import torch
 
 from . import _ops, _registry, record_call, torch_style
 from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes, graph_tensor_fits
-from .padded_batch import cudnn_seq_lens, full_lengths
+from .padded_batch import completed_lengths, cudnn_seq_lens
 from .program import guard
 
 _MAX_ENTRIES = 1024
@@ -261,13 +261,13 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
             q.shape[2] != 1)  # (no tensors: no call)
         if tensors is None:
             return None
-        seq_lens = []
+        seq_lens, every_row_attends = [], False
         if seq_lens_q is not None or seq_lens_kv is not None:
             if not (_plain_or_none(seq_lens_q) and _plain_or_none(seq_lens_kv)):
                 return None
-            seq_lens = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
+            seq_lens, every_row_attends = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
-                            bool(deterministic), seq_lens)
+                            bool(deterministic), seq_lens, every_row_attends=every_row_attends)
     except (ValueError, TypeError, NotImplementedError):
         # Refused by a check or the op (NotImplementedError: no kernel for a tensor's layout, a
         # sparse score_mod tensor): the full path checks in Python and says what is wrong.
@@ -328,35 +328,39 @@ def _plain_or_none(t) -> bool:
     return t is None or type(t) is torch.Tensor
 
 
-def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> list:
+def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> tuple[list, bool]:
     """cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k) for a call of this entry (its shapes, which
     bound the lengths, are the key's): without the checks when the same tensors passed them at its
     last padded call and kept their versions and storage since, the full path's own rule for what
-    it reads of them (_validation.once_per_version). Their metadata is the op's to check again
-    (int32 [B], unit stride, on q's device); a side not given is the kept full length, as there."""
+    it reads of them (_validation.once_per_version); whether every query row attends is what their
+    checks found then. Their metadata is the op's to check again (int32 [B], unit stride, on q's
+    device); a side not given is the kept full length, as there."""
     passed = entry.padded
     if passed is not None and passed.holds(seq_lens_q, seq_lens_kv):
-        return [full_lengths(q.shape[0], q.shape[2], q.device) if seq_lens_q is None else seq_lens_q,
-                full_lengths(q.shape[0], k.shape[2], q.device) if seq_lens_kv is None else seq_lens_kv]
+        return completed_lengths(seq_lens_q, seq_lens_kv, q, k), passed.every_row_attends
     # Their state as the checks are about to read them (once_per_version's rule): a write during
     # or after the checks (another thread) leaves a state that no later call matches.
     before = _PassedLengths.taken(seq_lens_q, seq_lens_kv)
-    seq_lens = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
-    entry.padded = before if before is not None and before.handed(seq_lens_q, seq_lens_kv, seq_lens) else None
-    return seq_lens
+    seq_lens, every_row_attends = cudnn_seq_lens(seq_lens_q, seq_lens_kv, q, k)
+    entry.padded = None
+    if before is not None and before.handed(seq_lens_q, seq_lens_kv, seq_lens):
+        before.every_row_attends = every_row_attends
+        entry.padded = before
+    return seq_lens, every_row_attends
 
 
 class _PassedLengths:
     """Padded lengths that passed cudnn_seq_lens's checks: the given tensors (None where not
     given), held weakly (an entry keeps no batch's tensors alive), with their versions and data
-    pointers then."""
+    pointers then, and whether their values left every query row attending."""
 
-    __slots__ = ("q", "kv", "state")
+    __slots__ = ("q", "kv", "state", "every_row_attends")
 
     def __init__(self, seq_lens_q, seq_lens_kv):
         self.q = None if seq_lens_q is None else weakref.ref(seq_lens_q)
         self.kv = None if seq_lens_kv is None else weakref.ref(seq_lens_kv)
         self.state = _lengths_state(seq_lens_q, seq_lens_kv)
+        self.every_row_attends = False  # set by their checks
 
     @classmethod
     def taken(cls, seq_lens_q, seq_lens_kv) -> Optional["_PassedLengths"]:

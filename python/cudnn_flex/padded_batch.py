@@ -4,7 +4,9 @@ cuDNN bounds its loops by the lengths (the tiles past them are skipped) and the 
 op puts into the score_mod (csrc/score_mod_bridge.h) masks inside the last partial tile, where a
 row past its query length is fully masked (out 0, lse -inf, as cuDNN gives such rows). The op
 zero-fills out (lse -inf) and the gradients before cuDNN runs, so the rows and keys in skipped
-tiles get flex_attention's contract too: out 0, lse -inf, no gradient.
+tiles get flex_attention's contract too: out 0, lse -inf, no gradient. Its forward skips that
+where the lengths' values, read on the host, leave no row unwritten: every query row inside its
+sequence and with a key (a decode step over a KV cache), but under CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from ._validation import padded_lengths
 
 
 def cudnn_seq_lens(seq_lens_q: Optional[torch.Tensor], seq_lens_kv: Optional[torch.Tensor],
-                   q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-    """[seq_lens_q, seq_lens_kv] as the op takes them (checked; a missing one is the full length),
-    or [] for an unpadded call."""
+                   q: torch.Tensor, k: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+    """([seq_lens_q, seq_lens_kv] as the op takes them (checked; a missing one is the full
+    length), or [] for an unpadded call; whether every query row attends, which spares the op's
+    forward its clearing of out and lse: PaddedLengths.every_row_attends)."""
     checked = padded_lengths(seq_lens_q, seq_lens_kv, q, k)
     if checked is None:
-        return []
-    kv, q_lengths = checked
-    return [(full_lengths(q.shape[0], q.shape[2], q.device) if q_lengths is None else q_lengths).contiguous(),
-            (full_lengths(q.shape[0], k.shape[2], q.device) if kv is None else kv).contiguous()]
+        return [], False
+    return [t.contiguous() for t in completed_lengths(checked.q, checked.kv, q, k)], checked.every_row_attends
+
+
+def completed_lengths(seq_lens_q: Optional[torch.Tensor], seq_lens_kv: Optional[torch.Tensor],
+                      q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
+    """[seq_lens_q, seq_lens_kv], a side not given as its full length."""
+    return [full_lengths(q.shape[0], q.shape[2], q.device) if seq_lens_q is None else seq_lens_q,
+            full_lengths(q.shape[0], k.shape[2], q.device) if seq_lens_kv is None else seq_lens_kv]
 
 
 # (device, batch, length) -> int32 [batch] of that length: the side a padded call leaves out (a

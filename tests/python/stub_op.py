@@ -26,7 +26,7 @@ class StubOp:
         self.during = None  # a function to run inside the next call, once (another thread, say)
 
     def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, cacheable, scale, deterministic,
-            seq_lens, cu_seqlens, max_seqlens):
+            seq_lens, cu_seqlens, max_seqlens, every_row_attends=False):
         if self.refuse is not None:
             error, self.refuse = self.refuse, None
             raise error
@@ -37,7 +37,7 @@ class StubOp:
         refuse_lengths_like_the_op(q, seq_lens, cu_seqlens)
         self.ids.append((mod_id, bprop_id))
         self.calls.append({"mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
-                           "scale": scale, "deterministic": deterministic})
+                           "scale": scale, "deterministic": deterministic, "every_row_attends": every_row_attends})
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         if not cu_seqlens:
             return out, torch.zeros(q.shape[:3], dtype=torch.float32)

@@ -255,6 +255,68 @@ def test_lengths_take_the_shortcut_and_reach_the_op(op):
     assert op.records == 1
 
 
+# (seq_lens_q, seq_lens_kv) of a batch of 2 at Sq = Skv = 8 -> whether every query row attends: lies
+# inside its sequence and has a key, so that the op's forward need not clear out and lse.
+ROWS_ATTENDING = {
+    "kv only, all >= 1": (None, [1, 8], True),
+    "kv only, an empty cache": (None, [0, 8], False),
+    "q full": ([8, 8], None, True),
+    "q short": ([8, 7], None, False),
+    "both, q full": ([8, 8], [3, 1], True),
+    "both, an empty kv": ([8, 8], [3, 0], False),
+    "both, q short": ([5, 8], [3, 4], False),
+}
+
+
+@pytest.mark.parametrize("case", ROWS_ATTENDING)
+def test_whether_every_row_attends_reaches_the_op(op, case):
+    """Found by the lengths' checks, which read their values on the host: the full path's call and
+    the shortcut's repeats (the same lengths, checked once) hand the op the same answer."""
+    q_lengths, kv_lengths, attends = ROWS_ATTENDING[case]
+    q, k, v = qkv(b=2, s=8)
+    kw = {name: torch.tensor(n, dtype=torch.int32) for name, n in (("seq_lens_q", q_lengths),
+                                                                  ("seq_lens_kv", kv_lengths)) if n is not None}
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, **kw)
+    assert op.records == 1
+    assert [call["every_row_attends"] for call in op.calls] == [attends] * 3
+
+
+def test_lengths_written_to_leave_a_row_without_keys_are_cleared_again(op):
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    lengths[0] = 0  # written in place: the repeat reads the values again
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    lengths[0] = 2
+    cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    assert [call["every_row_attends"] for call in op.calls] == [True, False, True]
+
+
+def test_one_query_row_run_as_two_is_cleared(op):
+    """A score_mod's one query row runs as two (_ops.fwd); the second lies past the query lengths,
+    so the op must clear it, whatever the lengths say of the first. No score_mod: one row."""
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([3, 8], dtype=torch.int32)
+    for score_mod, attends in ((dsl_mods.causal, False), (None, True)):
+        for _ in range(2):
+            cudnn_flex.flex_attention(q[:, :, :1], k, v, score_mod, seq_lens_kv=lengths)
+            assert op.calls[-1]["every_row_attends"] is attends
+            assert op.calls[-1]["seq_lens"][0].tolist() == [1, 1]
+    assert op.records == 2
+
+
+def test_lengths_unread_under_compile_do_not_say_every_row_attends(monkeypatch):
+    """torch.compile checks the lengths' metadata only (no host read in a compiled graph): nothing
+    is known of their values, so the op clears out and lse."""
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    assert padded_batch.padded_lengths(None, lengths, q, k).every_row_attends
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    checked = padded_batch.padded_lengths(None, lengths, q, k)
+    assert checked.kv is lengths and checked.q is None and not checked.every_row_attends
+
+
 @pytest.fixture
 def no_kept_lengths(monkeypatch):
     """padded_batch's kept full lengths, empty for this test (they live for the process)."""

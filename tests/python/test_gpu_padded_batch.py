@@ -53,6 +53,89 @@ def test_padded_batch_matches_its_formula(mod, shape):
         assert torch.all(got["dk"][i, :, n_kv:] == 0) and torch.all(got["dv"][i, :, n_kv:] == 0)
 
 
+def poison_free_blocks(*like) -> None:
+    """Leaves NaN in the caching allocator's free blocks of the sizes of these (shape, dtype): a row
+    the op then leaves unwritten reads NaN, not a lucky zero of a fresh block. Eight of each, so
+    that the op's allocations find poisoned blocks of their size first."""
+    held = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in like for _ in range(8)]
+    del held
+
+
+# (padded Sq, padded Skv, query lengths or None (not given), key lengths): where every query row
+# lies inside its sequence and has a key the op skips clearing out and lse (the values, read on
+# the host, say so), and cuDNN must write every row itself; one empty cache beside full ones.
+EVERY_ROW_CASES = {
+    "decode": (1, 133, None, [1, 77, 129, 133]),
+    "127 rows, q given full": (127, 133, [127] * 4, [1, 127, 129, 133]),
+    "129 rows, kv only": (129, 133, None, [129, 1, 133, 128]),
+    "an empty cache": (129, 133, None, [0, 1, 129, 133]),
+}
+
+
+@pytest.mark.parametrize("case", EVERY_ROW_CASES)
+@pytest.mark.parametrize("mod", MODS)
+def test_rows_the_op_does_not_clear_are_written(mod, case):
+    """Forward and backward against the float64 formula, out's and lse's blocks poisoned with NaN
+    before each call; a row without keys gets out 0 and lse -inf."""
+    s_q, s_kv, q_lengths, kv_lengths = EVERY_ROW_CASES[case]
+    b = len(kv_lengths)
+    kwargs, formula = MODS[mod]
+    q, k, v = make_inputs(b=b, h=H, h_kv=H_KV, s_q=s_q, s_kv=s_kv, d=D, seed=16)
+    len_kv = torch.tensor(kv_lengths, dtype=torch.int32)
+    len_q = torch.tensor(q_lengths or [s_q] * b, dtype=torch.int32)
+    given = {"seq_lens_kv": len_kv.cuda()} | ({} if q_lengths is None else {"seq_lens_q": len_q.cuda()})
+    d_out = torch.randn(b, H, s_q, D, generator=torch.Generator().manual_seed(6)).to("cuda", q.dtype)
+    got = {}
+    for _ in range(2):  # the full path, then the shortcut
+        poison_free_blocks(((b, H, s_q, D), q.dtype), ((b, H, s_q), torch.float32))
+        out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"), **given, return_lse=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+        got = {name: t.detach().double().cpu() for name, t in
+               (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+
+        def padded(s, b, h, q_idx, kv_idx):
+            return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
+
+        qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+        want_out, want_lse = oracle.attention(qf, kf, vf, padded)
+        grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
+        want = {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+        check(got, want, label=f"{mod} {case}")
+        for i, n_kv in enumerate(kv_lengths):
+            if n_kv == 0:
+                assert torch.all(got["out"][i] == 0) and torch.all(got["lse"][i] == NEG_INF)
+
+
+def test_a_captured_call_clears_rows_that_a_replay_leaves_without_keys():
+    """At capture every cache is non-empty, but a replay runs on the values the lengths hold then:
+    a cache emptied in place before a replay gets out 0 and lse -inf, not the last replay's rows."""
+    q, k, v = (t.detach() for t in make_inputs(b=3, h=H, h_kv=H_KV, s_q=1, s_kv=129, d=D, seed=17))
+    len_kv = torch.tensor([5, 129, 64], dtype=torch.int32, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            cudnn_flex.flex_attention(q, k, v, seq_lens_kv=len_kv)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out, lse = cudnn_flex.flex_attention(q, k, v, seq_lens_kv=len_kv, return_lse=True)
+    for lengths in ([5, 129, 64], [0, 129, 0], [7, 1, 129]):
+        len_kv.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+
+        def formula(s, b, h, q_idx, kv_idx):
+            return where_kept(kv_idx < torch.tensor(lengths)[b], s)
+
+        want_out, want_lse = oracle.attention(*(t.double().cpu() for t in (q, k, v)), formula)
+        got = {"out": out.double().cpu(), "lse": lse.double().cpu()}
+        check(got, {"out": want_out, "lse": want_lse}, label=f"replay {lengths}")
+        for i, n in enumerate(lengths):
+            if n == 0:
+                assert torch.all(got["out"][i] == 0) and torch.all(got["lse"][i] == NEG_INF)
+
+
 def test_padding_values_do_not_reach_the_valid_rows():
     """What the padding holds changes no valid row: cuDNN reads the last partial tile, and its
     padding mask must keep those keys out. Finite values only: NaN in the padding reaches the

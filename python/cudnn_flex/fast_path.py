@@ -389,7 +389,13 @@ class _PassedLengths:
 
 
 def _lengths_state(seq_lens_q, seq_lens_kv) -> tuple:
-    return tuple((t._version, t.data_ptr()) for t in (seq_lens_q, seq_lens_kv) if t is not None)
+    """((version, data pointer) of each side given): spelled out, as a generator costs ~0.35 us
+    of a hit's ~1.6."""
+    if seq_lens_q is None:
+        return ((seq_lens_kv._version, seq_lens_kv.data_ptr()),)
+    if seq_lens_kv is None:
+        return ((seq_lens_q._version, seq_lens_q.data_ptr()),)
+    return ((seq_lens_q._version, seq_lens_q.data_ptr()), (seq_lens_kv._version, seq_lens_kv.data_ptr()))
 
 
 _REFUSED = object()

@@ -379,20 +379,22 @@ def count_length_checks(monkeypatch) -> list:
     return count
 
 
-@pytest.mark.parametrize("sides", ["kv", "q", "both"])
+@pytest.mark.parametrize("sides", ["kv", "q", "both", "both, q written"])
 def test_the_same_lengths_are_checked_once(op, monkeypatch, sides):
     """Lengths that passed the checks on the shortcut's last padded call, the same tensors at the
     same versions and storage, are not read again (the full path's rule, once_per_version); a
     write in place or new storage has them checked again."""
     checks = count_length_checks(monkeypatch)
     q, k, v = qkv(b=2, s=8)
-    lengths = torch.tensor([5, 8], dtype=torch.int32)
-    kw = {"seq_lens_q": lengths} if sides == "q" else {"seq_lens_kv": lengths}
-    if sides == "both":
-        kw["seq_lens_q"] = torch.tensor([8, 3], dtype=torch.int32)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)  # the side written below
+    side = "seq_lens_q" if sides in ("q", "both, q written") else "seq_lens_kv"
+    kw = {side: lengths}
+    if sides.startswith("both"):
+        other = "seq_lens_kv" if side == "seq_lens_q" else "seq_lens_q"
+        kw[other] = torch.tensor([8, 3], dtype=torch.int32)
     for _ in range(3):
         cudnn_flex.flex_attention(q, k, v, **kw)
-        assert op.calls[-1]["seq_lens"][0 if sides == "q" else 1] is lengths
+        assert op.calls[-1]["seq_lens"][0 if side == "seq_lens_q" else 1] is lengths
     assert op.records == 1 and checks[0] == 1
     lengths[1] = 9  # past the padded length
     with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):

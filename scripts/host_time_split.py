@@ -26,6 +26,7 @@ ids64 = (torch.arange(64, device=dev) // 16)
 doc32, doc64 = mods.document_mask(ids32), mods.document_mask(ids64)
 talibi_mod = mods.alibi(mods.alibi_slopes(1).to(dev))  # one closure: the shortcut's case
 lens = torch.tensor([50], dtype=torch.int32, device=dev)
+short_q = torch.tensor([63], dtype=torch.int32, device=dev)  # a row past its length: the op clears out and lse
 tq, tk, tv = (torch.randn(64, 2, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
 cu = torch.tensor([0, 20, 64], dtype=torch.int32, device=dev)
 
@@ -44,6 +45,7 @@ kinds = {
     "dsl alibi T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
     "dsl bias T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.add_bias, score_mod_tensors=bias),
     "padded kv": lambda: cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lens),
+    "padded q short": lambda: cudnn_flex.flex_attention(q, k, v, seq_lens_q=short_q, seq_lens_kv=lens),
     "doc int32": lambda: cudnn_flex.flex_attention(q, k, v, mask_mod=doc32),
     "doc int64": lambda: cudnn_flex.flex_attention(q, k, v, mask_mod=doc64),
     "varlen no mod": lambda: vl(),

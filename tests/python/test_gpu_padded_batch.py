@@ -136,6 +136,26 @@ def test_a_captured_call_clears_rows_that_a_replay_leaves_without_keys():
                 assert torch.all(got["out"][i] == 0) and torch.all(got["lse"][i] == NEG_INF)
 
 
+def test_a_decode_step_launches_no_clearing():
+    """Where every query row attends the op clears nothing: a padded decode step launches the
+    memsets an unpadded call does; with an empty cache, more (the op's out and lse: the profiler
+    lists 3 events for them on the H200)."""
+    q, k, v = (t.detach() for t in make_inputs(b=2, h=H, h_kv=H_KV, s_q=1, s_kv=129, d=D, seed=18))
+
+    def memsets(**lengths) -> int:
+        with torch.no_grad():
+            cudnn_flex.flex_attention(q, k, v, **lengths)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                cudnn_flex.flex_attention(q, k, v, **lengths)
+                torch.cuda.synchronize()
+        return sum("memset" in event.name.lower() for event in prof.events())
+
+    unpadded = memsets()
+    assert memsets(seq_lens_kv=torch.tensor([1, 129], dtype=torch.int32, device="cuda")) == unpadded
+    assert memsets(seq_lens_kv=torch.tensor([0, 129], dtype=torch.int32, device="cuda")) > unpadded
+
+
 def test_padding_values_do_not_reach_the_valid_rows():
     """What the padding holds changes no valid row: cuDNN reads the last partial tile, and its
     padding mask must keep those keys out. Finite values only: NaN in the padding reaches the

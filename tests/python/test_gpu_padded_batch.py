@@ -24,6 +24,25 @@ SHAPES = {
 }
 
 
+def with_gradients(out, lse, qkv, d_out) -> dict:
+    """out, lse and the gradients of q, k, v for d_out, in float64 on the CPU."""
+    dq, dk, dv = torch.autograd.grad(out, qkv, d_out)
+    return {name: t.detach().double().cpu() for name, t in
+            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+
+
+def padded_formula_results(qkv, d_out, len_q, len_kv, formula) -> dict:
+    """What with_gradients should give: the float64 formula with the padding masked (lengths int32
+    [B] on the CPU)."""
+    def padded(s, b, h, q_idx, kv_idx):
+        return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
+
+    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in qkv)
+    want_out, want_lse = oracle.attention(qf, kf, vf, padded)
+    grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
+    return {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mod", MODS)
 def test_padded_batch_matches_its_formula(mod, shape):
@@ -35,18 +54,8 @@ def test_padded_batch_matches_its_formula(mod, shape):
     out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"), seq_lens_q=len_q.cuda(),
                                          seq_lens_kv=len_kv.cuda(), return_lse=True)
     d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to("cuda", out.dtype)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-    got = {name: t.detach().double().cpu() for name, t in
-           (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-
-    def padded(s, b, h, q_idx, kv_idx):  # the formula, then the padding masked
-        return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
-
-    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    want_out, want_lse = oracle.attention(qf, kf, vf, padded)
-    grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
-    want = {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
-    check(got, want, label=f"{mod} {shape}")
+    got = with_gradients(out, lse, (q, k, v), d_out)
+    check(got, padded_formula_results((q, k, v), d_out, len_q, len_kv, formula), label=f"{mod} {shape}")
     for i, (n_q, n_kv) in enumerate(lengths):  # the padding: exactly nothing
         assert torch.all(got["out"][i, :, n_q:] == 0) and torch.all(got["lse"][i, :, n_q:] == NEG_INF)
         assert torch.all(got["dq"][i, :, n_q:] == 0)
@@ -85,21 +94,11 @@ def test_rows_the_op_does_not_clear_are_written(mod, case):
     len_q = torch.tensor(q_lengths or [s_q] * b, dtype=torch.int32)
     given = {"seq_lens_kv": len_kv.cuda()} | ({} if q_lengths is None else {"seq_lens_q": len_q.cuda()})
     d_out = torch.randn(b, H, s_q, D, generator=torch.Generator().manual_seed(6)).to("cuda", q.dtype)
-    got = {}
+    want = padded_formula_results((q, k, v), d_out, len_q, len_kv, formula)
     for _ in range(2):  # the full path, then the shortcut
         poison_free_blocks(((b, H, s_q, D), q.dtype), ((b, H, s_q), torch.float32))
         out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs("cuda"), **given, return_lse=True)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-        got = {name: t.detach().double().cpu() for name, t in
-               (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-
-        def padded(s, b, h, q_idx, kv_idx):
-            return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
-
-        qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-        want_out, want_lse = oracle.attention(qf, kf, vf, padded)
-        grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
-        want = {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+        got = with_gradients(out, lse, (q, k, v), d_out)
         check(got, want, label=f"{mod} {case}")
         for i, n_kv in enumerate(kv_lengths):
             if n_kv == 0:

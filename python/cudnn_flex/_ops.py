@@ -15,15 +15,15 @@ def _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens, cu_seqlens) -> b
     is of a subclass (torch.ops calls their handlers; _C.fwd does not)."""
     if torch._C._is_torch_function_mode_enabled():
         return True
-    exact = torch.Tensor
-    if type(q) is not exact or type(k) is not exact or type(v) is not exact:
+    if type(q) is not _TENSOR or type(k) is not _TENSOR or type(v) is not _TENSOR:
         return True
-    if mod_tensors or bprop_tensors or seq_lens or cu_seqlens:  # most calls have none: checked every call
-        for tensors in (mod_tensors, bprop_tensors, seq_lens, cu_seqlens):
-            for t in tensors:
-                if type(t) is not exact:
-                    return True
+    for t in (*mod_tensors, *bprop_tensors, *seq_lens, *cu_seqlens):  # most calls have none
+        if type(t) is not _TENSOR:
+            return True
     return False
+
+
+_TENSOR = torch.Tensor
 
 
 def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,

@@ -83,11 +83,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     shortcut = None  # a repeat of a call that ran in full: fast_path.py says when it provably may skip the work
     if not torch.compiler.is_compiling():
-        shortcut = fast_path.key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout, backend, score_mod_tensors,
-                                 score_mod_bprop_tensors)
-        if shortcut is not None:
-            result = fast_path.call(shortcut, q, k, v, scale, layout, return_lse, deterministic, score_mod_tensors,
-                                    score_mod_bprop_tensors, seq_lens_q, seq_lens_kv)
+        found = fast_path.key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout, backend, score_mod_tensors,
+                              score_mod_bprop_tensors)
+        if found is not None:
+            shortcut = found[0]
+            result = fast_path.call(shortcut, found[1], q, k, v, scale, layout, return_lse, deterministic,
+                                    seq_lens_q, seq_lens_kv)
             if result is not None:
                 return result
     q, k, v = bhsd_views(q, k, v, layout)

@@ -11,11 +11,13 @@ shortcut when it provably gets the same program:
   (program/guard.py: snapshot, unchanged), so the guard, and the program, are what they were;
 - an object with score_mod_graph_cache_key() promises the same key;
 - score_mod tensors (and score_mod_bprop tensors) with the names and dtypes the program was
-  recorded for (its input slots): each call's tensors pass the full path's own conditions again
-  (no grad here; device, shape and alignment in the op, which refuses them as check_tensor_dict
-  does, or here where the op's scores or tensors are not the call's: _given_tensors) and its
-  conversion (as_graph_input), since any other metadata may change from call to call without a
-  new program; a tensor that fails one takes the full path, which says what is wrong;
+  recorded for (its input slots), read once with the key (key() takes the tensors in the same
+  pass as their names and dtypes, and the call runs over those): each call's tensors pass the
+  full path's own conditions again (no grad here; device, shape and alignment in the op, which
+  refuses them as check_tensor_dict does, or here where the op's scores or tensors are not the
+  call's: _given_tensors) and its conversion (as_graph_input), since any other metadata may
+  change from call to call without a new program; a tensor that fails one takes the full path,
+  which says what is wrong;
 - padded lengths pass the full path's own checks and completion (cudnn_seq_lens), and are kept
   as checked while the same tensors keep their versions and storage (the full path reads their
   values once per version too; the op checks their metadata); the program does not depend on them;
@@ -191,74 +193,80 @@ def _mods_key(score_mod, score_mod_bprop, mask_mod):
     return (mod, bprop, mask, marked)
 
 
-def _plain_tensors(q, k, v) -> bool:
-    """q, k and v are torch.Tensor itself: a subclass may override __torch_function__, which the
-    shortcut does not call."""
-    return type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-
-
 def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str, score_mod_tensors=None,
-        score_mod_bprop_tensors=None):
-    """The key of a call that could take the shortcut, or None: the mods, the shapes of q, k and v
-    (the program may depend on them, and a known shape passed the full path's checks), layout,
-    backend, and the names and dtypes of the score_mod (and bprop) tensors, which decide the
-    program's input slots."""
-    if not _plain_tensors(q, k, v):
-        return None
+        score_mod_bprop_tensors=None) -> Optional[tuple]:
+    """(the key of a call that could take the shortcut, the given tensors), or None. The key: the
+    mods, the shapes of q, k and v (the program may depend on them, and a known shape passed the
+    full path's checks), layout, backend, and the names and dtypes of the score_mod (and bprop)
+    tensors, which decide the program's input slots. The given tensors: ([score_mod tensors],
+    [bprop tensors]) in the dicts' order, taken in the same pass as their names and dtypes, so that
+    the call runs the key's program over the very tensors its key was taken of (a dict another
+    thread changes meanwhile is read once)."""
+    if type(q) is not _TENSOR or type(k) is not _TENSOR or type(v) is not _TENSOR:
+        return None  # a subclass may override __torch_function__, which the shortcut does not call
     mods = _mods_key(score_mod, score_mod_bprop, mask_mod)
     if mods is None:
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS)
+        return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS), _NO_GIVEN
     slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
-    return None if slots is None else (mods, q.shape, k.shape, v.shape, layout, backend, slots)
+    return None if slots is None else ((mods, q.shape, k.shape, v.shape, layout, backend, slots[0]), slots[1])
 
 
+_TENSOR = torch.Tensor
 _NO_TENSORS = ((), ())
+_NO_GIVEN = ((), ())
 
 
 def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
-    """(score_mod tensors' signature, bprop tensors' signature) as a part of a key, or None when
-    the full path must look at them. (Calls without tensors, most, get _NO_TENSORS without it.)"""
+    """((score_mod tensors' signature, bprop tensors' signature), (their tensors, as lists)) for
+    key(), or None when the full path must look at them. (Calls without tensors, most, get
+    _NO_TENSORS without it.)"""
     if (score_mod_tensors is not None and score_mod is None) or (score_mod_bprop_tensors is not None
                                                                  and score_mod_bprop is None):
         return None  # refused by the full path (an empty dict too, whose slots are no slots)
-    slots = (_slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors))
-    return None if None in slots else slots
+    mod, bprop = _slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors)
+    if mod is None or bprop is None:
+        return None
+    return (mod[0], bprop[0]), (mod[1], bprop[1])
 
 
 def _slot_signature(tensors) -> Optional[tuple]:
-    """((name, dtype), ...) of a dict of plain tensors, or None for anything else (the full path
-    says what is wrong; a tensor subclass may override __torch_function__, which the shortcut
-    does not call)."""
+    """(((name, dtype), ...), [tensor, ...]) of a dict of plain tensors, or None for anything else
+    (the full path says what is wrong; a tensor subclass may override __torch_function__, which
+    the shortcut does not call)."""
     if tensors is None:
-        return ()
+        return (), ()
     if type(tensors) is not dict:
         return None
-    signature = tuple([(name, t.dtype) for name, t in tensors.items() if type(t) is torch.Tensor])
-    return signature if len(signature) == len(tensors) else None
+    signature, found = [], []
+    for name, t in tensors.items():
+        if type(t) is not _TENSOR:
+            return None
+        signature.append((name, t.dtype))
+        found.append(t)
+    return tuple(signature), found
 
 
-def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool, score_mod_tensors=None,
-         score_mod_bprop_tensors=None, seq_lens_q=None, seq_lens_kv=None):
-    """flex_attention's result by the shortcut, or None: then the full path runs."""
+def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool, seq_lens_q=None,
+         seq_lens_kv=None):
+    """flex_attention's result by the shortcut, or None: then the full path runs. key and given:
+    key()'s."""
     entry = _entries.get(key)
-    if entry is None or not guard.unchanged(entry.reads):
+    if entry is None or not guard.unchanged(entry.reads) or not cudnn_takes(q):
         return None
-    if not cudnn_takes(q):
-        return None
-    scale = _op_scale(scale)
-    if scale is _REFUSED:
-        return None
+    if not (scale is None or (type(scale) is float and math.isfinite(scale))):  # _op_scale, inline for most
+        scale = _op_scale(scale)
+        if scale is _REFUSED:
+            return None
     if layout != "bhsd":
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
         # The op checks the score_mod tensors against q's scores itself, but for one query row,
         # which it runs as two (_ops.fwd): a tensor over two rows would pass there.
-        tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, key[6], q, k.shape[2], score_mod_tensors, score_mod_bprop_tensors,
-            q.shape[2] != 1)  # (no tensors: no call)
+        tensors = ([], []) if given is _NO_GIVEN and not entry.leaves else _slot_tensors(
+            entry, given, q, k.shape[2], q.shape[2] != 1)  # (no tensors: no call)
         if tensors is None:
             return None
         seq_lens, every_row_attends = [], False
@@ -277,51 +285,49 @@ def call(key, q, k, v, scale, layout: str, return_lse: bool, deterministic: bool
     return (out, lse) if return_lse else out
 
 
-def _slot_tensors(entry, slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors,
-                  op_checks: bool) -> Optional[tuple]:
+def _slot_tensors(entry, given: tuple, q, s_kv: int, op_checks: bool) -> Optional[tuple]:
     """(mod tensors, bprop tensors) of a call for the op (q as [B, H, Sq, D]): the captured
-    tensors' views (entry.mod_tensors), then the given score_mod tensors; None when the full path
-    must run. op_checks: as _given_tensors's."""
-    mod_tensors = entry.mod_tensors(q, s_kv)
+    tensors' views (entry.mod_tensors), then the given score_mod tensors (key()'s); None when the
+    full path must run. op_checks: as _given_tensors's."""
+    mod_tensors = entry.mod_tensors(q, s_kv) if entry.leaves else []
     if mod_tensors is None:
         return None
-    if slots is _NO_TENSORS:
+    if given is _NO_GIVEN:
         return mod_tensors, []
-    given = _given_tensors(slots, q, s_kv, score_mod_tensors, score_mod_bprop_tensors, op_checks)
-    return None if given is None else (mod_tensors + given[0], given[1])
+    inputs = _given_tensors(given, q, s_kv, op_checks)
+    if inputs is None:
+        return None
+    if mod_tensors:
+        inputs[0][:0] = mod_tensors
+    return inputs
 
 
-def _given_tensors(slots: tuple, q, s_kv: int, score_mod_tensors, score_mod_bprop_tensors,
-                   op_checks: bool) -> Optional[tuple]:
-    """(score_mod tensors, bprop tensors) of a call as the full path hands them to the op, or None
-    when the full path must look at them: another name or dtype than the key's (a dict changed
-    since, by another thread), a tensor that requires grad, one on another device, of a shape that
-    does not broadcast, or misaligned (the full path raises its error, which says what is wrong).
-    The key's names and dtypes passed the full path's checks (check_tensor_dict) when it was
-    remembered; no key holds a float64 slot (api.cudnn_call refuses it). With op_checks the last
-    three are left to the op, which refuses them as the full path does (ops.cpp, graph_inputs;
-    about 1 us of Python a tensor): only where it checks them against the scores [B, H, Sq, s_kv]
-    of q itself, and but for the alignment of a tensor it is handed as a float32 copy."""
+def _given_tensors(given: tuple, q, s_kv: int, op_checks: bool) -> Optional[tuple]:
+    """([score_mod tensors], [bprop tensors]) of a call (key()'s `given`) as the full path hands
+    them to the op, or None when the full path must look at them: a tensor that requires grad, one
+    on another device, of a shape that does not broadcast, or misaligned (the full path raises its
+    error, which says what is wrong). Their names and dtypes are the key's, which passed the full
+    path's checks (check_tensor_dict) when it was remembered; no key holds a float64 slot
+    (api.cudnn_call refuses it). With op_checks the last three are left to the op, which refuses
+    them as the full path does (ops.cpp, graph_inputs; about 1 us of Python a tensor): only where
+    it checks them against the scores [B, H, Sq, s_kv] of q itself, and but for the alignment of a
+    tensor it is handed as a float32 copy."""
     full = None
-    given = ([], [])
-    for signature, tensors, inputs in zip(slots, (score_mod_tensors, score_mod_bprop_tensors), given):
-        if not signature:  # none given (or an empty dict, the same to the full path)
-            if tensors:
-                return None  # filled since the key was taken
-            continue
-        if len(tensors) != len(signature):
-            return None
-        for (name, dtype), (given_name, t) in zip(signature, tensors.items()):
-            if given_name != name or type(t) is not torch.Tensor or t.dtype != dtype or t.requires_grad:
+    inputs = ([], [])
+    for tensors, into in zip(given, inputs):
+        for t in tensors:
+            if t.requires_grad:
                 return None
-            if op_checks and dtype in record_call.COPIED and t.is_cuda and t.data_ptr() % 16:
-                return None  # the op sees only its aligned float32 copy; the full path refuses the tensor itself
-            if not op_checks and not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
+            copied = t.dtype in record_call.COPIED
+            if op_checks:
+                if copied and t.is_cuda and t.data_ptr() % 16:
+                    return None  # the op sees only its aligned float32 copy; the full path refuses the tensor itself
+            elif not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
                 full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
                 if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
                     return None
-            inputs.append(record_call.as_graph_input(t))
-    return given
+            into.append(record_call.as_graph_input(t) if copied else t)
+    return inputs
 
 
 def _plain_or_none(t) -> bool:
@@ -545,10 +551,10 @@ class _VarlenEntry(_Entry):
 
 
 def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv, score_mod_tensors=None,
-               score_mod_bprop_tensors=None):
-    """The key of a flex_attention_varlen call that could take the shortcut, or None: as key()'s,
-    with the max_seqlens in place of layout and backend."""
-    if not _plain_tensors(q, k, v):
+               score_mod_bprop_tensors=None) -> Optional[tuple]:
+    """(the key of a flex_attention_varlen call that could take the shortcut, the given tensors),
+    or None: as key()'s, with the max_seqlens in place of layout and backend."""
+    if type(q) is not _TENSOR or type(k) is not _TENSOR or type(v) is not _TENSOR:
         return None
     if not (max_seqlen_q is None or type(max_seqlen_q) is int) or not (max_seqlen_kv is None
                                                                        or type(max_seqlen_kv) is int):
@@ -557,9 +563,10 @@ def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_
     if mods is None:
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, _NO_TENSORS)
+        return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, _NO_TENSORS), _NO_GIVEN
     slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
-    return None if slots is None else (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots)
+    return None if slots is None else ((mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots[0]),
+                                       slots[1])
 
 
 def versions(cu_seqlens_q, cu_seqlens_kv) -> Optional[tuple]:
@@ -576,11 +583,10 @@ def _state(cu_seqlens_q, cu_seqlens_kv) -> tuple:
     return cu_seqlens_q._version, cu_seqlens_q.data_ptr(), cu_seqlens_kv._version, cu_seqlens_kv.data_ptr()
 
 
-def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic, score_mod_tensors=None,
-                score_mod_bprop_tensors=None):
+def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic):
     """(out [total_q, H, D_v], cuDNN's lse [n, H, max_q], max_q) by the shortcut, or None: then
-    the full path runs. (max_q is at least 2, varlen.py's one query row run as two; with one
-    query per sequence, a longer lse row picks the same rows.)"""
+    the full path runs (key and given: varlen_key()'s). (max_q is at least 2, varlen.py's one
+    query row run as two; with one query per sequence, a longer lse row picks the same rows.)"""
     entry = _varlen_entries.get(key)
     if (entry is None or entry.cu_q() is not cu_seqlens_q or entry.cu_kv() is not cu_seqlens_kv
             or _state(cu_seqlens_q, cu_seqlens_kv) != entry.versions
@@ -594,9 +600,10 @@ def varlen_call(key, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic,
         # The tensors are made and checked for the scores [n, H, longest_q, longest_kv] of the
         # stand-in the full path recorded the mods for (on the device of the same cu_seqlens,
         # which the op checks against q's).
-        tensors = ([], []) if key[6] is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, key[6], entry.queries, entry.max_seqlens[1], score_mod_tensors, score_mod_bprop_tensors,
-            False)  # (the op's longest query may be wider than the stand-in's: one row runs as two)
+        # (Checked here, not by the op: its longest query may be wider than the stand-in's, one
+        # row run as two.)
+        tensors = ([], []) if given is _NO_GIVEN and not entry.leaves else _slot_tensors(
+            entry, given, entry.queries, entry.max_seqlens[1], False)
         if tensors is None:
             return None
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,

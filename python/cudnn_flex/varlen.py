@@ -222,11 +222,12 @@ def flex_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_kv, score_mod, score_mod_bprop, score_mod_tensors,
             score_mod_bprop_tensors, mask_mod, max_seqlen_q, max_seqlen_kv, scale, return_lse, deterministic):
     before = None  # a repeat of a packed call that ran in full (fast_path.py)
-    shortcut = fast_path.varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv,
-                                    score_mod_tensors, score_mod_bprop_tensors)
-    if shortcut is not None:
-        result = fast_path.varlen_call(shortcut, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic,
-                                       score_mod_tensors, score_mod_bprop_tensors)
+    shortcut = None
+    found = fast_path.varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_seqlen_kv,
+                                 score_mod_tensors, score_mod_bprop_tensors)
+    if found is not None:
+        shortcut = found[0]
+        result = fast_path.varlen_call(shortcut, found[1], q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, deterministic)
         if result is not None:
             return _packed_result(*result, cu_seqlens_q, q.shape[0], return_lse)
         before = fast_path.versions(cu_seqlens_q, cu_seqlens_kv)

@@ -187,12 +187,15 @@ def test_a_tensor_subclass_takes_the_full_path(op):
 
 
 def test_a_dict_changed_between_the_key_and_the_call(op, monkeypatch):
-    """Another thread adds a tensor after the key was taken: the call does not run the program of
-    the key's signature over the new tensors."""
+    """Another thread adds a tensor after the key was taken: the call runs the key's program over
+    the tensors the key was taken of (read once), not over the new ones; the next call sees them."""
     q, k, v = qkv()
-    tensors = {"c": torch.tensor(2.0)}
+    c = torch.tensor(2.0)
+    tensors = {"c": c}
     cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
     then_once(monkeypatch, "key", lambda: tensors.update(d=torch.tensor(1.0)))
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
+    assert op.records == 1 and op.calls[-1]["mod_tensors"] == [c] and op.ids[-1] == op.ids[0]
     cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors=tensors)
     assert op.records == 2 and len(op.calls[-1]["mod_tensors"]) == 2 and op.ids[-1] != op.ids[0]
 
@@ -202,12 +205,15 @@ def _scaled_by_any(graph, score, tensors):
 
 
 def test_a_dict_renamed_between_the_key_and_the_call(op, monkeypatch):
-    """Another thread renames the tensor after the key was taken: the names are the program's slots,
-    so the call does not run the key's program."""
+    """Another thread renames the tensor after the key was taken: the names are the program's
+    slots, and the call runs the program of the names it read; the next call, of the new name."""
     q, k, v = qkv()
-    tensors = {"c": torch.tensor(2.0)}
+    c = torch.tensor(2.0)
+    tensors = {"c": c}
     cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
     then_once(monkeypatch, "key", lambda: tensors.update(d=tensors.pop("c")))
+    cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
+    assert op.records == 1 and op.calls[-1]["mod_tensors"] == [c]
     cudnn_flex.flex_attention(q, k, v, _scaled_by_any, score_mod_tensors=tensors)
     assert op.records == 2 and op.ids[-1] != op.ids[0]
 
@@ -231,12 +237,14 @@ def _passes_dp(graph, d_p, tensors):
 
 
 def test_an_empty_dict_filled_between_the_key_and_the_call(op, monkeypatch):
-    """An empty bprop dict (no slots) gets a tensor after the key was taken: the call does not
-    run the key's program, which has no slot for it."""
+    """An empty bprop dict (no slots) gets a tensor after the key was taken: the call runs the
+    key's program, which has no slot for it, without it; the next call records one that has."""
     q, k, v = qkv()
     bprop_tensors: dict = {}
     cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
     then_once(monkeypatch, "key", lambda: bprop_tensors.update(c=torch.tensor(3.0)))
+    cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
+    assert op.records == 1 and op.calls[-1]["bprop_tensors"] == [] and op.ids[-1] == op.ids[0]
     cudnn_flex.flex_attention(q, k, v, scaled_by, _passes_dp, {"c": torch.tensor(2.0)}, bprop_tensors)
     assert op.records == 2 and len(op.calls[-1]["bprop_tensors"]) == 1 and op.ids[-1] != op.ids[0]
 

@@ -15,7 +15,6 @@ import cudnn_flex
 from benchmarks.timing import host_us
 from cudnn_flex import _ops, dsl_mods, mods
 
-tag = sys.argv[1]
 dev = "cuda"
 q, k, v = (torch.randn(1, 1, 64, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
 slopes = {"slopes": mods.alibi_slopes(1).view(1, 1, 1, 1).to(dev)}
@@ -25,6 +24,8 @@ ids32 = (torch.arange(64, device=dev) // 16).to(torch.int32)
 ids64 = (torch.arange(64, device=dev) // 16)
 doc32, doc64 = mods.document_mask(ids32), mods.document_mask(ids64)
 talibi_mod = mods.alibi(mods.alibi_slopes(1).to(dev))  # one closure: the shortcut's case
+tsoftcap = mods.softcap(20.0)
+keyed = dsl_mods.softcap(20.0)  # an object with score_mod_graph_cache_key()
 lens = torch.tensor([50], dtype=torch.int32, device=dev)
 short_q = torch.tensor([63], dtype=torch.int32, device=dev)  # a row past its length: the op clears out and lse
 tq, tk, tv = (torch.randn(64, 2, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
@@ -40,6 +41,8 @@ kinds = {
     "no mod": lambda: cudnn_flex.flex_attention(q, k, v),
     "causal": lambda: cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal),
     "dsl causal": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.causal),
+    "keyed softcap": lambda: cudnn_flex.flex_attention(q, k, v, keyed.forward, keyed.backward),
+    "t softcap": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=tsoftcap),
     "dsl alibi 1": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=host_slope),
     "talibi": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=talibi_mod),
     "dsl alibi T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
@@ -105,8 +108,10 @@ def split(name, call) -> str:
     return f"whole {whole:6.1f}  op {op:6.1f}  python {python:6.1f}"
 
 
-with torch.no_grad():
-    for name, call in kinds.items():
-        print(f"SPLIT {tag} {name:14s} {split(name, call)}", flush=True)
-    for name, call in SINGLE_OPS.items():
-        print(f"SPLIT {tag} {name:14s} whole {host(call):6.1f}", flush=True)
+if __name__ == "__main__":  # (the kinds above can be imported without running the split)
+    tag = sys.argv[1]
+    with torch.no_grad():
+        for name, call in kinds.items():
+            print(f"SPLIT {tag} {name:14s} {split(name, call)}", flush=True)
+        for name, call in SINGLE_OPS.items():
+            print(f"SPLIT {tag} {name:14s} whole {host(call):6.1f}", flush=True)

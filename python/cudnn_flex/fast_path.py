@@ -182,7 +182,13 @@ def _mods_key(score_mod, score_mod_bprop, mask_mod):
     which decides how the full path reads it), or None when they allow no shortcut."""
     # Inline for the usual cases (a plain function, or none): this runs on every call.
     mod = score_mod if type(score_mod) is types.FunctionType else _ident(score_mod)
-    bprop = () if score_mod_bprop is None else _ident(score_mod_bprop)
+    if score_mod_bprop is None:
+        bprop = ()
+    elif (type(score_mod_bprop) is types.MethodType and type(score_mod) is types.MethodType and mod is not None
+          and score_mod_bprop.__self__ is score_mod.__self__):
+        bprop = _registry.sibling_key(mod, score_mod_bprop)  # one object's two methods: its key read once
+    else:
+        bprop = _ident(score_mod_bprop)
     mask = () if mask_mod is None else mask_mod if type(mask_mod) is types.FunctionType else _ident(mask_mod)
     if mod is None or bprop is None or mask is None:
         return None

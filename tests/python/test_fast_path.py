@@ -364,6 +364,44 @@ def test_the_bprop_is_part_of_the_key(op):
     assert op.records == 2
 
 
+def _tenfold(graph, score, tensors):
+    return graph.mul(score, 10.0)
+
+
+def _tenfold_bprop(graph, d_p, tensors):
+    return graph.mul(d_p, 10.0)
+
+
+def _tenfold_bprop_wrong(graph, d_p, tensors):
+    return graph.mul(d_p, 0.1)
+
+
+def test_each_bprop_function_is_part_of_the_key(op):
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, _tenfold, _tenfold_bprop)
+        cudnn_flex.flex_attention(q, k, v, _tenfold, _tenfold_bprop_wrong)
+    assert op.ids[0] == op.ids[2] != op.ids[1] == op.ids[3]
+    assert op.records == 2
+
+
+class _SoftcapTwoBackwards(dsl_mods.Softcap):
+    """One keyed object with two bprops: its key is read once per call for both of its methods."""
+
+    def backward_halved(self, graph, d_p, tensors):
+        return graph.mul(graph.tanh_backward(d_p, self._before_tanh), 0.5)
+
+
+def test_each_method_of_one_keyed_object_is_its_own_bprop(op):
+    cap = _SoftcapTwoBackwards(20.0)
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward)
+        cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward_halved)
+    assert op.ids[0] == op.ids[2] != op.ids[1] == op.ids[3]
+    assert op.records == 2
+
+
 def test_a_tensor_made_inside_the_mod_is_read_every_call(op):
     """No closure tensor, but the mod makes one: an input slot the full path fills every call."""
     def per_head_bias(score, b, h, q_idx, kv_idx):

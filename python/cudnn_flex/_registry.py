@@ -126,11 +126,13 @@ def explicit_key(fn: Optional[Callable]) -> Optional[Hashable]:
     return (type(owner), method_name, key)
 
 
-def sibling_key(owner_key: tuple, method: types.MethodType) -> tuple:
+def sibling_key(owner_key: tuple, method: types.MethodType) -> Optional[tuple]:
     """explicit_key(method), given owner_key = explicit_key() of another method of the same object
     (a score_mod and its bprop, `softcap.forward` and `softcap.backward`): the object's promise,
-    read once for both (a promise is one program per key, whichever of its methods asks)."""
-    return (owner_key[0], method.__func__.__name__, owner_key[2])
+    read once for both (a promise is one program per key, whichever of its methods asks); None
+    where explicit_key would not read the object's promise (a function without a name): ask it."""
+    name = getattr(method.__func__, "__name__", None)
+    return (owner_key[0], name, owner_key[2]) if name else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ def _mods_key(score_mod, score_mod_bprop, mask_mod):
         bprop = ()
     elif (type(score_mod_bprop) is types.MethodType and type(score_mod) is types.MethodType and mod is not None
           and score_mod_bprop.__self__ is score_mod.__self__):
-        bprop = _registry.sibling_key(mod, score_mod_bprop)  # one object's two methods: its key read once
+        # one object's two methods: its key read once
+        bprop = _registry.sibling_key(mod, score_mod_bprop) or _ident(score_mod_bprop)
     else:
         bprop = _ident(score_mod_bprop)
     mask = () if mask_mod is None else mask_mod if type(mask_mod) is types.FunctionType else _ident(mask_mod)

@@ -3,6 +3,7 @@ records which program each call runs, so that a test sees when the shortcut is t
 always runs the program the full path would."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -400,6 +401,26 @@ def test_each_method_of_one_keyed_object_is_its_own_bprop(op):
         cudnn_flex.flex_attention(q, k, v, cap.forward, cap.backward_halved)
     assert op.ids[0] == op.ids[2] != op.ids[1] == op.ids[3]
     assert op.records == 2
+
+
+def _halved(self, graph, d_p, tensors):
+    return graph.mul(d_p, 0.5)
+
+
+def _doubled(self, graph, d_p, tensors):
+    return graph.mul(d_p, 2.0)
+
+
+def test_unnamed_bprop_methods_of_one_keyed_object_are_not_one_bprop(op):
+    """A method whose function has no name does not read its object's promise (explicit_key):
+    two such bprops of one object are recorded each call, not served each other's program."""
+    cap = dsl_mods.softcap(20.0)
+    unnamed = [types.MethodType(types.FunctionType(fn.__code__, globals(), ""), cap) for fn in (_halved, _doubled)]
+    q, k, v = qkv()
+    for _ in range(2):
+        for bprop in unnamed:
+            cudnn_flex.flex_attention(q, k, v, cap.forward, bprop)
+    assert op.records == 4 and op.ids[0] != op.ids[1]
 
 
 def test_a_tensor_made_inside_the_mod_is_read_every_call(op):

@@ -215,14 +215,13 @@ def key(q, k, v, score_mod, score_mod_bprop, mask_mod, layout: str, backend: str
     if mods is None:
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS), _NO_GIVEN
+        return (mods, q.shape, k.shape, v.shape, layout, backend, _NO_TENSORS), _NO_TENSORS
     slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
     return None if slots is None else ((mods, q.shape, k.shape, v.shape, layout, backend, slots[0]), slots[1])
 
 
 _TENSOR = torch.Tensor
-_NO_TENSORS = ((), ())
-_NO_GIVEN = ((), ())
+_NO_TENSORS = ((), ())  # no score_mod (or bprop) tensors: the key's slots, and key()'s given tensors
 
 
 def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors) -> Optional[tuple]:
@@ -262,17 +261,16 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
     entry = _entries.get(key)
     if entry is None or not guard.unchanged(entry.reads) or not cudnn_takes(q):
         return None
-    if not (scale is None or (type(scale) is float and math.isfinite(scale))):  # _op_scale, inline for most
-        scale = _op_scale(scale)
-        if scale is _REFUSED:
-            return None
+    scale = _op_scale(scale)
+    if scale is _REFUSED:
+        return None
     if layout != "bhsd":
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
         # The op checks the score_mod tensors against q's scores itself, but for one query row,
         # which it runs as two (_ops.fwd): a tensor over two rows would pass there.
-        tensors = ([], []) if given is _NO_GIVEN and not entry.leaves else _slot_tensors(
+        tensors = ([], []) if given is _NO_TENSORS and not entry.leaves else _slot_tensors(
             entry, given, q, k.shape[2], q.shape[2] != 1)  # (no tensors: no call)
         if tensors is None:
             return None
@@ -296,10 +294,10 @@ def _slot_tensors(entry, given: tuple, q, s_kv: int, op_checks: bool) -> Optiona
     """(mod tensors, bprop tensors) of a call for the op (q as [B, H, Sq, D]): the captured
     tensors' views (entry.mod_tensors), then the given score_mod tensors (key()'s); None when the
     full path must run. op_checks: as _given_tensors's."""
-    mod_tensors = entry.mod_tensors(q, s_kv) if entry.leaves else []
+    mod_tensors = entry.mod_tensors(q, s_kv)
     if mod_tensors is None:
         return None
-    if given is _NO_GIVEN:
+    if given is _NO_TENSORS:
         return mod_tensors, []
     inputs = _given_tensors(given, q, s_kv, op_checks)
     if inputs is None:
@@ -570,7 +568,7 @@ def varlen_key(q, k, v, score_mod, score_mod_bprop, mask_mod, max_seqlen_q, max_
     if mods is None:
         return None
     if score_mod_tensors is None and score_mod_bprop_tensors is None:
-        return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, _NO_TENSORS), _NO_GIVEN
+        return (mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, _NO_TENSORS), _NO_TENSORS
     slots = _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop_tensors)
     return None if slots is None else ((mods, q.shape, k.shape, v.shape, max_seqlen_q, max_seqlen_kv, slots[0]),
                                        slots[1])
@@ -609,7 +607,7 @@ def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, 
         # which the op checks against q's).
         # (Checked here, not by the op: its longest query may be wider than the stand-in's, one
         # row run as two.)
-        tensors = ([], []) if given is _NO_GIVEN and not entry.leaves else _slot_tensors(
+        tensors = ([], []) if given is _NO_TENSORS and not entry.leaves else _slot_tensors(
             entry, given, entry.queries, entry.max_seqlens[1], False)
         if tensors is None:
             return None

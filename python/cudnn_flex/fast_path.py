@@ -62,12 +62,15 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "leaves", "slots", "views", "copied_once", "copies",
-                 "kept", "grad_leaf", "padded")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "leaves", "slots", "views", "copied_once",
+                 "copies", "kept", "grad_leaf", "padded")
 
-    def __init__(self, reads: tuple, program, captured: Optional[tuple] = None):
+    def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int):
         self.reads, self.program = reads, program
         self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+        # The query rows and key count of the scores its calls have ([B, H, rows, s_kv]; the key's
+        # shapes fix them): read here, as a tensor's .shape costs about 0.13 us a read.
+        self.rows, self.s_kv = rows, s_kv
         # The tensors in the mods' closures with their metadata, and (leaf index, axes) per input
         # slot (record_call.captured_slots); empty for mods that hold none.
         leaves, self.slots = captured or ((), ())
@@ -231,10 +234,13 @@ def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop
     if (score_mod_tensors is not None and score_mod is None) or (score_mod_bprop_tensors is not None
                                                                  and score_mod_bprop is None):
         return None  # refused by the full path (an empty dict too, whose slots are no slots)
-    mod, bprop = _slot_signature(score_mod_tensors), _slot_signature(score_mod_bprop_tensors)
-    if mod is None or bprop is None:
+    mod = _slot_signature(score_mod_tensors)
+    if mod is None:
         return None
-    return (mod[0], bprop[0]), (mod[1], bprop[1])
+    if score_mod_bprop_tensors is None:  # (the usual case: one signature to take)
+        return (mod[0], ()), (mod[1], ())
+    bprop = _slot_signature(score_mod_bprop_tensors)
+    return None if bprop is None else ((mod[0], bprop[0]), (mod[1], bprop[1]))
 
 
 def _slot_signature(tensors) -> Optional[tuple]:
@@ -270,8 +276,12 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
     try:
         # The op checks the score_mod tensors against q's scores itself, but for one query row,
         # which it runs as two (_ops.fwd): a tensor over two rows would pass there.
-        tensors = ([], []) if given is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, given, q, k.shape[2], q.shape[2] != 1)  # (no tensors: no call)
+        if entry.leaves:
+            tensors = _slot_tensors(entry, given, q, entry.s_kv, entry.rows != 1)
+        elif given is _NO_TENSORS:
+            tensors = ([], [])
+        else:  # (most calls with tensors: a DSL mod's score_mod_tensors, no captured tensor)
+            tensors = _given_tensors(given, q, entry.s_kv, entry.rows != 1)
         if tensors is None:
             return None
         seq_lens, every_row_attends = [], False
@@ -280,7 +290,7 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
                 return None
             seq_lens, every_row_attends = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
-                            bool(deterministic), seq_lens, every_row_attends=every_row_attends)
+                            bool(deterministic), seq_lens, every_row_attends=every_row_attends, rows=entry.rows)
     except (ValueError, TypeError, NotImplementedError):
         # Refused by a check or the op (NotImplementedError: no kernel for a tensor's layout, a
         # sparse score_mod tensor): the full path checks in Python and says what is wrong.
@@ -323,15 +333,15 @@ def _given_tensors(given: tuple, q, s_kv: int, op_checks: bool) -> Optional[tupl
         for t in tensors:
             if t.requires_grad:
                 return None
-            copied = t.dtype in record_call.COPIED
-            if op_checks:
-                if copied and t.is_cuda and t.data_ptr() % 16:
-                    return None  # the op sees only its aligned float32 copy; the full path refuses the tensor itself
-            elif not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
+            if not op_checks and not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
                 full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
                 if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
                     return None
-            into.append(record_call.as_graph_input(t) if copied else t)
+            if t.dtype in record_call.COPIED:
+                if op_checks and t.is_cuda and t.data_ptr() % 16:
+                    return None  # the op sees only its aligned float32 copy; the full path refuses the tensor itself
+                t = record_call.as_graph_input(t)
+            into.append(t)
     return inputs
 
 
@@ -441,7 +451,7 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
         return
     key = _may_remember(key, reads, program, captured, _entries)
     if key is not None:
-        _bounded_put(_entries, key, _Entry(reads, program, captured), _MAX_ENTRIES)
+        _bounded_put(_entries, key, _Entry(reads, program, captured, q.shape[2], s_kv), _MAX_ENTRIES)
 
 
 def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> Optional[tuple]:
@@ -547,7 +557,7 @@ class _VarlenEntry(_Entry):
     __slots__ = ("cu_q", "cu_kv", "versions", "seq_lens", "max_seqlens", "queries")
 
     def __init__(self, reads, program, captured, queries, cu_q, cu_kv, versions, seq_lens, max_seqlens):
-        super().__init__(reads, program, captured)
+        super().__init__(reads, program, captured, queries.shape[2], max_seqlens[1])
         self.cu_q, self.cu_kv = weakref.ref(cu_q), weakref.ref(cu_kv)
         self.versions, self.seq_lens, self.max_seqlens = versions, seq_lens, max_seqlens
         # The full path's stand-in for the queries as a padded batch [n, H, longest_q, D]: the
@@ -608,7 +618,7 @@ def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, 
         # (Checked here, not by the op: its longest query may be wider than the stand-in's, one
         # row run as two.)
         tensors = ([], []) if given is _NO_TENSORS and not entry.leaves else _slot_tensors(
-            entry, given, entry.queries, entry.max_seqlens[1], False)
+            entry, given, entry.queries, entry.s_kv, False)
         if tensors is None:
             return None
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,

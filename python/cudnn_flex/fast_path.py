@@ -49,7 +49,7 @@ import torch
 
 from . import _ops, _registry, record_call, torch_style
 from ._validation import _FROM_BHSD, _TO_BHSD, cudnn_takes, graph_tensor_fits
-from .padded_batch import completed_lengths, cudnn_seq_lens
+from .padded_batch import completed_lengths, cudnn_seq_lens, is_kept
 from .program import guard
 
 _MAX_ENTRIES = 1024
@@ -358,7 +358,11 @@ def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> tuple[list,
     device); a side not given is the kept full length, as there."""
     passed = entry.padded
     if passed is not None and passed.holds(seq_lens_q, seq_lens_kv):
-        return completed_lengths(seq_lens_q, seq_lens_kv, q, k), passed.every_row_attends
+        full = passed.full
+        if full is None:
+            return completed_lengths(seq_lens_q, seq_lens_kv, q, k), passed.every_row_attends
+        return [seq_lens_q if full[0] is None else full[0], seq_lens_kv if full[1] is None else full[1]], \
+            passed.every_row_attends
     # Their state as the checks are about to read them (once_per_version's rule): a write during
     # or after the checks (another thread) leaves a state that no later call matches.
     before = _PassedLengths.taken(seq_lens_q, seq_lens_kv)
@@ -366,6 +370,11 @@ def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> tuple[list,
     entry.padded = None
     if before is not None and before.handed(seq_lens_q, seq_lens_kv, seq_lens):
         before.every_row_attends = every_row_attends
+        # The full side handed for a side not given, when it is a kept one (the entry's shapes fix
+        # which): completing the lengths again costs about 1 us a call.
+        full = tuple(None if given is not None else handed for given, handed in zip((seq_lens_q, seq_lens_kv), seq_lens))
+        if all(side is None or is_kept(side) for side in full):
+            before.full = full
         entry.padded = before
     return seq_lens, every_row_attends
 
@@ -375,13 +384,16 @@ class _PassedLengths:
     given), held weakly (an entry keeps no batch's tensors alive), with their versions and data
     pointers then, and whether their values left every query row attending."""
 
-    __slots__ = ("q", "kv", "state", "every_row_attends")
+    __slots__ = ("q", "kv", "state", "every_row_attends", "full")
 
     def __init__(self, seq_lens_q, seq_lens_kv):
         self.q = None if seq_lens_q is None else weakref.ref(seq_lens_q)
         self.kv = None if seq_lens_kv is None else weakref.ref(seq_lens_kv)
         self.state = _lengths_state(seq_lens_q, seq_lens_kv)
         self.every_row_attends = False  # set by their checks
+        # Per side, the kept full side handed for it when it was not given (None for a given side),
+        # or None when a side not given had one made for its call only (made again each call).
+        self.full = None
 
     @classmethod
     def taken(cls, seq_lens_q, seq_lens_kv) -> Optional["_PassedLengths"]:

@@ -62,3 +62,9 @@ def full_lengths(batch: int, length: int, device: torch.device) -> torch.Tensor:
         torch.cuda.current_stream(device).synchronize()  # another stream may read it next
     _kept_lengths[key] = made
     return made
+
+
+def is_kept(lengths: torch.Tensor) -> bool:
+    """Whether lengths is a full side full_lengths keeps (never written, alive for the process),
+    not one it made for a single call (under a capture, or past _MAX_FULL_LENGTHS)."""
+    return any(kept is lengths for kept in _kept_lengths.values())

@@ -347,6 +347,35 @@ def test_the_full_side_is_made_once_and_is_no_inference_tensor(op, no_kept_lengt
     assert first.tolist() == [8, 8] and first.dtype == torch.int32
 
 
+def test_a_full_side_made_for_one_call_is_not_handed_to_the_next(op, no_kept_lengths, monkeypatch):
+    """Past _MAX_FULL_LENGTHS (or under a CUDA graph capture, where a fill is only recorded) a full
+    side is made for its call alone: the shortcut's repeats, which skip the lengths' checks, make
+    their own too, each with the full length."""
+    monkeypatch.setattr(padded_batch, "_MAX_FULL_LENGTHS", 0)
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    for _ in range(3):
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    handed = [call["seq_lens"][0] for call in op.calls]
+    assert op.records == 1 and all(side.tolist() == [8, 8] for side in handed)
+    assert len({id(side) for side in handed}) == 3
+
+
+def test_repeats_hand_the_given_lengths_and_the_kept_full_side(op, no_kept_lengths):
+    """The shortcut's repeats (lengths checked once) hand the given side itself and the kept full
+    side of the other (one entry: which sides are given is no part of its key)."""
+    q, k, v = qkv(b=2, s=8)
+    for given in ("seq_lens_q", "seq_lens_kv"):
+        lengths = torch.tensor([5, 8], dtype=torch.int32)
+        for _ in range(3):
+            cudnn_flex.flex_attention(q, k, v, **{given: lengths})
+        lists = [call["seq_lens"] for call in op.calls[-3:]]
+        side = 0 if given == "seq_lens_q" else 1
+        assert all(handed[side] is lengths for handed in lists)
+        assert all(handed[1 - side] is lists[0][1 - side] and handed[1 - side].tolist() == [8, 8] for handed in lists)
+    assert op.records == 1
+
+
 def test_no_fake_tensor_is_kept_for_the_full_side(op, no_kept_lengths):
     """A call under FakeTensorMode (a shape or memory estimate) makes a fake full side: a later real
     call gets a real one."""

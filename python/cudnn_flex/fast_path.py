@@ -62,15 +62,18 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "leaves", "slots", "views", "copied_once",
-                 "copies", "kept", "grad_leaf", "padded")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "given_as_is", "leaves", "slots", "views",
+                 "copied_once", "copies", "kept", "grad_leaf", "padded")
 
-    def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int):
+    def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int,
+                 given_as_is: bool = False):
         self.reads, self.program = reads, program
         self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
         # The query rows and key count of the scores its calls have ([B, H, rows, s_kv]; the key's
         # shapes fix them): read here, as a tensor's .shape costs about 0.13 us a read.
         self.rows, self.s_kv = rows, s_kv
+        # Whether its calls' given score_mod tensors go to the op as key() took them (_as_given).
+        self.given_as_is = given_as_is
         # The tensors in the mods' closures with their metadata, and (leaf index, axes) per input
         # slot (record_call.captured_slots); empty for mods that hold none.
         leaves, self.slots = captured or ((), ())
@@ -238,22 +241,22 @@ def _tensor_slots(score_mod, score_mod_bprop, score_mod_tensors, score_mod_bprop
     if mod is None:
         return None
     if score_mod_bprop_tensors is None:  # (the usual case: one signature to take)
-        return (mod[0], ()), (mod[1], ())
+        return (mod[0], ()), (mod[1], [])
     bprop = _slot_signature(score_mod_bprop_tensors)
     return None if bprop is None else ((mod[0], bprop[0]), (mod[1], bprop[1]))
 
 
 def _slot_signature(tensors) -> Optional[tuple]:
     """(((name, dtype), ...), [tensor, ...]) of a dict of plain tensors, or None for anything else
-    (the full path says what is wrong; a tensor subclass may override __torch_function__, which
-    the shortcut does not call)."""
+    (the full path says what is wrong: of a tensor that requires grad, say; a tensor subclass may
+    override __torch_function__, which the shortcut does not call)."""
     if tensors is None:
-        return (), ()
+        return (), []
     if type(tensors) is not dict:
         return None
     signature, found = [], []
     for name, t in tensors.items():
-        if type(t) is not _TENSOR:
+        if type(t) is not _TENSOR or t.requires_grad:  # (the full path refuses one that requires grad)
             return None
         signature.append((name, t.dtype))
         found.append(t)
@@ -280,7 +283,9 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
             tensors = _slot_tensors(entry, given, q, entry.s_kv, entry.rows != 1)
         elif given is _NO_TENSORS:
             tensors = ([], [])
-        else:  # (most calls with tensors: a DSL mod's score_mod_tensors, no captured tensor)
+        elif entry.given_as_is:  # (most calls with tensors: a DSL mod's float or int32 score_mod_tensors)
+            tensors = given  # (lists key() made for this call: a TorchFunctionMode may edit the op's)
+        else:
             tensors = _given_tensors(given, q, entry.s_kv, entry.rows != 1)
         if tensors is None:
             return None
@@ -319,20 +324,18 @@ def _slot_tensors(entry, given: tuple, q, s_kv: int, op_checks: bool) -> Optiona
 
 def _given_tensors(given: tuple, q, s_kv: int, op_checks: bool) -> Optional[tuple]:
     """([score_mod tensors], [bprop tensors]) of a call (key()'s `given`) as the full path hands
-    them to the op, or None when the full path must look at them: a tensor that requires grad, one
-    on another device, of a shape that does not broadcast, or misaligned (the full path raises its
-    error, which says what is wrong). Their names and dtypes are the key's, which passed the full
-    path's checks (check_tensor_dict) when it was remembered; no key holds a float64 slot
-    (api.cudnn_call refuses it). With op_checks the last three are left to the op, which refuses
-    them as the full path does (ops.cpp, graph_inputs; about 1 us of Python a tensor): only where
-    it checks them against the scores [B, H, Sq, s_kv] of q itself, and but for the alignment of a
-    tensor it is handed as a float32 copy."""
+    them to the op, or None when the full path must look at them: a tensor on another device, of a
+    shape that does not broadcast, or misaligned (the full path raises its error, which says what
+    is wrong; one that requires grad gave no key). Their names and dtypes are the key's, which
+    passed the full path's checks (check_tensor_dict) when it was remembered; no key holds a
+    float64 slot (api.cudnn_call refuses it). With op_checks these are left to the op, which
+    refuses them as the full path does (ops.cpp, graph_inputs; about 1 us of Python a tensor):
+    only where it checks them against the scores [B, H, Sq, s_kv] of q itself, and but for the
+    alignment of a tensor it is handed as a float32 copy."""
     full = None
     inputs = ([], [])
     for tensors, into in zip(given, inputs):
         for t in tensors:
-            if t.requires_grad:
-                return None
             if not op_checks and not (t.is_cpu and t.numel() == 1):  # a host scalar is passed by value
                 full = full or (q.shape[0], q.shape[1], q.shape[2], s_kv)
                 if not graph_tensor_fits(t, q, full, compiling=False):  # (the shortcut never runs compiling)
@@ -373,7 +376,7 @@ def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> tuple[list,
         # The full side handed for a side not given, when it is a kept one (the entry's shapes fix
         # which): completing the lengths again costs about 1 us a call.
         full = tuple(None if given is not None else handed for given, handed in zip((seq_lens_q, seq_lens_kv), seq_lens))
-        if all(side is None or is_kept(side) for side in full):
+        if all(side is None or is_kept(side, length) for side, length in zip(full, (q.shape[2], k.shape[2]))):
             before.full = full
         entry.padded = before
     return seq_lens, every_row_attends
@@ -463,7 +466,16 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
         return
     key = _may_remember(key, reads, program, captured, _entries)
     if key is not None:
-        _bounded_put(_entries, key, _Entry(reads, program, captured, q.shape[2], s_kv), _MAX_ENTRIES)
+        _bounded_put(_entries, key, _Entry(reads, program, captured, q.shape[2], s_kv, _as_given(key[6], q.shape[2])),
+                     _MAX_ENTRIES)
+
+
+def _as_given(slots: tuple, rows: int) -> bool:
+    """Whether the given score_mod (and bprop) tensors of a call with these slots (the key's names
+    and dtypes) and query rows go to the op as key() took them (each checked for grad there): none
+    is of a dtype handed as a float32 copy, and the op checks them against the scores itself, but
+    for one query row, which it runs as two (_given_tensors checks those)."""
+    return rows != 1 and not any(dtype in record_call.COPIED for part in slots for _, dtype in part)
 
 
 def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> Optional[tuple]:

@@ -64,7 +64,8 @@ def full_lengths(batch: int, length: int, device: torch.device) -> torch.Tensor:
     return made
 
 
-def is_kept(lengths: torch.Tensor) -> bool:
-    """Whether lengths is a full side full_lengths keeps (never written, alive for the process),
-    not one it made for a single call (under a capture, or past _MAX_FULL_LENGTHS)."""
-    return any(kept is lengths for kept in _kept_lengths.values())
+def is_kept(lengths: torch.Tensor, length: int) -> bool:
+    """Whether lengths is the full side of `length` full_lengths keeps (never written, alive for
+    the process), not one it made for a single call (under a capture, or past _MAX_FULL_LENGTHS).
+    (Looked up, not scanned: another thread may add to the table meanwhile.)"""
+    return _kept_lengths.get((lengths.device, lengths.shape[0], length)) is lengths

@@ -376,6 +376,26 @@ def test_repeats_hand_the_given_lengths_and_the_kept_full_side(op, no_kept_lengt
     assert op.records == 1
 
 
+def test_a_full_side_is_found_kept_without_walking_the_table(op, monkeypatch):
+    """Whether a full side is a kept one is looked up by its key: another thread's first call at a
+    new shape adds to the table meanwhile, which a walk over it would raise on (RuntimeError:
+    dictionary changed size during iteration)."""
+    class Unwalkable(dict):
+        def _walked(self, *args):
+            raise AssertionError("the table of kept full sides was walked")
+        __iter__ = keys = values = items = _walked
+    monkeypatch.setattr(padded_batch, "_kept_lengths", Unwalkable())
+    checks = count_length_checks(monkeypatch)
+    q, k, v = qkv(b=2, s=8)
+    lengths = torch.tensor([5, 8], dtype=torch.int32)
+    for n in (5, 6, 7):  # a decode loop: written in place, so checked (and looked up) each call
+        lengths[0] = n
+        cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths)
+    assert op.records == 1 and checks[0] == 2 and len(op.calls) == 3
+    assert all(call["seq_lens"][1] is lengths for call in op.calls)
+    assert all(call["seq_lens"][0] is op.calls[0]["seq_lens"][0] for call in op.calls)
+
+
 def test_no_fake_tensor_is_kept_for_the_full_side(op, no_kept_lengths):
     """A call under FakeTensorMode (a shape or memory estimate) makes a fake full side: a later real
     call gets a real one."""

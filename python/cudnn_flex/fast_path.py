@@ -13,14 +13,15 @@ shortcut when it provably gets the same program:
 - score_mod tensors (and score_mod_bprop tensors) with the names and dtypes the program was
   recorded for (its input slots), read once with the key (key() takes the tensors in the same
   pass as their names and dtypes, and the call runs over those): each call's tensors pass the
-  full path's own conditions again (no grad here; device, shape and alignment in the op, which
-  refuses them as check_tensor_dict does, or here where the op's scores or tensors are not the
-  call's: _given_tensors) and its conversion (as_graph_input), since any other metadata may
-  change from call to call without a new program; a tensor that fails one takes the full path,
-  which says what is wrong;
+  full path's own conditions again (no grad, with the key; device, shape and alignment in the
+  op, which refuses them as check_tensor_dict does, or here where the op's scores or tensors are
+  not the call's: _given_tensors) and its conversion (as_graph_input), since any other metadata
+  may change from call to call without a new program; a tensor that fails one takes the full
+  path, which says what is wrong;
 - padded lengths pass the full path's own checks and completion (cudnn_seq_lens), and are kept
-  as checked while the same tensors keep their versions and storage (the full path reads their
-  values once per version too; the op checks their metadata); the program does not depend on them;
+  as checked, with the kept full side of a side not given, while the same tensors keep their
+  versions and storage (the full path reads their values once per version too; the op checks
+  their metadata); the program does not depend on them;
 - tensors in a torch-style mod's closure (`mods.alibi(slopes)`, `document_mask(doc)`) only where
   the full path finds its program by the guard (it reads no value of them): they are the same
   objects (unchanged) with the same metadata (guard.leaf_metadata), and their views are made as

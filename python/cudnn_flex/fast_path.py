@@ -30,7 +30,8 @@ shortcut when it provably gets the same program:
 
 q, k and v are checked by the C++ op only; when it refuses them, the full path runs and raises
 its own error, which names the argument. Everything else (no cuDNN for this dtype or device, a
-scale that is not a float) takes the full path too.
+scale that is not a float) takes the full path too, and so does every call under a
+TorchFunctionMode, which sees the op and may answer it without running it (and its checks).
 
 flex_attention_varlen's packed calls have a shortcut of their own (varlen_key, varlen_call): the
 same mods and shapes, and the very same cu_seqlens tensors at the versions the full path read
@@ -113,7 +114,7 @@ class _Entry:
                 if leaf.data_ptr() != pointer:
                     break
             else:
-                return list(kept[0])  # a list of its own: a TorchFunctionMode sees (and may edit) the op's
+                return list(kept[0])  # a list of its own: a subclass's __torch_function__ sees (and may edit) the op's
             self.kept = None
         if self.copies is not None:  # every slot a float32 copy, made on every call (no view is kept)
             return self.copies.make()
@@ -268,6 +269,11 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
          seq_lens_kv=None):
     """flex_attention's result by the shortcut, or None: then the full path runs. key and given:
     key()'s."""
+    if torch._C._is_torch_function_mode_enabled():
+        # A TorchFunctionMode sees the op (_ops._overridable) and may answer it without running it,
+        # and so without the checks of q, k, v and the given tensors that the shortcut leaves to
+        # the op: the full path makes them in Python first.
+        return None
     entry = _entries.get(key)
     if entry is None or not guard.unchanged(entry.reads) or not cudnn_takes(q):
         return None
@@ -285,7 +291,7 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
         elif given is _NO_TENSORS:
             tensors = ([], [])
         elif entry.given_as_is:  # (most calls with tensors: a DSL mod's float or int32 score_mod_tensors)
-            tensors = given  # (lists key() made for this call: a TorchFunctionMode may edit the op's)
+            tensors = given  # (the lists key() made for this call)
         else:
             tensors = _given_tensors(given, q, entry.s_kv, entry.rows != 1)
         if tensors is None:
@@ -627,6 +633,8 @@ def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, 
     """(out [total_q, H, D_v], cuDNN's lse [n, H, max_q], max_q) by the shortcut, or None: then
     the full path runs (key and given: varlen_key()'s). (max_q is at least 2, varlen.py's one
     query row run as two; with one query per sequence, a longer lse row picks the same rows.)"""
+    if torch._C._is_torch_function_mode_enabled():
+        return None  # as in call()
     entry = _varlen_entries.get(key)
     if (entry is None or entry.cu_q() is not cu_seqlens_q or entry.cu_kv() is not cu_seqlens_kv
             or _state(cu_seqlens_q, cu_seqlens_kv) != entry.versions

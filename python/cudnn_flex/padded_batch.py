@@ -60,8 +60,8 @@ def full_lengths(batch: int, length: int, device: torch.device) -> torch.Tensor:
         return made
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # another stream may read it next
-    _kept_lengths[key] = made
-    return made
+    # (another thread may have kept one meanwhile, the synchronize letting it run: one is kept)
+    return _kept_lengths.setdefault(key, made)
 
 
 def is_kept(lengths: torch.Tensor, length: int) -> bool:

@@ -270,6 +270,23 @@ def test_a_torch_function_mode_sees_the_op(op):
     assert len(seen) == 1 and len(op.ids) == 1
 
 
+def test_a_torch_function_mode_that_answers_the_op_gets_the_full_paths_checks(op):
+    """A mode may answer the op without running it, so without the op's checks of the tensors
+    (which the shortcut leaves to the op): under a mode the full path runs, and refuses in Python
+    a score_mod tensor that does not broadcast, as without a mode."""
+    class Answering(TorchFunctionMode):
+        def __torch_function__(self, func, types_, args=(), kwargs=None):
+            if is_the_op(func):
+                return op_zeros(args)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = qkv()
+    fitting, wide = {"slopes": torch.ones(1, 2, 1, 1)}, {"slopes": torch.ones(1, 3, 1, 1)}
+    cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=fitting)
+    with Answering(), pytest.raises(ValueError, match=r"score_mod_tensors\['slopes'\] has shape \(1, 3, 1, 1\)"):
+        cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=wide)
+
+
 def test_entries_are_bounded(op, monkeypatch):
     monkeypatch.setattr(fast_path, "_MAX_ENTRIES", 3)
     for s in range(2, 8):

@@ -369,10 +369,9 @@ def _padded_lengths(entry: _Entry, seq_lens_q, seq_lens_kv, q, k) -> tuple[list,
     passed = entry.padded
     if passed is not None and passed.holds(seq_lens_q, seq_lens_kv):
         full = passed.full
-        if full is None:
-            return completed_lengths(seq_lens_q, seq_lens_kv, q, k), passed.every_row_attends
-        return [seq_lens_q if full[0] is None else full[0], seq_lens_kv if full[1] is None else full[1]], \
-            passed.every_row_attends
+        handed = completed_lengths(seq_lens_q, seq_lens_kv, q, k) if full is None else [
+            seq_lens_q if full[0] is None else full[0], seq_lens_kv if full[1] is None else full[1]]
+        return handed, passed.every_row_attends
     # Their state as the checks are about to read them (once_per_version's rule): a write during
     # or after the checks (another thread) leaves a state that no later call matches.
     before = _PassedLengths.taken(seq_lens_q, seq_lens_kv)

@@ -510,6 +510,32 @@ def test_a_table_of_a_subclass_reaches_its_torch_function_on_every_call(op):
     assert len(PlainWhenDetached.seen) == 3 and not op.calls
 
 
+class EmptiesTheOpsList(torch.Tensor):
+    """A float table of a subclass whose __torch_function__ answers the op itself, noting the mod
+    tensors it was handed, and then empties the op's argument list (its own to edit)."""
+    handed: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        if is_the_op(func):
+            cls.handed.append(list(args[3]))
+            args[3].clear()
+            return op_zeros(args)
+        return super().__torch_function__(func, types_, args, kwargs)
+
+
+def test_a_subclass_that_edits_the_ops_arguments_changes_no_later_call(op):
+    """A subclass's __torch_function__ sees the op's own argument list: what it does to it stays
+    in its call, whether the shortcut made its views in that call or kept them from before."""
+    EmptiesTheOpsList.handed = []
+    mod = bias_table(torch.randn(H, S, S).as_subclass(EmptiesTheOpsList))
+    q, k, v = qkv()
+    for _ in range(4):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert [len(handed) for handed in EmptiesTheOpsList.handed] == [1, 1, 1, 1]
+    assert EmptiesTheOpsList.handed[2][0] is EmptiesTheOpsList.handed[3][0]  # a kept view
+
+
 class EditsTheOpsTensors(torch.overrides.TorchFunctionMode):
     """A mode that hands the op bfloat16 copies of the mod tensors, by editing its argument list."""
 

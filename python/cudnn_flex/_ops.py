@@ -37,12 +37,14 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     every_row_attends: the padded lengths' values, read on the host, leave no query row outside its
     sequence or without a key (padded_batch.cudnn_seq_lens), so the op need not clear out and lse.
     rows: q.shape[2], where the caller knows it (the shortcut: a read of .shape costs ~0.13 us)."""
-    # cuDNN 9.19 evaluates kv_idx (and, with GQA, h) wrongly inside a score_mod when Sq = 1
-    # (measured on the H200: `s + 0.01 * (kv_idx - q_idx)` had out off by 0.37; from Sq = 2 on it
-    # is right): one query row runs as two, the second zero and dropped (decoding; a tiny copy).
-    one_row = mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
+    one_row = (mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
+               and needs_two_rows(program, k.shape[2]))
     if one_row:
-        q = torch.cat([q, torch.zeros_like(q)], dim=2)
+        # The second row repeats the first: one copy kernel (a zero row took a fill and the copy).
+        # Its out and lse are dropped, and its share of the gradients is exactly zero: its dO row
+        # is zero, so are its dP and D = rowsum(dO * O), and so its dS. (Not an expanded view:
+        # the op lays out out like q, and a stride-0 row dim would come innermost.)
+        q = torch.cat([q, q], dim=2)
         every_row_attends = False  # the second row lies past the query lengths: the op clears it
     op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
                                                              cu_seqlens) else _C.fwd
@@ -52,8 +54,19 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
         # The backward graph may be built long after: its program lives as long as the node.
         out.grad_fn.metadata["cudnn_flex_program"] = program
     if one_row:
-        out, lse = out[:, :, :1], lse[:, :, :1]
+        out, lse = out.narrow(2, 0, 1), lse.narrow(2, 0, 1)
     return out, lse
+
+
+def needs_two_rows(program, s_kv: int) -> bool:
+    """Whether a call of this program (None: not at hand, under torch.compile) with one query row
+    runs as two on cuDNN, the second dropped.
+    cuDNN 9.19 computes the key index, and the head index under GQA, wrongly inside a score_mod
+    when the query dim is 1 (measured on the H200: `s + 0.01 * kv_idx` had out off by 0.12 over
+    2048 keys, `s + 0.3 * h` lse by 0.9 with 8 query heads over 2), and refuses the backward
+    graph of one query and one key. Programs that read neither index (the score alone, q_idx, b,
+    score_mod tensors: a softcap, a bias) came out right at one row, forward and backward."""
+    return program is None or program.reads_head_or_key or s_kv == 1
 
 
 def strides_like(like: torch.Tensor, sizes) -> list[int]:

@@ -64,16 +64,20 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "given_as_is", "leaves", "slots", "views",
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "op_checks", "given_as_is", "leaves", "slots",
+                 "views",
                  "copied_once", "copies", "kept", "grad_leaf", "padded")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int,
-                 given_as_is: bool = False):
+                 op_checks: bool = False, given_as_is: bool = False):
         self.reads, self.program = reads, program
         self.mod_id, self.bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
         # The query rows and key count of the scores its calls have ([B, H, rows, s_kv]; the key's
         # shapes fix them): read here, as a tensor's .shape costs about 0.13 us a read.
         self.rows, self.s_kv = rows, s_kv
+        # Whether the op runs its calls over their own scores (not one query row as two), and so
+        # checks their given score_mod tensors against them itself (_op_checks).
+        self.op_checks = op_checks
         # Whether its calls' given score_mod tensors go to the op as key() took them (_as_given).
         self.given_as_is = given_as_is
         # The tensors in the mods' closures with their metadata, and (leaf index, axes) per input
@@ -284,16 +288,16 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
         perm = _TO_BHSD[layout]
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
-        # The op checks the score_mod tensors against q's scores itself, but for one query row,
-        # which it runs as two (_ops.fwd): a tensor over two rows would pass there.
+        # The op checks the score_mod tensors against q's scores itself, but where it runs one
+        # query row as two (_ops.needs_two_rows): a tensor over two rows would pass there.
         if entry.leaves:
-            tensors = _slot_tensors(entry, given, q, entry.s_kv, entry.rows != 1)
+            tensors = _slot_tensors(entry, given, q, entry.s_kv, entry.op_checks)
         elif given is _NO_TENSORS:
             tensors = ([], [])
         elif entry.given_as_is:  # (most calls with tensors: a DSL mod's float or int32 score_mod_tensors)
             tensors = given  # (the lists key() made for this call)
         else:
-            tensors = _given_tensors(given, q, entry.s_kv, entry.rows != 1)
+            tensors = _given_tensors(given, q, entry.s_kv, entry.op_checks)
         if tensors is None:
             return None
         seq_lens, every_row_attends = [], False
@@ -472,16 +476,24 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
         return
     key = _may_remember(key, reads, program, captured, _entries)
     if key is not None:
-        _bounded_put(_entries, key, _Entry(reads, program, captured, q.shape[2], s_kv, _as_given(key[6], q.shape[2])),
-                     _MAX_ENTRIES)
+        rows = q.shape[2]
+        op_checks = _op_checks(program, rows, s_kv)
+        _bounded_put(_entries, key, _Entry(reads, program, captured, rows, s_kv, op_checks,
+                                           _as_given(key[6], op_checks)), _MAX_ENTRIES)
 
 
-def _as_given(slots: tuple, rows: int) -> bool:
+def _op_checks(program, rows: int, s_kv: int) -> bool:
+    """Whether the op runs a call of this program (None: no mods) over the call's own scores [B, H,
+    rows, s_kv]: not when it runs one query row as two (_ops.needs_two_rows)."""
+    return rows != 1 or program is None or not _ops.needs_two_rows(program, s_kv)
+
+
+def _as_given(slots: tuple, op_checks: bool) -> bool:
     """Whether the given score_mod (and bprop) tensors of a call with these slots (the key's names
-    and dtypes) and query rows go to the op as key() took them (each checked for grad there): none
-    is of a dtype handed as a float32 copy, and the op checks them against the scores itself, but
-    for one query row, which it runs as two (_given_tensors checks those)."""
-    return rows != 1 and not any(dtype in record_call.COPIED for part in slots for _, dtype in part)
+    and dtypes) go to the op as key() took them (each checked for grad there): none is of a dtype
+    handed as a float32 copy, and the op checks them against the call's scores itself (op_checks:
+    _op_checks; else _given_tensors checks them)."""
+    return op_checks and not any(dtype in record_call.COPIED for part in slots for _, dtype in part)
 
 
 def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> Optional[tuple]:

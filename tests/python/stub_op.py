@@ -36,7 +36,7 @@ class StubOp:
         refuse_like_the_op(q, k, list(mod_tensors) + list(bprop_tensors), cu_seqlens, max_seqlens)
         refuse_lengths_like_the_op(q, seq_lens, cu_seqlens)
         self.ids.append((mod_id, bprop_id))
-        self.calls.append({"mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
+        self.calls.append({"rows": q.shape[2], "mod_tensors": list(mod_tensors), "bprop_tensors": list(bprop_tensors), "seq_lens": list(seq_lens), "cu_seqlens": list(cu_seqlens), "max_seqlens": list(max_seqlens),
                            "scale": scale, "deterministic": deterministic, "every_row_attends": every_row_attends})
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         if not cu_seqlens:

@@ -155,6 +155,21 @@ def test_one_query_row_checks_the_tensors_itself(op):
     assert len(op.ids) == calls
 
 
+def test_one_query_row_of_a_score_only_mod_leaves_the_tensors_to_the_op(op):
+    """A program that reads neither the head nor the key index runs one query row as one
+    (_ops.needs_two_rows), so the op checks its tensors against the call's own scores: a tensor
+    over two query rows reaches the op, which refuses it (and the full path says why)."""
+    q, (k, v) = qkv(s=1)[0], qkv()[1:]
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.ones(1, 2, 1, 1)})
+    calls = len(op.calls)
+    handed = []
+    op.during = lambda: handed.append(True)  # runs inside the op's next call
+    with pytest.raises(ValueError, match="does not broadcast"):
+        cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.ones(1, 2, 2, 1)})
+    assert handed and len(op.calls) == calls
+    assert op.calls[-1]["rows"] == 1
+
+
 @pytest.mark.parametrize("given", ["score_mod_tensors", "score_mod_bprop_tensors"])
 def test_an_empty_dict_without_its_mod_is_refused_on_a_repeat(op, given):
     """An empty dict has no slots, as no dict; the full path still refuses it without its mod."""

@@ -183,7 +183,7 @@ class Program:
     tensors in order (`t0`, `t1`, ...; their data types in `mod_dtypes`), then the bprop's."""
 
     __slots__ = ("nodes", "fwd_out", "bwd_out", "mod_slots", "bprop_slots", "key", "mod_id",
-                 "bprop_id", "bprop_error", "__weakref__")
+                 "bprop_id", "bprop_error", "reads_head_or_key", "__weakref__")
 
     def __init__(self, nodes: list[Node], fwd_out: int, bwd_out: Optional[int], mod_slots: tuple,
                  bprop_slots: tuple, bprop_error: Optional[Exception] = None):
@@ -192,6 +192,9 @@ class Program:
         self.mod_slots, self.bprop_slots = tuple(mod_slots), tuple(bprop_slots)
         # A derived bprop that failed (an op without a rule): raised when a backward is built.
         self.bprop_error = bprop_error
+        # Whether it reads the head or the key index (gen_index over axis 1 or 3), forward or
+        # backward: cuDNN 9.19 computes those wrongly at one query row (_ops.needs_two_rows).
+        self.reads_head_or_key = any(_reads_head_or_key(n) for n in self.nodes)
         node_keys = tuple(n.key() for n in self.nodes)
         fwd_key = (node_keys[:self.fwd_len()], fwd_out, self.mod_slots)
         self.key = (node_keys, fwd_out, bwd_out, self.mod_slots, self.bprop_slots)
@@ -212,6 +215,13 @@ class Program:
         if self.bwd_out is not None:
             lines.append(f"backward -> %{self.bwd_out}")
         return "\n".join(lines)
+
+
+def _reads_head_or_key(node: Node) -> bool:
+    if node.op != "gen_index":
+        return False
+    axis = dict(node.attrs).get("axis")
+    return axis is None or int(axis) in (1, 3)  # (no axis: taken as reading one)
 
 
 def _fwd_prefix(nodes) -> int:

@@ -1,0 +1,118 @@
+"""One query row (a decode step) on cuDNN, run as one row: programs that read neither the head nor
+the key index (the score, q_idx, b, score_mod tensors) skip the two-row rewrite that the others
+need (_ops.needs_two_rows). Checked against the float64 formula: out, lse and the three gradients,
+MHA and GQA, key lengths that fill no tile up to a cache of 2048, unpadded and padded (per-batch
+cache lengths, seq_lens_kv); and that the op did get one row."""
+
+import pytest
+import torch
+
+import cudnn_flex
+import oracle
+from cudnn_flex import _ops, dsl_mods, mods
+from gpu_cases import check, make_inputs
+from length_mods import where_kept
+
+pytestmark = pytest.mark.gpu
+
+B, H, D = 3, 8, 64
+SOFTCAP = dsl_mods.softcap(20.0)
+KV_BIAS = torch.randn(2048, generator=torch.Generator().manual_seed(3))
+HEAD_BIAS = torch.randn(H, generator=torch.Generator().manual_seed(4))
+FULL_BIAS = torch.randn(B, H, 1, 2048, generator=torch.Generator().manual_seed(5))
+
+
+def captured_bias(table: torch.Tensor, index: str):
+    """score + table[b], table[h] or table[kv_idx]: a tensor the mod closes over, indexed by an
+    index variable (a view of it reaches cuDNN, no index computed in the kernel)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[{"b": b, "h": h, "kv": kv_idx}[index]]
+    return score_mod
+
+
+def add_full_bias(graph, score, tensors):
+    return graph.add(score, tensors["bias"])
+
+
+# name -> (flex_attention kwargs on the GPU for s_kv keys, the formula of the scores for s_kv keys)
+MODS = {
+    "softcap": (lambda s_kv: dict(score_mod=mods.softcap(20.0)),
+                lambda s_kv: lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
+    "dsl softcap with its bprop": (lambda s_kv: dict(score_mod=SOFTCAP.forward, score_mod_bprop=SOFTCAP.backward),
+                                   lambda s_kv: lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
+    "query position": (lambda s_kv: dict(score_mod=lambda s, b, h, q_idx, kv_idx: s * 0.5 + 0.3 * q_idx),
+                       lambda s_kv: lambda s, b, h, q, kv: s * 0.5 + 0.3 * q),
+    "key bias tensor": (lambda s_kv: dict(score_mod=captured_bias(KV_BIAS[:s_kv].cuda(), "kv")),
+                        lambda s_kv: lambda s, b, h, q, kv: s + KV_BIAS[:s_kv].double()[kv]),
+    "head bias tensor": (lambda s_kv: dict(score_mod=captured_bias(HEAD_BIAS.cuda(), "h")),
+                         lambda s_kv: lambda s, b, h, q, kv: s + HEAD_BIAS.double()[h]),
+    "batch bias tensor": (lambda s_kv: dict(score_mod=captured_bias(HEAD_BIAS[:B].cuda(), "b")),
+                          lambda s_kv: lambda s, b, h, q, kv: s + HEAD_BIAS[:B].double()[b]),
+    "dsl full bias": (lambda s_kv: dict(score_mod=add_full_bias,
+                                        score_mod_tensors={"bias": FULL_BIAS[..., :s_kv].contiguous().cuda()}),
+                      lambda s_kv: lambda s, b, h, q, kv: s + FULL_BIAS[..., :s_kv].double()),
+}
+
+
+class RowsSeen:
+    """The extension, recording the query rows of each forward it runs."""
+
+    def __init__(self, real):
+        self.real, self.rows = real, []
+
+    def fwd(self, q, *args):
+        self.rows.append(q.shape[2])
+        return self.real.fwd(q, *args)
+
+
+@pytest.fixture
+def rows_seen(monkeypatch):
+    seen = RowsSeen(_ops._C)
+    monkeypatch.setattr(_ops, "_C", seen)
+    return seen
+
+
+def _results(q, k, v, d_out, kwargs) -> dict:
+    out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+    return {name: t.detach().double().cpu() for name, t in
+            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+
+
+def _formula_results(q, k, v, d_out, formula) -> dict:
+    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    out, lse = oracle.attention(qf, kf, vf, formula)
+    grads = torch.autograd.grad(out, (qf, kf, vf), d_out.double().cpu())
+    return {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+
+
+@pytest.mark.parametrize("s_kv", [2, 127, 129, 2048])
+@pytest.mark.parametrize("h_kv", [H, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mod", MODS)
+def test_one_query_row_matches_its_formula(mod, h_kv, s_kv, rows_seen):
+    kwargs, formula = (make(s_kv) for make in MODS[mod])
+    q, k, v = make_inputs(b=B, h=H, h_kv=h_kv, s_q=1, s_kv=s_kv, d=D, seed=s_kv + h_kv)
+    d_out = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(7)).to("cuda", q.dtype)
+    for call in range(2):  # the full path, then the shortcut
+        got = _results(q, k, v, d_out, kwargs)
+        check(got, _formula_results(q, k, v, d_out, formula), label=f"{mod} 1x{s_kv} h_kv={h_kv} call {call}")
+    assert rows_seen.rows == [1, 1]
+
+
+@pytest.mark.parametrize("mod", MODS)
+def test_a_padded_decode_step_matches_its_formula(mod, rows_seen):
+    """One query per batch element against per-batch cache lengths (seq_lens_kv), GQA."""
+    cache = [1, 77, 2000]
+    kwargs, formula = (make(2048) for make in MODS[mod])
+    q, k, v = make_inputs(b=B, h=H, h_kv=2, s_q=1, s_kv=2048, d=D, seed=8)
+    lengths = torch.tensor(cache, dtype=torch.int32, device="cuda")
+    d_out = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(9)).to("cuda", q.dtype)
+    scores = formula
+
+    def padded(s, b, h, q_idx, kv_idx):
+        return where_kept(kv_idx < torch.tensor(cache)[b], scores(s, b, h, q_idx, kv_idx))
+
+    for call in range(2):
+        got = _results(q, k, v, d_out, dict(kwargs, seq_lens_kv=lengths))
+        check(got, _formula_results(q, k, v, d_out, padded), label=f"{mod} padded call {call}")
+    assert rows_seen.rows == [1, 1]

@@ -1,0 +1,80 @@
+"""One query row (a decode step) on the CPU, cuDNN's op replaced by a stub: which calls the op runs
+as two rows (_ops.needs_two_rows; cuDNN 9.19 computes the head and key index wrongly inside a
+score_mod at one row, test_gpu_one_query_row.py checks both kinds against the formula), on the
+full path and on the shortcut, and that the caller gets one row either way."""
+
+import pytest
+import torch
+
+import cudnn_flex
+from cudnn_flex import dsl_mods, mods
+from dsl_tensor_mods import scaled_by
+from stub_op import op  # noqa: F401  (a fixture)
+
+B, H, D = 2, 2, 16
+KEYED_SOFTCAP = dsl_mods.softcap(20.0)
+
+
+def batch_bias(bias: torch.Tensor):
+    """A bias per batch element, captured (as users close over a tensor)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b]
+    return score_mod
+
+
+def key_index_bprop(graph, d_p, tensors):
+    """A bprop that reads the key index (the forward reads the score only)."""
+    return graph.mul(d_p, graph.gen_index(d_p, 3))
+
+
+# name -> (flex_attention kwargs, whether one query row runs as two)
+CASES = {
+    "no mod": ({}, False),
+    "softcap": (dict(score_mod=mods.softcap(20.0)), False),
+    "query index": (dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.3 * q_idx), False),
+    "batch bias tensor": (dict(score_mod=batch_bias(torch.tensor([0.5, -1.0]))), False),
+    "dsl softcap with its bprop": (dict(score_mod=KEYED_SOFTCAP.forward, score_mod_bprop=KEYED_SOFTCAP.backward),
+                                   False),
+    "dsl tensor": (dict(score_mod=scaled_by, score_mod_tensors={"c": torch.full((1, H, 1, 1), 0.5)}), False),
+    "key index": (dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.01 * kv_idx), True),
+    "head index": (dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.3 * h), True),
+    "alibi": (dict(score_mod=mods.alibi(mods.alibi_slopes(H))), True),
+    "dsl alibi": (dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": mods.alibi_slopes(H).view(1, H, 1, 1)}),
+                  True),
+    "key index in the bprop only": (dict(score_mod=scaled_by, score_mod_bprop=key_index_bprop,
+                                         score_mod_tensors={"c": torch.full((1, 1, 1, 1), 0.5)}), True),
+    "mask over keys": (dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 5), True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_query_row_runs_as_two_only_where_an_index_is_read(op, case):
+    kwargs, two_rows = CASES[case]
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):  # the full path, then the shortcut
+        out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
+        assert op.calls[-1]["rows"] == (2 if two_rows else 1)
+        assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
+    assert op.records == 1
+
+
+def test_one_query_and_one_key_run_as_two_rows(op):
+    """cuDNN refuses the backward graph of one query and one key with a score_mod, whatever it reads."""
+    q, k, v = (torch.randn(B, H, 1, D, dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(2):
+        out = cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0))
+        assert op.calls[-1]["rows"] == 2 and out.shape == (B, H, 1, D)
+
+
+def test_a_program_says_whether_it_reads_the_head_or_key_index():
+    from cudnn_flex.record_call import record_call
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    reads = {}
+    for name, (kwargs, two_rows) in CASES.items():
+        if name == "no mod":
+            continue
+        program = record_call(kwargs.get("score_mod"), kwargs.get("score_mod_bprop"), kwargs.get("mask_mod"),
+                              kwargs.get("score_mod_tensors"), None, q, 9)[0]
+        reads[name] = (program.reads_head_or_key, two_rows)
+    assert all(got == want for got, want in reads.values()), reads

@@ -183,6 +183,8 @@ CASES = {c.name: c for c in (
          shapes=(_DECODE,), backward=False, tensors=_decode),
     Case("decode_alibi", "decode with ALiBi, bottom-right (the query at position Skv-1; forward only)",
          shapes=(_DECODE,), backward=False, tensors=_decode),
+    Case("decode_softcap", "decode with Gemma 2's logit softcap 50 (forward only)",
+         shapes=(_DECODE,), backward=False, tensors=_decode),
 )}
 CASE_NAMES = tuple(CASES)
 GRID_CASES = tuple(n for n, c in CASES.items() if c.grid)

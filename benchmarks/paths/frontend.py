@@ -28,6 +28,7 @@ NATIVE_NA = {
     "nomod": "no mask: the frontend row is the native graph",
     "decode": "no mask: the frontend row is the native graph",
     "softcap": "a score_mod has no native form",
+    "decode_softcap": "a score_mod has no native form",
     "relbias": "a score_mod has no native form",
     "alibi": "cuDNN's native ALiBi (use_alibi_mask) is causal only (right bound 0); this ALiBi is not causal",
     "decode_alibi": "cuDNN's native ALiBi needs a causal band and refuses the bottom-right one a decode "
@@ -215,6 +216,9 @@ def frontend_mod(case: str, inputs: dict, native: bool = False) -> FeMod:
         if native:   # kv in (q - w, q]: cuDNN's band, left bound w, right bound 0
             return FeMod(f"window{w}_native", native={"diagonal_band_left_bound": w, "diagonal_band_right_bound": 0})
         return FeMod("window", fe_window, None, {**neg_inf, "window": _scalar(w)})
+    if case == "decode_softcap":
+        cap = FeSoftcap()
+        return FeMod(f"softcap{GEMMA_CAP}", cap.forward, cap.backward, {"cap": _scalar(GEMMA_CAP)})
     if case == "gemma2":
         cap = FeSoftcap()
         return FeMod(f"softcap{GEMMA_CAP}_window", lambda g, s, t: fe_window(g, cap.forward(g, s, t), t), cap.backward,

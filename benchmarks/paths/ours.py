@@ -62,6 +62,8 @@ def kwargs(case: str, inputs: dict) -> dict:
         return {"mask_mod": mods.sliding_window(inputs["window"])}
     if case in ("docs8x2k", "docsmix"):  # the dense form; runner() takes the packed one
         return {"mask_mod": mods.document_mask(inputs["doc_ids"])}
+    if case == "decode_softcap":
+        return {"score_mod": mods.softcap(GEMMA_CAP)}
     if case == "gemma2":
         return {"score_mod": mods.softcap(GEMMA_CAP), "mask_mod": mods.sliding_window(inputs["window"])}
     if case == "padded":

@@ -83,6 +83,8 @@ def mods(case: str, inputs: dict) -> tuple:
         return None, block(window_mask(inputs["window"]))
     if case in ("docs8x2k", "docsmix"):
         return None, block(doc_mask(inputs["doc_ids"]))
+    if case == "decode_softcap":
+        return softcap(GEMMA_CAP), None
     if case == "gemma2":
         return softcap(GEMMA_CAP), block(window_mask(inputs["window"]))
     if case == "padded":

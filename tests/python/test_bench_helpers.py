@@ -361,6 +361,8 @@ def _expected(case, x):
     elif case in ("docs8x2k", "docsmix"):
         doc = torch.repeat_interleave(torch.arange(len(x["doc_lengths"])), torch.tensor(x["doc_lengths"]))
         keep = doc[qi] == doc[kv]
+    elif case == "decode_softcap":
+        s = 50.0 * torch.tanh(s / 50.0)
     elif case == "gemma2":
         s = 50.0 * torch.tanh(s / 50.0)
         keep = (qi - kv >= 0) & (qi - kv < 4096 // TINY)

@@ -30,15 +30,18 @@ _TENSOR = torch.Tensor
 
 def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,
         deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False,
-        every_row_attends: bool = False, rows: Optional[int] = None):
+        every_row_attends: bool = False, rows: Optional[int] = None, reads_head_or_key: Optional[bool] = None):
     """(out, lse) of torch.ops.cudnn_flex.fwd. Eager calls go through _C.fwd, the same op without
     boxing its arguments, unless __torch_function__ may want to see it (_overridable). `program`
     (None under torch.compile) is kept alive by the autograd node for its backward.
     every_row_attends: the padded lengths' values, read on the host, leave no query row outside its
     sequence or without a key (padded_batch.cudnn_seq_lens), so the op need not clear out and lse.
-    rows: q.shape[2], where the caller knows it (the shortcut: a read of .shape costs ~0.13 us)."""
+    rows: q.shape[2], where the caller knows it (the shortcut: a read of .shape costs ~0.13 us).
+    reads_head_or_key: the program's, where it is not at hand (under torch.compile; None: taken
+    as reading them)."""
     one_row = (mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
-               and needs_two_rows(program, k.shape[2]))
+               and needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key,
+                                  k.shape[2]))
     if one_row:
         # The second row repeats the first: one copy kernel (a zero row took a fill and the copy).
         # Its out and lse are dropped, and its share of the gradients is exactly zero: its dO row
@@ -58,15 +61,15 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     return out, lse
 
 
-def needs_two_rows(program, s_kv: int) -> bool:
-    """Whether a call of this program (None: not at hand, under torch.compile) with one query row
-    runs as two on cuDNN, the second dropped.
+def needs_two_rows(reads_head_or_key: Optional[bool], s_kv: int) -> bool:
+    """Whether a call with one query row of a program that reads the head or key index
+    (Program.reads_head_or_key; None: not known) runs as two on cuDNN, the second dropped.
     cuDNN 9.19 computes the key index, and the head index under GQA, wrongly inside a score_mod
     when the query dim is 1 (measured on the H200: `s + 0.01 * kv_idx` had out off by 0.12 over
     2048 keys, `s + 0.3 * h` lse by 0.9 with 8 query heads over 2), and refuses the backward
     graph of one query and one key. Programs that read neither index (the score alone, q_idx, b,
     score_mod tensors: a softcap, a bias) came out right at one row, forward and backward."""
-    return program is None or program.reads_head_or_key or s_kv == 1
+    return reads_head_or_key is not False or s_kv == 1
 
 
 def strides_like(like: torch.Tensor, sizes) -> list[int]:

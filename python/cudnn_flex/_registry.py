@@ -277,16 +277,17 @@ def from_constant_form(form) -> Optional[Callable]:
 
 @torch._dynamo.assume_constant_result
 def traced_ids(mod_form, bprop_form, mod_names: tuple, mod_dtypes: tuple, bprop_names: tuple,
-               bprop_dtypes: tuple, trail: tuple = ()) -> tuple[int, int]:
+               bprop_dtypes: tuple, trail: tuple = ()) -> tuple[int, int, bool]:
     """Runs in plain Python while dynamo traces: records the program once and pins it (the
-    compiled graph holds its ids). `trail` (program/shadow.py) is not read here: it is an
-    argument so that dynamo specialises on what the mods read, and recompiles when it changes."""
+    compiled graph holds its ids). Returns (mod_id, bprop_id, whether it reads the head or key
+    index: _ops.needs_two_rows). `trail` (program/shadow.py) is not read here: it is an argument
+    so that dynamo specialises on what the mods read, and recompiles when it changes."""
     program = record(from_constant_form(mod_form), from_constant_form(bprop_form), mod_names, mod_dtypes,
                      bprop_names, bprop_dtypes)
     if program is None:
-        return 0, 0
+        return 0, 0, False
     pin(program)
-    return program.mod_id, program.bprop_id
+    return program.mod_id, program.bprop_id, program.reads_head_or_key
 
 
 def pin(program: Program) -> None:

@@ -131,19 +131,20 @@ def cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, scale, deterministi
                              f"{tuple(t.shape)} as indexed), but cuDNN computes no gradient for the tensors a mod "
                              "captures, so it would never learn; capture t.detach() (or a buffer), call under "
                              "torch.no_grad(), or use backend='reference'")
-    if compiling:
-        (mod_id, bprop_id), program = program, None  # recorded while dynamo traced (record_call)
+    if compiling:  # recorded while dynamo traced (record_call)
+        (mod_id, bprop_id, reads_head_or_key), program = program, None
     else:
         mod_id, bprop_id = (program.mod_id, program.bprop_id) if program is not None else (0, 0)
+        reads_head_or_key = None  # (_ops.fwd reads the program's own)
     return _ops.fwd(q, k, v, program, mod_id, bprop_id, mod_tensors, bprop_tensors,
                     None if scale is None else float(scale), bool(deterministic), seq_lens, cu_seqlens, max_seqlens,
-                    compiling, every_row_attends)
+                    compiling, every_row_attends, reads_head_or_key=reads_head_or_key)
 
 
 @torch.compiler.disable  # reads lengths on the host and evaluates the program in Python: eager under compile
 def _reference_call(q, k, v, program, mod_tensors, scale, seq_lens_q, seq_lens_kv):
     """flex_attention's reference path: (out in q's dtype, lse)."""
-    if isinstance(program, tuple):  # (mod_id, bprop_id), recorded while dynamo traced (record_call)
+    if isinstance(program, tuple):  # (mod_id, bprop_id, ...), recorded while dynamo traced (record_call)
         program = _registry.lookup(program[0]) if program[0] else None
     kv_lengths, q_lengths, _ = padded_lengths(seq_lens_q, seq_lens_kv, q, k) or (None, None, False)
     out, lse = reference.attention_program(q, k, v, program, mod_tensors, scale, kv_lengths=kv_lengths,

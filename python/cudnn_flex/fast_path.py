@@ -485,7 +485,7 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
 def _op_checks(program, rows: int, s_kv: int) -> bool:
     """Whether the op runs a call of this program (None: no mods) over the call's own scores [B, H,
     rows, s_kv]: not when it runs one query row as two (_ops.needs_two_rows)."""
-    return rows != 1 or program is None or not _ops.needs_two_rows(program, s_kv)
+    return rows != 1 or program is None or not _ops.needs_two_rows(program.reads_head_or_key, s_kv)
 
 
 def _as_given(slots: tuple, op_checks: bool) -> bool:

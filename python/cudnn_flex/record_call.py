@@ -35,7 +35,7 @@ COPIED = frozenset((torch.bool, torch.uint8, torch.int64))  # (a set: `dtype in`
 def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_mod_bprop_tensors, q, s_kv):
     """(program, mod tensors, bprop tensors): the call's mods recorded into one program, and the
     tensors of its input slots in order. Under torch.compile the program is replaced by its
-    (mod_id, bprop_id), recorded once while dynamo traces."""
+    (mod_id, bprop_id, whether it reads the head or key index), recorded once while dynamo traces."""
     shape = (q.shape[0], q.shape[1], q.shape[2], s_kv)
     torch_fn = None
     if mask_mod is not None:
@@ -71,7 +71,7 @@ def record_call(score_mod, score_mod_bprop, mask_mod, score_mod_tensors, score_m
 
 def _record_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape):
     """(program, views of the captured tensors) of a torch-style mod (with its mask_mod); under
-    torch.compile ((mod_id, bprop_id), views)."""
+    torch.compile ((mod_id, bprop_id, whether it reads the head or key index), views)."""
     if torch.compiler.is_compiling():
         return _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_dtypes, q, shape)
     bprop_slots = _registry.slot_signature(bprop_names, bprop_dtypes)
@@ -276,18 +276,19 @@ def _traced_torch_style(torch_fn, user_fns, score_mod_bprop, bprop_names, bprop_
     # One-element index tensors (0-dim ones would make `table[q_idx]` a data-dependent item()).
     index = torch.zeros(1, dtype=torch.int64, device=q.device)
     torch_fn(torch.zeros(1, dtype=torch.float32, device=q.device), index, index, index, index)
-    mod_id, bprop_id, recipe = _recorded_for_compile(
+    mod_id, bprop_id, reads_head_or_key, recipe = _recorded_for_compile(
         tuple(captures.describe(f, _registry.constant_form) for f in user_fns),
         _registry.constant_form(score_mod_bprop), tuple(bprop_names), tuple(bprop_dtypes))
     views = [torch_style.view_for(captures.fetch(user_fns, path), axes, shape, _capture_name(i))
              for i, (path, axes) in enumerate(recipe)]
-    return (mod_id, bprop_id), views
+    return (mod_id, bprop_id, reads_head_or_key), views
 
 
 @torch._dynamo.assume_constant_result
 def _recorded_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtypes: tuple) -> tuple:
     """Runs in plain Python while dynamo traces: records the torch-style call's program, pins it,
-    and returns (mod_id, bprop_id, ((path, axes), ...)): where each captured tensor lives."""
+    and returns (mod_id, bprop_id, whether it reads the head or key index, ((path, axes), ...)):
+    where each captured tensor lives."""
     return _record_for_compile(forms, bprop_form, bprop_names, bprop_dtypes)
 
 
@@ -314,4 +315,4 @@ def _record_for_compile(forms: tuple, bprop_form, bprop_names: tuple, bprop_dtyp
     program = _program_of_trace(recorder, fwd_out, found, _registry.from_constant_form(bprop_form), bprop_names,
                                 bprop_dtypes)
     _registry.pin(program)
-    return program.mod_id, program.bprop_id, tuple(recipe)
+    return program.mod_id, program.bprop_id, program.reads_head_or_key, tuple(recipe)

@@ -116,3 +116,35 @@ def test_a_padded_decode_step_matches_its_formula(mod, rows_seen):
         got = _results(q, k, v, d_out, dict(kwargs, seq_lens_kv=lengths))
         check(got, _formula_results(q, k, v, d_out, padded), label=f"{mod} padded call {call}")
     assert rows_seen.rows == [1, 1]
+
+
+def add_key_distance(graph, score, tensors):
+    """score + 0.01 * (kv_idx - q_idx): reads the key index, so one row runs as two."""
+    distance = graph.sub(graph.gen_index(score, 3), graph.gen_index(score, 2))
+    return graph.add(score, graph.mul(distance, 0.01))
+
+
+# name -> (score_mod, score_mod_bprop, formula): DSL mods (torch-style ones compile from torch 2.14 on)
+COMPILED = {
+    "dsl softcap with its bprop": (SOFTCAP.forward, SOFTCAP.backward, lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
+    "dsl key distance": (add_key_distance, None, lambda s, b, h, q, kv: s + 0.01 * (kv - q)),
+}
+
+
+@pytest.mark.parametrize("mod", COMPILED)
+def test_a_compiled_decode_step_matches_its_formula(mod):
+    """Under torch.compile the op learns from the recorded ids whether the program reads the head
+    or key index (record_call): one row as one for the softcap, as two for the key distance."""
+    score_mod, bprop, formula = COMPILED[mod]
+    q, k, v = make_inputs(b=B, h=H, h_kv=2, s_q=1, s_kv=2048, d=D, seed=10)
+    d_out = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(11)).to("cuda", q.dtype)
+
+    @torch.compile(fullgraph=True)
+    def attend(q, k, v):
+        return cudnn_flex.flex_attention(q, k, v, score_mod, bprop, return_lse=True)
+
+    out, lse = attend(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+    got = {name: t.detach().double().cpu() for name, t in
+           (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+    check(got, _formula_results(q, k, v, d_out, formula), label=f"compiled {mod}")

@@ -78,3 +78,37 @@ def test_a_program_says_whether_it_reads_the_head_or_key_index():
                               kwargs.get("score_mod_tensors"), None, q, 9)[0]
         reads[name] = (program.reads_head_or_key, two_rows)
     assert all(got == want for got, want in reads.values()), reads
+
+
+@pytest.mark.parametrize("case", ["softcap", "dsl softcap with its bprop", "key index", "alibi", "dsl alibi"])
+def test_a_compiled_call_knows_whether_its_program_reads_the_head_or_key_index(monkeypatch, case):
+    """Under torch.compile the op is called without the program (the compiled graph holds its
+    ids): record_call's ids say whether it reads the head or key index, and cudnn_call hands that
+    on, so a compiled decode step of a softcap runs one row too."""
+    from cudnn_flex import _ops, api
+    from cudnn_flex.record_call import record_call
+    kwargs, two_rows = CASES[case]
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    handed = []
+
+    def fwd(*args, **kw):
+        handed.append(kw)
+        return torch.zeros(B, H, 1, D, dtype=q.dtype), torch.zeros(B, H, 1)
+    monkeypatch.setattr(_ops, "fwd", fwd)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    program, mod_tensors, bprop_tensors = record_call(kwargs.get("score_mod"), kwargs.get("score_mod_bprop"), None,
+                                                      kwargs.get("score_mod_tensors"), None, q, 9)
+    assert isinstance(program, tuple)  # (the ids, as a compiled graph holds them)
+    api.cudnn_call(q, k, v, program, mod_tensors, bprop_tensors, None, False)
+    assert handed[0]["reads_head_or_key"] is two_rows
+
+
+@pytest.mark.parametrize("reads,rows", [(False, 1), (True, 2), (None, 2)])
+def test_the_op_runs_one_row_by_what_it_is_told_of_a_program_not_at_hand(op, reads, rows):
+    """_ops.fwd without the program (as under torch.compile): None says nothing is known."""
+    from cudnn_flex import _ops
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = _ops.fwd(q, k, v, None, 12345, 0, [], [], None, False, reads_head_or_key=reads)
+    assert op.calls[-1]["rows"] == rows and out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)

@@ -43,11 +43,15 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
                and needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key,
                                   k.shape[2]))
     if one_row:
-        # The second row repeats the first: one copy kernel (a zero row took a fill and the copy).
-        # Its out and lse are dropped, and its share of the gradients is exactly zero: its dO row
-        # is zero, so are its dP and D = rowsum(dO * O), and so its dS. (Not an expanded view:
-        # the op lays out out like q, and a stride-0 row dim would come innermost.)
-        q = torch.cat([q, q], dim=2)
+        # The second row's out and lse are dropped. Without a backward it repeats the first (one
+        # copy kernel; a zero row takes a fill too). With one it is zero: its share of the
+        # gradients is zero as long as its scores are finite (its dO row is zero, so are its dP
+        # and D = rowsum(dO * O), and so its dS), and a mask over q_idx may show it a key the
+        # first row does not see (the next slot of a KV cache, whatever it holds: 0 * k stays
+        # finite, q * k need not). (Not an expanded view: the op lays out out like q, and a
+        # stride-0 row dim would come innermost.)
+        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
         every_row_attends = False  # the second row lies past the query lengths: the op clears it
     op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
                                                              cu_seqlens) else _C.fwd

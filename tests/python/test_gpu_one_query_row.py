@@ -20,6 +20,10 @@ SOFTCAP = dsl_mods.softcap(20.0)
 KV_BIAS = torch.randn(2048, generator=torch.Generator().manual_seed(3))
 HEAD_BIAS = torch.randn(H, generator=torch.Generator().manual_seed(4))
 FULL_BIAS = torch.randn(B, H, 1, 2048, generator=torch.Generator().manual_seed(5))
+# Which keys each batch element may see (an attention mask as Hugging Face passes it); the second
+# sees none: its row is fully masked (out 0, lse -inf, no gradient).
+KEEP = torch.rand(B, 2048, generator=torch.Generator().manual_seed(6)) < 0.7
+KEEP[1] = False
 
 
 def captured_bias(table: torch.Tensor, index: str):
@@ -28,6 +32,12 @@ def captured_bias(table: torch.Tensor, index: str):
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + table[{"b": b, "h": h, "kv": kv_idx}[index]]
     return score_mod
+
+
+def key_mask(keep: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keep[b, kv_idx]
+    return mask_mod
 
 
 def add_full_bias(graph, score, tensors):
@@ -46,6 +56,10 @@ MODS = {
                         lambda s_kv: lambda s, b, h, q, kv: s + KV_BIAS[:s_kv].double()[kv]),
     "head bias tensor": (lambda s_kv: dict(score_mod=captured_bias(HEAD_BIAS.cuda(), "h")),
                          lambda s_kv: lambda s, b, h, q, kv: s + HEAD_BIAS.double()[h]),
+    "batch index": (lambda s_kv: dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.3 * b),
+                    lambda s_kv: lambda s, b, h, q, kv: s + 0.3 * b),
+    "key mask tensor, a row fully masked": (lambda s_kv: dict(mask_mod=key_mask(KEEP[:, :s_kv].cuda())),
+                                            lambda s_kv: lambda s, b, h, q, kv: where_kept(KEEP[:, :s_kv][b, kv], s)),
     "batch bias tensor": (lambda s_kv: dict(score_mod=captured_bias(HEAD_BIAS[:B].cuda(), "b")),
                           lambda s_kv: lambda s, b, h, q, kv: s + HEAD_BIAS[:B].double()[b]),
     "dsl full bias": (lambda s_kv: dict(score_mod=add_full_bias,

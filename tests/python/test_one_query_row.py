@@ -112,3 +112,33 @@ def test_the_op_runs_one_row_by_what_it_is_told_of_a_program_not_at_hand(op, rea
     k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
     out, lse = _ops.fwd(q, k, v, None, 12345, 0, [], [], None, False, reads_head_or_key=reads)
     assert op.calls[-1]["rows"] == rows and out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
+
+
+class RowsOp:
+    """_C.fwd on the CPU that keeps the q it is handed and answers with q itself as out (D = Dv)
+    and q's first column as lse, so that a test sees each row the caller gets back."""
+
+    def __init__(self):
+        self.handed = []
+
+    def fwd(self, q, k, v, *args):
+        self.handed.append(q.detach().clone())
+        return q.detach().clone(), q.detach()[..., 0].float()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no backward", "backward"])
+def test_the_second_row_and_the_row_returned(op, monkeypatch, grad):
+    """A one-row call run as two: the caller gets the first row's out and lse; the second row is
+    a copy of the first without a backward, and zero with one (its scores then stay finite
+    whatever a key it alone sees holds, so its share of the gradients is zero)."""
+    from cudnn_flex import _ops
+    seen = RowsOp()
+    monkeypatch.setattr(_ops, "_C", seen)
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=grad)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):  # the full path, then the shortcut
+        out, lse = cudnn_flex.flex_attention(q, k, v, **CASES["key index"][0], return_lse=True)
+        handed = seen.handed[-1]
+        assert handed.shape == (B, H, 2, D) and torch.equal(handed[:, :, :1], q.detach())
+        assert torch.equal(handed[:, :, 1:], torch.zeros_like(q) if grad else q.detach())
+        assert torch.equal(out, q.detach()) and torch.equal(lse, q.detach()[..., 0].float())

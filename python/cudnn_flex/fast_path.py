@@ -64,9 +64,8 @@ _MAX_SNAPSHOTS = 256
 
 
 class _Entry:
-    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "op_checks", "given_as_is", "leaves", "slots",
-                 "views",
-                 "copied_once", "copies", "kept", "grad_leaf", "padded")
+    __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "op_checks", "given_as_is", "leaves",
+                 "slots", "views", "copied_once", "copies", "kept", "grad_leaf", "padded")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int,
                  op_checks: bool = False, given_as_is: bool = False):

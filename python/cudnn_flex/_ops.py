@@ -47,9 +47,9 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
         # copy kernel; a zero row takes a fill too). With one it is zero: its share of the
         # gradients is zero as long as its scores are finite (its dO row is zero, so are its dP
         # and D = rowsum(dO * O), and so its dS), and a mask over q_idx may show it a key the
-        # first row does not see (the next slot of a KV cache, whatever it holds: 0 * k stays
-        # finite, q * k need not). (Not an expanded view: the op lays out out like q, and a
-        # stride-0 row dim would come innermost.)
+        # first row does not see (the next slot of a KV cache: 0 * k stays finite where k is,
+        # q * k need not; an inf or NaN there still reaches the gradients). (Not an expanded
+        # view: the op lays out out like q, and a stride-0 row dim would come innermost.)
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
         every_row_attends = False  # the second row lies past the query lengths: the op clears it

@@ -80,14 +80,36 @@ def test_a_program_says_whether_it_reads_the_head_or_key_index():
     assert all(got == want for got, want in reads.values()), reads
 
 
-@pytest.mark.parametrize("case", ["softcap", "dsl softcap with its bprop", "key index", "alibi", "dsl alibi"])
+SLOPES = mods.alibi_slopes(H).view(-1)
+
+
+def softcap_score(score, b, h, q_idx, kv_idx):
+    return torch.tanh(score / 20.0) * 20.0
+
+
+def alibi_score(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+# Torch-style mods without closures (a module global is read where it lives): before torch 2.14
+# dynamo refuses closures (record_call._DYNAMO_READS_CLOSURES).
+COMPILED = {
+    "softcap": (dict(score_mod=softcap_score), False),
+    "dsl softcap with its bprop": CASES["dsl softcap with its bprop"],
+    "key index": CASES["key index"],
+    "alibi": (dict(score_mod=alibi_score), True),
+    "dsl alibi": CASES["dsl alibi"],
+}
+
+
+@pytest.mark.parametrize("case", COMPILED)
 def test_a_compiled_call_knows_whether_its_program_reads_the_head_or_key_index(monkeypatch, case):
     """Under torch.compile the op is called without the program (the compiled graph holds its
     ids): record_call's ids say whether it reads the head or key index, and cudnn_call hands that
     on, so a compiled decode step of a softcap runs one row too."""
     from cudnn_flex import _ops, api
     from cudnn_flex.record_call import record_call
-    kwargs, two_rows = CASES[case]
+    kwargs, two_rows = COMPILED[case]
     q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
     k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
     handed = []

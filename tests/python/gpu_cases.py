@@ -110,6 +110,23 @@ def compare(q, k, v, formula: Optional[Callable] = None, *, layout="bhsd", deter
     return got, want
 
 
+def with_gradients(out, lse, qkv, d_out) -> dict:
+    """out, lse and the gradients of q, k, v for d_out, in float64 on the CPU (BHSD tensors; for
+    calls compare() cannot make: the same mod objects twice, the shortcut's repeat)."""
+    dq, dk, dv = torch.autograd.grad(out, qkv, d_out)
+    return {name: t.detach().double().cpu() for name, t in
+            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+
+
+def formula_results(qkv, d_out, formula: Optional[Callable]) -> dict:
+    """What with_gradients should give: oracle.attention with `formula`, float64 on the CPU, on
+    the same rounded q, k, v and dO."""
+    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in qkv)
+    out, lse = oracle.attention(qf, kf, vf, formula)
+    grads = torch.autograd.grad(out, (qf, kf, vf), d_out.double().cpu())
+    return {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+
+
 def dsl_formula(score_mod, tensors=None):
     """The expected-value formula of a DSL score_mod (dsl_torch), or None for no score_mod."""
     return None if score_mod is None else dsl_torch.formula(score_mod, tensors)

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import cudnn_flex
-import oracle
 from cudnn_flex import _ops, dsl_mods, mods
-from gpu_cases import check, make_inputs
+from gpu_cases import check, formula_results, make_inputs, with_gradients
 from length_mods import where_kept
 
 pytestmark = pytest.mark.gpu
@@ -88,16 +87,7 @@ def rows_seen(monkeypatch):
 
 def _results(q, k, v, d_out, kwargs) -> dict:
     out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-    return {name: t.detach().double().cpu() for name, t in
-            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-
-
-def _formula_results(q, k, v, d_out, formula) -> dict:
-    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    out, lse = oracle.attention(qf, kf, vf, formula)
-    grads = torch.autograd.grad(out, (qf, kf, vf), d_out.double().cpu())
-    return {"out": out.detach(), "lse": lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    return with_gradients(out, lse, (q, k, v), d_out)
 
 
 @pytest.mark.parametrize("s_kv", [2, 127, 129, 2048])
@@ -109,7 +99,7 @@ def test_one_query_row_matches_its_formula(mod, h_kv, s_kv, rows_seen):
     d_out = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(7)).to("cuda", q.dtype)
     for call in range(2):  # the full path, then the shortcut
         got = _results(q, k, v, d_out, kwargs)
-        check(got, _formula_results(q, k, v, d_out, formula), label=f"{mod} 1x{s_kv} h_kv={h_kv} call {call}")
+        check(got, formula_results((q, k, v), d_out, formula), label=f"{mod} 1x{s_kv} h_kv={h_kv} call {call}")
     assert rows_seen.rows == [1, 1]
 
 
@@ -128,7 +118,7 @@ def test_a_padded_decode_step_matches_its_formula(mod, rows_seen):
 
     for call in range(2):
         got = _results(q, k, v, d_out, dict(kwargs, seq_lens_kv=lengths))
-        check(got, _formula_results(q, k, v, d_out, padded), label=f"{mod} padded call {call}")
+        check(got, formula_results((q, k, v), d_out, padded), label=f"{mod} padded call {call}")
     assert rows_seen.rows == [1, 1]
 
 
@@ -140,7 +130,8 @@ def add_key_distance(graph, score, tensors):
 
 # name -> (score_mod, score_mod_bprop, formula): DSL mods (torch-style ones compile from torch 2.14 on)
 COMPILED = {
-    "dsl softcap with its bprop": (SOFTCAP.forward, SOFTCAP.backward, lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
+    "dsl softcap with its bprop": (SOFTCAP.forward, SOFTCAP.backward,
+                                   lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0)),
     "dsl key distance": (add_key_distance, None, lambda s, b, h, q, kv: s + 0.01 * (kv - q)),
 }
 
@@ -158,7 +149,5 @@ def test_a_compiled_decode_step_matches_its_formula(mod):
         return cudnn_flex.flex_attention(q, k, v, score_mod, bprop, return_lse=True)
 
     out, lse = attend(q, k, v)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-    got = {name: t.detach().double().cpu() for name, t in
-           (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-    check(got, _formula_results(q, k, v, d_out, formula), label=f"compiled {mod}")
+    check(with_gradients(out, lse, (q, k, v), d_out), formula_results((q, k, v), d_out, formula),
+          label=f"compiled {mod}")

@@ -10,7 +10,7 @@ import torch
 import cudnn_flex
 import oracle
 from cudnn_flex import mods
-from gpu_cases import check, make_inputs
+from gpu_cases import check, formula_results, make_inputs, with_gradients
 from length_mods import H, MODS, NEG_INF, SLOPES, cu_seqlens, where_kept
 
 pytestmark = pytest.mark.gpu
@@ -24,23 +24,13 @@ SHAPES = {
 }
 
 
-def with_gradients(out, lse, qkv, d_out) -> dict:
-    """out, lse and the gradients of q, k, v for d_out, in float64 on the CPU."""
-    dq, dk, dv = torch.autograd.grad(out, qkv, d_out)
-    return {name: t.detach().double().cpu() for name, t in
-            (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-
-
 def padded_formula_results(qkv, d_out, len_q, len_kv, formula) -> dict:
     """What with_gradients should give: the float64 formula with the padding masked (lengths int32
     [B] on the CPU)."""
     def padded(s, b, h, q_idx, kv_idx):
         return where_kept((kv_idx < len_kv.long()[b]) & (q_idx < len_q.long()[b]), formula(s, b, h, q_idx, kv_idx))
 
-    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in qkv)
-    want_out, want_lse = oracle.attention(qf, kf, vf, padded)
-    grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
-    return {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    return formula_results(qkv, d_out, padded)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -283,14 +273,8 @@ def test_one_query_with_index_score_mods(mod, h_kv):
     q, k, v = make_inputs(b=3, h=H, h_kv=h_kv, s_q=1, s_kv=300, d=D, seed=16)
     out, lse = cudnn_flex.flex_attention(q, k, v, fn, return_lse=True)
     d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to("cuda", out.dtype)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
-    qf, kf, vf = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    want_out, want_lse = oracle.attention(qf, kf, vf, fn)
-    grads = torch.autograd.grad(want_out, (qf, kf, vf), d_out.double().cpu())
-    got = {name: t.detach().double().cpu() for name, t in
-           (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
-    check(got, {"out": want_out.detach(), "lse": want_lse.detach(), "dq": grads[0], "dk": grads[1],
-                "dv": grads[2]}, label=f"one query {mod}")
+    check(with_gradients(out, lse, (q, k, v), d_out), formula_results((q, k, v), d_out, fn),
+          label=f"one query {mod}")
     assert out.shape == (3, H, 1, D) and lse.shape == (3, H, 1)
 
 

@@ -1,13 +1,16 @@
 """One query row (a decode step) on cuDNN, run as one row: programs that read neither the head nor
-the key index (the score, q_idx, b, score_mod tensors) skip the two-row rewrite that the others
-need (_ops.needs_two_rows). Checked against the float64 formula: out, lse and the three gradients,
-MHA and GQA, key lengths that fill no tile up to a cache of 2048, unpadded and padded (per-batch
-cache lengths, seq_lens_kv); and that the op did get one row."""
+the key index (the score, q_idx, b, score_mod tensors) run as they are; without a backward, those
+that read one run with the index read from an int32 tensor (one_query_row.py); with one, they run
+as two rows (_ops.needs_two_rows). Checked against the float64 formula: out, lse and the three
+gradients (out and lse without a backward), MHA and GQA, key lengths that fill no tile up to a
+cache of 2048, unpadded and padded (per-batch cache lengths, seq_lens_kv), captured in a CUDA
+graph; and that the op did get one row."""
 
 import pytest
 import torch
 
 import cudnn_flex
+import oracle
 from cudnn_flex import _ops, dsl_mods, mods
 from gpu_cases import check, formula_results, make_inputs, with_gradients
 from length_mods import where_kept
@@ -151,3 +154,124 @@ def test_a_compiled_decode_step_matches_its_formula(mod):
     out, lse = attend(q, k, v)
     check(with_gradients(out, lse, (q, k, v), d_out), formula_results((q, k, v), d_out, formula),
           label=f"compiled {mod}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a backward, programs that read the head or key index run one row too: those indices
+# come from int32 tensors (one_query_row.py), which cuDNN 9.19 reads right at one row.
+
+SLOPES = mods.alibi_slopes(H).view(-1)
+DISTANCE_TABLE = torch.randn(H, 4096, generator=torch.Generator().manual_seed(12))
+
+
+def relative_table(table: torch.Tensor):
+    """score + table[h, kv_idx - q_idx + 2048]: a learned bias per head and distance (T5-like),
+    gathered ahead of the kernel."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx - q_idx + 2048]
+    return score_mod
+
+
+def recent_keys(s_kv: int):
+    """The last 100 keys of the cache: a window written over kv_idx alone (no band)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx >= s_kv - 100
+    return mask_mod
+
+
+# name -> (flex_attention kwargs on the GPU for s_kv keys, the formula of the scores for s_kv keys)
+INDEX_MODS = {
+    "alibi": (lambda s_kv: dict(score_mod=mods.alibi(SLOPES.cuda())),
+              lambda s_kv: lambda s, b, h, q, kv: s + SLOPES.double()[h] * (kv - q)),
+    "dsl alibi": (lambda s_kv: dict(score_mod=dsl_mods.alibi, score_mod_tensors={"slopes": SLOPES.view(1, H, 1, 1).cuda()}),
+                  lambda s_kv: lambda s, b, h, q, kv: s + SLOPES.double()[h] * (kv - q)),
+    "key distance": (lambda s_kv: dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.01 * (kv_idx - q_idx)),
+                     lambda s_kv: lambda s, b, h, q, kv: s + 0.01 * (kv - q)),
+    "head index": (lambda s_kv: dict(score_mod=lambda s, b, h, q_idx, kv_idx: s + 0.3 * h),
+                   lambda s_kv: lambda s, b, h, q, kv: s + 0.3 * h),
+    "dsl relative bias": (lambda s_kv: dict(score_mod=dsl_mods.relative_bias(0.05)),
+                          lambda s_kv: lambda s, b, h, q, kv: s + 0.05 * (q - kv)),
+    "relative table": (lambda s_kv: dict(score_mod=relative_table(DISTANCE_TABLE.cuda())),
+                       lambda s_kv: lambda s, b, h, q, kv: s + DISTANCE_TABLE.double()[h, kv - q + 2048]),
+    "softcap and alibi": (lambda s_kv: dict(score_mod=mods.compose(mods.softcap(20.0), mods.alibi(SLOPES.cuda()))),
+                          lambda s_kv: lambda s, b, h, q, kv: 20.0 * torch.tanh(s / 20.0) + SLOPES.double()[h] * (kv - q)),
+    "keys below 64": (lambda s_kv: dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 64),
+                      lambda s_kv: lambda s, b, h, q, kv: where_kept(kv < 64, s)),
+    "recent keys": (lambda s_kv: dict(mask_mod=recent_keys(s_kv)),
+                    lambda s_kv: lambda s, b, h, q, kv: where_kept(kv >= s_kv - 100, s)),
+    "keys by head": (lambda s_kv: dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 50 + 10 * h),
+                     lambda s_kv: lambda s, b, h, q, kv: where_kept(kv < 50 + 10 * h, s)),
+}
+
+
+def _forward(q, k, v, kwargs) -> dict:
+    with torch.no_grad():
+        out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
+    return {"out": out.double().cpu(), "lse": lse.double().cpu()}
+
+
+def _formula_forward(q, k, v, formula) -> dict:
+    out, lse = oracle.attention(*(t.detach().double().cpu() for t in (q, k, v)), formula)
+    return {"out": out, "lse": lse}
+
+
+@pytest.mark.parametrize("s_kv", [2, 127, 129, 2048])
+@pytest.mark.parametrize("h_kv", [H, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mod", INDEX_MODS)
+def test_a_decode_step_reading_the_head_or_key_index_runs_one_row(mod, h_kv, s_kv, rows_seen):
+    kwargs, formula = (make(s_kv) for make in INDEX_MODS[mod])
+    q, k, v = make_inputs(b=B, h=H, h_kv=h_kv, s_q=1, s_kv=s_kv, d=D, seed=s_kv + h_kv + 20)
+    want = _formula_forward(q, k, v, formula)
+    for call in range(2):  # the full path, then the shortcut
+        check(_forward(q, k, v, kwargs), want, label=f"{mod} 1x{s_kv} h_kv={h_kv} call {call}")
+    assert rows_seen.rows == [1, 1]
+
+
+@pytest.mark.parametrize("mod", ["alibi", "keys by head"])
+def test_a_padded_decode_step_reading_the_key_index_runs_one_row(mod, rows_seen):
+    """Per-batch cache lengths (seq_lens_kv) over a cache of 2048, GQA, in inference mode."""
+    cache = [1, 77, 2000]
+    kwargs, formula = (make(2048) for make in INDEX_MODS[mod])
+    q, k, v = (t.detach() for t in make_inputs(b=B, h=H, h_kv=2, s_q=1, s_kv=2048, d=D, seed=21))
+    lengths = torch.tensor(cache, dtype=torch.int32, device="cuda")
+
+    def padded(s, b, h, q_idx, kv_idx):
+        return where_kept(kv_idx < torch.tensor(cache)[b], formula(s, b, h, q_idx, kv_idx))
+
+    want = _formula_forward(q, k, v, padded)
+    for call in range(2):
+        with torch.inference_mode():
+            out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, seq_lens_kv=lengths, return_lse=True)
+        check({"out": out.double().cpu(), "lse": lse.double().cpu()}, want, label=f"{mod} padded call {call}")
+    assert rows_seen.rows == [1, 1]
+
+
+def test_a_decode_step_with_a_backward_still_runs_two_rows(rows_seen):
+    """cuDNN's backward was not measured with the index tensors: a call that needs one keeps two rows."""
+    kwargs, formula = (make(129) for make in INDEX_MODS["alibi"])
+    q, k, v = make_inputs(b=B, h=H, h_kv=2, s_q=1, s_kv=129, d=D, seed=22)
+    d_out = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(23)).to("cuda", q.dtype)
+    check(_results(q, k, v, d_out, kwargs), formula_results((q, k, v), d_out, formula), label="alibi backward")
+    assert rows_seen.rows == [2]
+
+
+def test_a_captured_decode_step_replays_its_formula(rows_seen):
+    """A decode step captured in a CUDA graph after a warm-up step (which made its graph and index
+    tensors) runs one row; each replay reads the q then in place, and matches the formula."""
+    kwargs, formula = (make(2048) for make in INDEX_MODS["alibi"])
+    q, k, v = (t.detach() for t in make_inputs(b=B, h=H, h_kv=2, s_q=1, s_kv=2048, d=D, seed=24))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _forward(q, k, v, kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = cudnn_flex.flex_attention(q, k, v, **kwargs)
+    assert rows_seen.rows == [1, 1]
+    for seed in (25, 26):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        check({"out": out.double().cpu()}, {"out": _formula_forward(q, k, v, formula)["out"]},
+              label=f"replay {seed}")

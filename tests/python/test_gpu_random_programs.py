@@ -6,6 +6,8 @@ alone, and every derivative rule of the derived bprop.
 - every op alone with an O(1) effect on the scores, on index-based inputs and, for the
   differentiable ops, on the score in each operand position (test_random_programs.py shows on the
   CPU that each probe fails when its op computes something else or loses its derivative);
+- the random programs and the index-based probes at one query row without a backward (a decode
+  step), where the head and key indices come from tensors (one_query_row.py), forward only;
 - the derived-bprop cases of test_derived_bprop.py (one table for CPU and GPU).
 
 Expected values: oracle.attention in float64 with dsl_torch's formula, on the values cuDNN saw.
@@ -17,7 +19,10 @@ import json
 import os
 
 import pytest
+import torch
 
+import cudnn_flex
+import oracle
 from gpu_cases import check, compare, dsl_formula, make_inputs
 from random_programs import (ADD_SELECT_SEEDS, PROBE_SHAPE, SCORE_PATH_SEEDS, SingleOp, probe_cases, program,
                              program_tensors)
@@ -65,6 +70,31 @@ def test_each_op_alone(op, mode):
         _record("op_probe.jsonl", {"op": op, "mode": mode, "passed": False, "error": str(e)[:400]})
         raise
     _record("op_probe.jsonl", {"op": op, "mode": mode, "passed": True, "errors": errs})
+
+
+def _one_row_forward(score_mod, seed, tensors, label):
+    """The first query row of the scores of _run's shape, alone and without a backward: the
+    tensors' rows past the first dropped (so a probe's margins still hold)."""
+    q, k, v = (t.detach() for t in make_inputs(b=B, h=H, s_q=1, s_kv=S, d=D, seed=seed))
+    first_row = {name: t[:, :, :1].contiguous() if t.shape[2] == S else t for name, t in tensors.items()}
+    with torch.no_grad():
+        out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_tensors={
+            name: t.cuda() for name, t in first_row.items()}, return_lse=True)
+    want_out, want_lse = oracle.attention(*(t.double().cpu() for t in (q, k, v)), dsl_formula(score_mod, first_row))
+    return check({"out": out.double().cpu(), "lse": lse.double().cpu()}, {"out": want_out, "lse": want_lse},
+                 tol=TOL, label=label)
+
+
+@pytest.mark.parametrize("seed", ADD_SELECT_SEEDS)
+def test_random_program_at_one_query_row_matches_formula(seed):
+    prog = program(seed)
+    _one_row_forward(prog, seed, program_tensors(B, H, S, S, "cpu", seed), prog.text)
+
+
+@pytest.mark.parametrize("op", [op for op, mode in probe_cases() if mode == "index"])
+def test_each_op_alone_at_one_query_row(op):
+    probe = SingleOp(op, "index")
+    _one_row_forward(probe, 7, program_tensors(B, H, S, S, "cpu", 7), repr(probe))
 
 
 @pytest.mark.parametrize("name", BPROP_CASES)

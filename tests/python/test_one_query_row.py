@@ -3,6 +3,8 @@ as two rows (_ops.needs_two_rows; cuDNN 9.19 computes the head and key index wro
 score_mod at one row, test_gpu_one_query_row.py checks both kinds against the formula), on the
 full path and on the shortcut, and that the caller gets one row either way."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ def key_index_bprop(graph, d_p, tensors):
     return graph.mul(d_p, graph.gen_index(d_p, 3))
 
 
-# name -> (flex_attention kwargs, whether one query row runs as two)
+# name -> (flex_attention kwargs, whether one query row runs as two under a backward)
 CASES = {
     "no mod": ({}, False),
     "softcap": (dict(score_mod=mods.softcap(20.0)), False),
@@ -44,17 +46,54 @@ CASES = {
     "key index in the bprop only": (dict(score_mod=scaled_by, score_mod_bprop=key_index_bprop,
                                          score_mod_tensors={"c": torch.full((1, 1, 1, 1), 0.5)}), True),
     "mask over keys": (dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 5), True),
+    "head and key index": (dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 3 + h), True),
+    "causal band": (dict(mask_mod=mods.causal), True),
 }
+# Without a backward: the indices the forward of each case that reads one gets as int32 tensors
+# (one_query_row.py; 1: the head, 3: the key), in slot order; None where it keeps two rows.
+INDEX_AXES = {"key index": (3,), "head index": (1,), "alibi": (3,), "dsl alibi": (3,),
+              "key index in the bprop only": (), "mask over keys": (3,), "head and key index": (1, 3),
+              "causal band": None}
+S_KV = 9
+
+
+def index_values(axis: int) -> torch.Tensor:
+    """What gen_index gives along `axis` of the scores [B, H, 1, S_KV], as its one-row tensor."""
+    return torch.arange(H, dtype=torch.int32).view(1, H, 1, 1) if axis == 1 else \
+        torch.arange(S_KV, dtype=torch.int32).view(1, 1, 1, S_KV)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_one_query_row_runs_as_two_only_where_an_index_is_read(op, case):
+def test_one_query_row_runs_as_two_only_where_an_index_is_read_under_a_backward(op, case):
     kwargs, two_rows = CASES[case]
-    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
-    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, H, S_KV, D, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(2):  # the full path, then the shortcut
         out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
         assert op.calls[-1]["rows"] == (2 if two_rows else 1)
+        assert not any(t.dtype == torch.int32 for t in op.calls[-1]["mod_tensors"])
+        assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
+    assert op.records == 1
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["requires no grad", "no_grad", "inference_mode"])
+def test_one_query_row_without_a_backward_reads_its_indices_from_tensors(op, case, mode):
+    """Without a backward a program that reads the head or key index runs one row too, those
+    indices handed to the op as int32 tensors after the call's own; a recognised band keeps two."""
+    kwargs, _ = CASES[case]
+    axes = INDEX_AXES.get(case, ())
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=mode == "no_grad")
+    k, v = (torch.randn(B, H, S_KV, D, dtype=torch.bfloat16) for _ in range(2))
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    for _ in range(2):  # the full path, then the shortcut
+        with context():
+            out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
+        call = op.calls[-1]
+        indices = [t for t in call["mod_tensors"] if t.dtype == torch.int32]
+        assert call["rows"] == (2 if axes is None else 1)
+        assert len(indices) == len(axes or ()) and all(
+            torch.equal(got, index_values(axis)) for got, axis in zip(indices, axes or ()))
         assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
     assert op.records == 1
 
@@ -159,7 +198,9 @@ def test_the_second_row_and_the_row_returned(op, monkeypatch, grad):
     q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=grad)
     k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(2):  # the full path, then the shortcut
-        out, lse = cudnn_flex.flex_attention(q, k, v, **CASES["key index"][0], return_lse=True)
+        # (without a backward, a program whose indices can be tensors runs one row: a band)
+        case = "key index" if grad else "causal band"
+        out, lse = cudnn_flex.flex_attention(q, k, v, **CASES[case][0], return_lse=True)
         handed = seen.handed[-1]
         assert handed.shape == (B, H, 2, D) and torch.equal(handed[:, :, :1], q.detach())
         assert torch.equal(handed[:, :, 1:], torch.zeros_like(q) if grad else q.detach())

@@ -1,7 +1,7 @@
 """A decode step's host time (issue 15): each kind of cached call with one query row against SDPA's
 at one row, in interleaved rounds (as scripts/host_time_rounds.py), forward under no_grad, B=1 H=1
-Skv=64 D=64. Every kind runs one row: a score_mod that reads the head or key index (ALiBi) with
-those indices read from tensors (one_query_row.py). Needs a GPU.
+Skv=64 D=64. A score_mod that reads the head or key index runs one row as two
+(_ops.needs_two_rows); the others, and no mod, run one row. Needs a GPU.
 
     PYTHONPATH=python:. python3 scripts/host_time_decode.py TAG [ROUNDS]"""
 import statistics
@@ -30,8 +30,8 @@ kinds = {
     "t softcap": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=softcap),
     "padded kv": lambda: cudnn_flex.flex_attention(q, k, v, seq_lens_kv=lengths),
     "padded softcap": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=softcap, seq_lens_kv=lengths),
-    "dsl alibi T": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
-    "talibi": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=alibi),
+    "dsl alibi T (2 rows)": lambda: cudnn_flex.flex_attention(q, k, v, dsl_mods.alibi, score_mod_tensors=slopes),
+    "talibi (2 rows)": lambda: cudnn_flex.flex_attention(q, k, v, score_mod=alibi),
 }
 
 tag, rounds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 15

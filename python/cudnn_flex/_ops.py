@@ -10,7 +10,6 @@ from typing import Optional
 import torch
 
 from . import _C  # loading the extension registers the ops
-from . import one_query_row
 
 
 def _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens, cu_seqlens) -> bool:
@@ -40,44 +39,69 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     rows: q.shape[2], where the caller knows it (the shortcut: a read of .shape costs ~0.13 us).
     reads_head_or_key: the program's, where it is not at hand (under torch.compile; None: taken
     as reading them)."""
-    two_rows = False
-    if (mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
-            and needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key,
-                               s_kv := k.shape[2])):
+    at_one_row = mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
+    one_row = at_one_row and (
+        needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key, k.shape[2])
+        or bool(_refused_at_one_row) and _one_row_key(q, k, v, mod_id, bprop_id, seq_lens) in _refused_at_one_row)
+    if one_row:
+        # The second row's out and lse are dropped. Without a backward it repeats the first (one
+        # copy kernel; a zero row takes a fill too). With one it is zero: its share of the
+        # gradients is zero as long as its scores are finite (its dO row is zero, so are its dP
+        # and D = rowsum(dO * O), and so its dS), and a mask over q_idx may show it a key the
+        # first row does not see (the next slot of a KV cache: 0 * k stays finite where k is,
+        # q * k need not; an inf or NaN there still reaches the gradients). (Not an expanded
+        # view: the op lays out out like q, and a stride-0 row dim would come innermost.)
         backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        form = None if backward or program is None or s_kv == 1 else one_query_row.one_row_form(program)
-        indices = None if form is None else one_query_row.index_tensors(form, q.shape[1], s_kv, q.device)
-        if indices is not None:  # the indices as tensors: one row (one_query_row.py)
-            program = form.program
-            mod_id, bprop_id, mod_tensors = program.mod_id, program.bprop_id, [*mod_tensors, *indices]
-        else:
-            # The second row's out and lse are dropped. Without a backward it repeats the first (one
-            # copy kernel; a zero row takes a fill too). With one it is zero: its share of the
-            # gradients is zero as long as its scores are finite (its dO row is zero, so are its dP
-            # and D = rowsum(dO * O), and so its dS), and a mask over q_idx may show it a key the
-            # first row does not see (the next slot of a KV cache: 0 * k stays finite where k is,
-            # q * k need not; an inf or NaN there still reaches the gradients). (Not an expanded
-            # view: the op lays out out like q, and a stride-0 row dim would come innermost.)
-            two_rows = True
-            q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
-            every_row_attends = False  # the second row lies past the query lengths: the op clears it
+        q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
+        every_row_attends = False  # the second row lies past the query lengths: the op clears it
     op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
                                                              cu_seqlens) else _C.fwd
-    out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
-                  cu_seqlens, max_seqlens, every_row_attends)
+    try:
+        out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
+                      cu_seqlens, max_seqlens, every_row_attends)
+    except (ValueError, RuntimeError) as refusal:  # (a refusal past choosing a kernel is a RuntimeError)
+        if one_row or not at_one_row or not str(refusal).startswith(_REFUSED_FORWARD):
+            raise
+        # cuDNN took no kernel for this program at one row: two rows, now and for the calls after.
+        key = _one_row_key(q, k, v, mod_id, bprop_id, seq_lens)
+        if len(_refused_at_one_row) >= _MAX_REFUSED:
+            _refused_at_one_row.clear()
+        _refused_at_one_row.add(key)
+        try:
+            return fwd(q, k, v, program, mod_id, bprop_id, mod_tensors, bprop_tensors, scale, deterministic,
+                       seq_lens, cu_seqlens, max_seqlens, compiling, every_row_attends, rows, reads_head_or_key)
+        except (ValueError, RuntimeError) as at_two_rows:
+            if not str(at_two_rows).startswith(_REFUSED_FORWARD):
+                raise
+            _refused_at_one_row.discard(key)  # refused at two rows too: the problem, not the row count
+            raise refusal from None
     if program is not None and out.requires_grad:
         # The backward graph may be built long after: its program lives as long as the node.
         out.grad_fn.metadata["cudnn_flex_program"] = program
-    if two_rows:
+    if one_row:
         out, lse = out.narrow(2, 0, 1), lse.narrow(2, 0, 1)
     return out, lse
 
 
+# One-row calls that cuDNN refused to build (_one_row_key). cuDNN 9.19 refuses some programs at one
+# query row that it takes at two (measured on the H200: random programs over erf, sin, exp or the
+# *_backward ops; NOT_SUPPORTED at finalize), which then run two rows, as all did before; the
+# refusal (a failed build, tens of ms) is not asked again.
+_refused_at_one_row: set = set()
+_MAX_REFUSED = 4096
+_REFUSED_FORWARD = "cudnn_flex: cuDNN refused the forward attention graph"
+
+
+def _one_row_key(q, k, v, mod_id: int, bprop_id: int, seq_lens) -> tuple:
+    """What a refusal at one row is known for: the program, the shapes and dtype, a padded batch,
+    and whether a backward follows (a forward-only graph is another graph)."""
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (mod_id, bprop_id, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), bool(seq_lens), backward)
+
+
 def needs_two_rows(reads_head_or_key: Optional[bool], s_kv: int) -> bool:
     """Whether a call with one query row of a program that reads the head or key index
-    (Program.reads_head_or_key; None: not known) cannot run as it is on cuDNN: it runs as two
-    rows, the second dropped, or without a backward at one row with those indices read from
-    tensors (one_query_row.py).
+    (Program.reads_head_or_key; None: not known) runs as two on cuDNN, the second dropped.
     cuDNN 9.19 computes the key index, and the head index under GQA, wrongly inside a score_mod
     when the query dim is 1 (measured on the H200: `s + 0.01 * kv_idx` had out off by 0.12 over
     2048 keys, `s + 0.3 * h` lse by 0.9 with 8 query heads over 2), and refuses the backward

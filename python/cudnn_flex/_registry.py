@@ -56,13 +56,6 @@ def _remember(table: collections.OrderedDict, key: Hashable, program: Program) -
         table.move_to_end(key)
         while len(table) > _CAPACITY:
             table.popitem(last=False)
-    keep_while_held(program)
-
-
-def keep_while_held(program: Program) -> None:
-    """Makes a program known to lookup() for as long as anyone holds it (a table here, or the
-    program a derived form is made from: one_query_row.py)."""
-    with _lock:
         _live[program.mod_id] = program
         if program.bprop_id:
             _live[program.bprop_id] = program

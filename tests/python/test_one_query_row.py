@@ -3,8 +3,6 @@ as two rows (_ops.needs_two_rows; cuDNN 9.19 computes the head and key index wro
 score_mod at one row, test_gpu_one_query_row.py checks both kinds against the formula), on the
 full path and on the shortcut, and that the caller gets one row either way."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -29,7 +27,7 @@ def key_index_bprop(graph, d_p, tensors):
     return graph.mul(d_p, graph.gen_index(d_p, 3))
 
 
-# name -> (flex_attention kwargs, whether one query row runs as two under a backward)
+# name -> (flex_attention kwargs, whether one query row runs as two)
 CASES = {
     "no mod": ({}, False),
     "softcap": (dict(score_mod=mods.softcap(20.0)), False),
@@ -46,54 +44,17 @@ CASES = {
     "key index in the bprop only": (dict(score_mod=scaled_by, score_mod_bprop=key_index_bprop,
                                          score_mod_tensors={"c": torch.full((1, 1, 1, 1), 0.5)}), True),
     "mask over keys": (dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 5), True),
-    "head and key index": (dict(mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < 3 + h), True),
-    "causal band": (dict(mask_mod=mods.causal), True),
 }
-# Without a backward: the indices the forward of each case that reads one gets as int32 tensors
-# (one_query_row.py; 1: the head, 3: the key), in slot order; None where it keeps two rows.
-INDEX_AXES = {"key index": (3,), "head index": (1,), "alibi": (3,), "dsl alibi": (3,),
-              "key index in the bprop only": (), "mask over keys": (3,), "head and key index": (1, 3),
-              "causal band": None}
-S_KV = 9
-
-
-def index_values(axis: int) -> torch.Tensor:
-    """What gen_index gives along `axis` of the scores [B, H, 1, S_KV], as its one-row tensor."""
-    return torch.arange(H, dtype=torch.int32).view(1, H, 1, 1) if axis == 1 else \
-        torch.arange(S_KV, dtype=torch.int32).view(1, 1, 1, S_KV)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_one_query_row_runs_as_two_only_where_an_index_is_read_under_a_backward(op, case):
+def test_one_query_row_runs_as_two_only_where_an_index_is_read(op, case):
     kwargs, two_rows = CASES[case]
-    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(B, H, S_KV, D, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(2):  # the full path, then the shortcut
         out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
         assert op.calls[-1]["rows"] == (2 if two_rows else 1)
-        assert not any(t.dtype == torch.int32 for t in op.calls[-1]["mod_tensors"])
-        assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
-    assert op.records == 1
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("mode", ["requires no grad", "no_grad", "inference_mode"])
-def test_one_query_row_without_a_backward_reads_its_indices_from_tensors(op, case, mode):
-    """Without a backward a program that reads the head or key index runs one row too, those
-    indices handed to the op as int32 tensors after the call's own; a recognised band keeps two."""
-    kwargs, _ = CASES[case]
-    axes = INDEX_AXES.get(case, ())
-    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=mode == "no_grad")
-    k, v = (torch.randn(B, H, S_KV, D, dtype=torch.bfloat16) for _ in range(2))
-    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
-    for _ in range(2):  # the full path, then the shortcut
-        with context():
-            out, lse = cudnn_flex.flex_attention(q, k, v, **kwargs, return_lse=True)
-        call = op.calls[-1]
-        indices = [t for t in call["mod_tensors"] if t.dtype == torch.int32]
-        assert call["rows"] == (2 if axes is None else 1)
-        assert len(indices) == len(axes or ()) and all(
-            torch.equal(got, index_values(axis)) for got, axis in zip(indices, axes or ()))
         assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
     assert op.records == 1
 
@@ -198,10 +159,91 @@ def test_the_second_row_and_the_row_returned(op, monkeypatch, grad):
     q = torch.randn(B, H, 1, D, dtype=torch.bfloat16, requires_grad=grad)
     k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(2):  # the full path, then the shortcut
-        # (without a backward, a program whose indices can be tensors runs one row: a band)
-        case = "key index" if grad else "causal band"
-        out, lse = cudnn_flex.flex_attention(q, k, v, **CASES[case][0], return_lse=True)
+        out, lse = cudnn_flex.flex_attention(q, k, v, **CASES["key index"][0], return_lse=True)
         handed = seen.handed[-1]
         assert handed.shape == (B, H, 2, D) and torch.equal(handed[:, :, :1], q.detach())
         assert torch.equal(handed[:, :, 1:], torch.zeros_like(q) if grad else q.detach())
         assert torch.equal(out, q.detach()) and torch.equal(lse, q.detach()[..., 0].float())
+
+
+REFUSAL = "cudnn_flex: cuDNN refused the forward attention graph at finalize for q [2,2,1,16] ... NOT_SUPPORTED"
+
+
+class RefusingOp:
+    """The stub op, refusing (as the op does: ValueError, or RuntimeError past choosing a kernel)
+    the forward of one query row with a score_mod, or of any row count with `everywhere`."""
+
+    def __init__(self, stub, error=ValueError, everywhere=False, message=REFUSAL):
+        self.stub, self.error, self.everywhere, self.message = stub, error, everywhere, message
+        self.asked = []  # the rows of each call
+
+    def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, *args):
+        self.asked.append(q.shape[2])
+        if mod_id != 0 and (q.shape[2] == 1 or self.everywhere):
+            raise self.error(self.message)
+        return self.stub.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, *args)
+
+
+@pytest.fixture
+def refusals(monkeypatch):
+    from cudnn_flex import _ops
+    monkeypatch.setattr(_ops, "_refused_at_one_row", set())
+    return _ops
+
+
+@pytest.mark.parametrize("error", [ValueError, RuntimeError])
+def test_a_program_cuDNN_refuses_at_one_row_runs_two(op, monkeypatch, refusals, error):
+    """cuDNN 9.19 refuses some programs at one row that it takes at two (test_gpu_random_programs):
+    such a call runs two rows, and the calls after it (full path and shortcut) go there at once."""
+    refusing = RefusingOp(op, error)
+    monkeypatch.setattr(refusals, "_C", refusing)
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        out, lse = cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0), return_lse=True)
+        assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
+    assert refusing.asked == [1, 2, 2, 2]
+    # another shape, or a call with a backward (another graph), asks cuDNN at one row again
+    cudnn_flex.flex_attention(q.requires_grad_(), k, v, mods.softcap(20.0))
+    cudnn_flex.flex_attention(q.detach()[:1], k[:1], v[:1], mods.softcap(20.0))
+    assert refusing.asked == [1, 2, 2, 2, 1, 2, 1, 2] and len(refusals._refused_at_one_row) == 3
+
+
+def test_a_refusal_at_two_rows_too_is_the_callers_error(op, monkeypatch, refusals):
+    """Refused at both row counts: the call raises the one-row refusal (its own shapes), and the
+    next call asks again at one row."""
+    refusing = RefusingOp(op, everywhere=True)
+    monkeypatch.setattr(refusals, "_C", refusing)
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="refused the forward") as raised:
+            cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0))
+        assert raised.value.__cause__ is None and str(raised.value) == REFUSAL
+    assert refusing.asked == [1, 2, 1, 2] and not refusals._refused_at_one_row
+
+
+@pytest.mark.parametrize("case", ["another error", "no mod"])
+def test_only_a_refusal_of_a_one_row_program_runs_two_rows(op, monkeypatch, refusals, case):
+    refusing = RefusingOp(op, everywhere=True, message="cudnn_flex: score_mod tensor #0 is on cpu") \
+        if case == "another error" else RefusingOp(op)
+    monkeypatch.setattr(refusals, "_C", refusing)
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    if case == "no mod":  # (the stub refuses programs only: no mod runs one row as is)
+        cudnn_flex.flex_attention(q, k, v)
+        assert refusing.asked == [1]
+        return
+    with pytest.raises(ValueError, match="is on cpu"):
+        cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0))
+    assert refusing.asked == [1] and not refusals._refused_at_one_row
+
+
+def test_the_refusals_kept_are_bounded(op, monkeypatch, refusals):
+    monkeypatch.setattr(refusals, "_MAX_REFUSED", 2)
+    monkeypatch.setattr(refusals, "_C", RefusingOp(op))
+    k, v = (torch.randn(3, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    for batch in (1, 2, 3, 3):  # the third fills a full table: it is cleared first
+        q = torch.randn(batch, H, 1, D, dtype=torch.bfloat16)
+        cudnn_flex.flex_attention(q, k[:batch], v[:batch], mods.softcap(20.0))
+    assert len(refusals._refused_at_one_row) == 1 and refusals._C.asked == [1, 2, 1, 2, 1, 2, 2]

@@ -183,7 +183,7 @@ class Program:
     tensors in order (`t0`, `t1`, ...; their data types in `mod_dtypes`), then the bprop's."""
 
     __slots__ = ("nodes", "fwd_out", "bwd_out", "mod_slots", "bprop_slots", "key", "mod_id",
-                 "bprop_id", "bprop_error", "reads_head_or_key", "one_row_form", "__weakref__")
+                 "bprop_id", "bprop_error", "reads_head_or_key", "__weakref__")
 
     def __init__(self, nodes: list[Node], fwd_out: int, bwd_out: Optional[int], mod_slots: tuple,
                  bprop_slots: tuple, bprop_error: Optional[Exception] = None):
@@ -194,10 +194,7 @@ class Program:
         self.bprop_error = bprop_error
         # Whether it reads the head or the key index (gen_index over axis 1 or 3), forward or
         # backward: cuDNN 9.19 computes those wrongly at one query row (_ops.needs_two_rows).
-        self.reads_head_or_key = any(reads_head_or_key(n) for n in self.nodes)
-        # Its forward at one query row with those indices as tensors, made on first use
-        # (one_query_row.py; False where it has none).
-        self.one_row_form = None
+        self.reads_head_or_key = any(_reads_head_or_key(n) for n in self.nodes)
         node_keys = tuple(n.key() for n in self.nodes)
         fwd_key = (node_keys[:self.fwd_len()], fwd_out, self.mod_slots)
         self.key = (node_keys, fwd_out, bwd_out, self.mod_slots, self.bprop_slots)
@@ -220,7 +217,7 @@ class Program:
         return "\n".join(lines)
 
 
-def reads_head_or_key(node: Node) -> bool:
+def _reads_head_or_key(node: Node) -> bool:
     if node.op != "gen_index":
         return False
     axis = dict(node.attrs).get("axis")

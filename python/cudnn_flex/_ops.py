@@ -42,7 +42,9 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     at_one_row = mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
     one_row = at_one_row and (
         needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key, k.shape[2])
-        or bool(_refused_at_one_row) and _one_row_key(q, k, v, mod_id, bprop_id, seq_lens) in _refused_at_one_row)
+        # (not read while dynamo traces: it would guard on the whole set and recompile at each refusal)
+        or not compiling and bool(_refused_at_one_row)
+        and _one_row_key(q, k, v, mod_id, bprop_id, seq_lens) in _refused_at_one_row)
     if one_row:
         # The second row's out and lse are dropped. Without a backward it repeats the first (one
         # copy kernel; a zero row takes a fill too). With one it is zero: its share of the
@@ -86,7 +88,8 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
 # One-row calls that cuDNN refused to build (_one_row_key). cuDNN 9.19 refuses some programs at one
 # query row that it takes at two (measured on the H200: random programs over erf, sin, exp or the
 # *_backward ops; NOT_SUPPORTED at finalize), which then run two rows, as all did before; the
-# refusal (a failed build, tens of ms) is not asked again.
+# refusal (a failed build, tens of ms) is not asked again in this process. A compiled graph fixes
+# its rows when traced: there a refused program raises.
 _refused_at_one_row: set = set()
 _MAX_REFUSED = 4096
 _REFUSED_FORWARD = "cudnn_flex: cuDNN refused the forward attention graph"

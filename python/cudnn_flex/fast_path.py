@@ -77,7 +77,7 @@ class _Entry:
         # Whether the op runs its calls over their own scores (not one query row as two), and so
         # checks their given score_mod tensors against them itself (_op_checks).
         self.op_checks = op_checks
-        # Whether its calls' given score_mod tensors go to the op as key() took them (_as_given).
+        # Whether its calls' given score_mod tensors may go to the op as key() took them (_as_given).
         self.given_as_is = given_as_is
         # The tensors in the mods' closures with their metadata, and (leaf index, axes) per input
         # slot (record_call.captured_slots); empty for mods that hold none.
@@ -288,15 +288,17 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
         q, k, v = q.permute(perm), k.permute(perm), v.permute(perm)
     try:
         # The op checks the score_mod tensors against q's scores itself, but where it runs one
-        # query row as two (_ops.needs_two_rows): a tensor over two rows would pass there.
+        # query row as two (_ops.needs_two_rows, or a program cuDNN refused at one row: the op
+        # may learn that after this entry was made): a tensor over two rows would pass there.
+        op_checks = entry.op_checks and not (entry.rows == 1 and _ops._refused_at_one_row)
         if entry.leaves:
-            tensors = _slot_tensors(entry, given, q, entry.s_kv, entry.op_checks)
+            tensors = _slot_tensors(entry, given, q, entry.s_kv, op_checks)
         elif given is _NO_TENSORS:
             tensors = ([], [])
-        elif entry.given_as_is:  # (most calls with tensors: a DSL mod's float or int32 score_mod_tensors)
+        elif entry.given_as_is and op_checks:  # (most calls with tensors: a DSL mod's float or int32 tensors)
             tensors = given  # (the lists key() made for this call)
         else:
-            tensors = _given_tensors(given, q, entry.s_kv, entry.op_checks)
+            tensors = _given_tensors(given, q, entry.s_kv, op_checks)
         if tensors is None:
             return None
         seq_lens, every_row_attends = [], False
@@ -478,7 +480,7 @@ def remember(key, reads: Optional[tuple], program, score_mod, score_mod_bprop, m
         rows = q.shape[2]
         op_checks = _op_checks(program, rows, s_kv)
         _bounded_put(_entries, key, _Entry(reads, program, captured, rows, s_kv, op_checks,
-                                           _as_given(key[6], op_checks)), _MAX_ENTRIES)
+                                           _as_given(key[6])), _MAX_ENTRIES)
 
 
 def _op_checks(program, rows: int, s_kv: int) -> bool:
@@ -487,12 +489,12 @@ def _op_checks(program, rows: int, s_kv: int) -> bool:
     return rows != 1 or program is None or not _ops.needs_two_rows(program.reads_head_or_key, s_kv)
 
 
-def _as_given(slots: tuple, op_checks: bool) -> bool:
+def _as_given(slots: tuple) -> bool:
     """Whether the given score_mod (and bprop) tensors of a call with these slots (the key's names
-    and dtypes) go to the op as key() took them (each checked for grad there): none is of a dtype
-    handed as a float32 copy, and the op checks them against the call's scores itself (op_checks:
-    _op_checks; else _given_tensors checks them)."""
-    return op_checks and not any(dtype in record_call.COPIED for part in slots for _, dtype in part)
+    and dtypes) may go to the op as key() took them (each checked for grad there): none is of a
+    dtype handed as a float32 copy. They do where the op checks them against the call's scores
+    itself too (call(); else _given_tensors checks them)."""
+    return not any(dtype in record_call.COPIED for part in slots for _, dtype in part)
 
 
 def _captured(key, program, score_mod, score_mod_bprop, mask_mod, q, s_kv: int) -> Optional[tuple]:

@@ -166,7 +166,7 @@ def test_the_second_row_and_the_row_returned(op, monkeypatch, grad):
         assert torch.equal(out, q.detach()) and torch.equal(lse, q.detach()[..., 0].float())
 
 
-REFUSAL = "cudnn_flex: cuDNN refused the forward attention graph at finalize for q [2,2,1,16] ... NOT_SUPPORTED"
+REFUSAL = "cudnn_flex: cuDNN refused the forward attention graph at finalize for q {} ... NOT_SUPPORTED"
 
 
 class RefusingOp:
@@ -180,7 +180,7 @@ class RefusingOp:
     def fwd(self, q, k, v, mod_tensors, bprop_tensors, mod_id, *args):
         self.asked.append(q.shape[2])
         if mod_id != 0 and (q.shape[2] == 1 or self.everywhere):
-            raise self.error(self.message)
+            raise self.error(self.message.format(list(q.shape)))
         return self.stub.fwd(q, k, v, mod_tensors, bprop_tensors, mod_id, *args)
 
 
@@ -203,10 +203,15 @@ def test_a_program_cuDNN_refuses_at_one_row_runs_two(op, monkeypatch, refusals, 
         out, lse = cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0), return_lse=True)
         assert out.shape == (B, H, 1, D) and lse.shape == (B, H, 1)
     assert refusing.asked == [1, 2, 2, 2]
-    # another shape, or a call with a backward (another graph), asks cuDNN at one row again
-    cudnn_flex.flex_attention(q.requires_grad_(), k, v, mods.softcap(20.0))
-    cudnn_flex.flex_attention(q.detach()[:1], k[:1], v[:1], mods.softcap(20.0))
-    assert refusing.asked == [1, 2, 2, 2, 1, 2, 1, 2] and len(refusals._refused_at_one_row) == 3
+    # another shape, a padded call, or a call with a backward (each another graph) asks cuDNN at
+    # one row again; q requiring grad under no_grad has no backward
+    with torch.no_grad():
+        cudnn_flex.flex_attention(q.detach().requires_grad_(), k, v, mods.softcap(20.0))
+    assert refusing.asked == [1, 2, 2, 2, 2]
+    cudnn_flex.flex_attention(q.detach().requires_grad_(), k, v, mods.softcap(20.0))
+    cudnn_flex.flex_attention(q[:1], k[:1], v[:1], mods.softcap(20.0))
+    cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0), seq_lens_kv=torch.tensor([9, 4], dtype=torch.int32))
+    assert refusing.asked == [1, 2, 2, 2, 2, 1, 2, 1, 2, 1, 2] and len(refusals._refused_at_one_row) == 4
 
 
 def test_a_refusal_at_two_rows_too_is_the_callers_error(op, monkeypatch, refusals):
@@ -219,7 +224,7 @@ def test_a_refusal_at_two_rows_too_is_the_callers_error(op, monkeypatch, refusal
     for _ in range(2):
         with pytest.raises(ValueError, match="refused the forward") as raised:
             cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0))
-        assert raised.value.__cause__ is None and str(raised.value) == REFUSAL
+        assert raised.value.__cause__ is None and str(raised.value) == REFUSAL.format([B, H, 1, D])
     assert refusing.asked == [1, 2, 1, 2] and not refusals._refused_at_one_row
 
 
@@ -247,3 +252,38 @@ def test_the_refusals_kept_are_bounded(op, monkeypatch, refusals):
         q = torch.randn(batch, H, 1, D, dtype=torch.bfloat16)
         cudnn_flex.flex_attention(q, k[:batch], v[:batch], mods.softcap(20.0))
     assert len(refusals._refused_at_one_row) == 1 and refusals._C.asked == [1, 2, 1, 2, 1, 2, 2]
+
+
+def test_a_tensor_over_two_rows_is_refused_where_a_refused_program_runs_two(op, monkeypatch, refusals):
+    """The op checks a call's score_mod tensors against its own scores: where a program cuDNN
+    refused at one row runs two, a tensor over two query rows would pass there, so the shortcut
+    checks them itself, as the full path does."""
+    monkeypatch.setattr(refusals, "_C", RefusingOp(op))
+    q = torch.randn(B, H, 1, D, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, 9, D, dtype=torch.bfloat16) for _ in range(2))
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.full((1, H, 1, 1), 0.5)})
+    cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.full((1, H, 1, 1), 0.5)})
+    assert refusals._C.asked == [1, 2, 2]
+    with pytest.raises(ValueError, match="score_mod_tensors"):
+        cudnn_flex.flex_attention(q, k, v, scaled_by, score_mod_tensors={"c": torch.full((B, H, 2, 9), 0.5)})
+
+
+def test_a_refusal_makes_no_compiled_call_recompile(refusals):
+    """A compiled call does not read the refusals (its rows are fixed when traced): dynamo would
+    guard on the whole set and recompile each compiled one-row call at every new refusal."""
+    from torch._dynamo.utils import counters
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()  # (cuda tensors without a GPU: nothing runs)
+    with mode:
+        q = torch.empty(B, H, 1, 64, device="cuda", dtype=torch.bfloat16)
+        k = v = torch.empty(B, H, 128, 64, device="cuda", dtype=torch.bfloat16)
+    attend = torch.compile(lambda q, k, v: cudnn_flex.flex_attention(q, k, v, mods.softcap(20.0)), backend="eager",
+                           fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with mode:
+        attend(q, k, v)
+        for i in range(3):
+            refusals._refused_at_one_row.add(("another program", i))
+            attend(q, k, v)
+    assert counters["stats"]["unique_graphs"] == 1

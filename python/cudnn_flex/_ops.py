@@ -53,7 +53,7 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
         # first row does not see (the next slot of a KV cache: 0 * k stays finite where k is,
         # q * k need not; an inf or NaN there still reaches the gradients). (Not an expanded
         # view: the op lays out out like q, and a stride-0 row dim would come innermost.)
-        backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        backward = _backward_follows(q, k, v)
         q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
         every_row_attends = False  # the second row lies past the query lengths: the op clears it
     op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
@@ -98,8 +98,13 @@ _REFUSED_FORWARD = "cudnn_flex: cuDNN refused the forward attention graph"
 def _one_row_key(q, k, v, mod_id: int, bprop_id: int, seq_lens) -> tuple:
     """What a refusal at one row is known for: the program, the shapes and dtype, a padded batch,
     and whether a backward follows (a forward-only graph is another graph)."""
-    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (mod_id, bprop_id, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), bool(seq_lens), backward)
+    return (mod_id, bprop_id, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape), bool(seq_lens),
+            _backward_follows(q, k, v))
+
+
+def _backward_follows(q, k, v) -> bool:
+    """Whether the op's autograd node will be made (a tensor to differentiate, grad mode on)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def needs_two_rows(reads_head_or_key: Optional[bool], s_kv: int) -> bool:

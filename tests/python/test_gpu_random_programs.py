@@ -73,11 +73,16 @@ def test_each_op_alone(op, mode):
     _record("op_probe.jsonl", {"op": op, "mode": mode, "passed": True, "errors": errs})
 
 
+def _first_row(tensors: dict) -> dict:
+    """The score_mod tensors of _run's shape for its first query row alone: their rows past the
+    first dropped (so a probe's margins still hold)."""
+    return {name: t[:, :, :1].contiguous() if t.shape[2] == S else t for name, t in tensors.items()}
+
+
 def _one_row_forward(score_mod, seed, tensors, label):
-    """The first query row of the scores of _run's shape, alone and without a backward: the
-    tensors' rows past the first dropped (so a probe's margins still hold)."""
+    """The first query row of the scores of _run's shape, alone and without a backward."""
     q, k, v = (t.detach() for t in make_inputs(b=B, h=H, s_q=1, s_kv=S, d=D, seed=seed))
-    first_row = {name: t[:, :, :1].contiguous() if t.shape[2] == S else t for name, t in tensors.items()}
+    first_row = _first_row(tensors)
     with torch.no_grad():
         out, lse = cudnn_flex.flex_attention(q, k, v, score_mod, score_mod_tensors={
             name: t.cuda() for name, t in first_row.items()}, return_lse=True)
@@ -97,8 +102,7 @@ def test_random_program_at_one_query_row_with_its_gradients(seed):
     """A quarter of the programs, and half of those through the score (their derived bprop inside
     cuDNN), at one query row: out, lse and the three gradients."""
     prog = program(seed)
-    tensors = {name: t[:, :, :1].contiguous() if t.shape[2] == S else t
-               for name, t in program_tensors(B, H, S, S, "cpu", seed).items()}
+    tensors = _first_row(program_tensors(B, H, S, S, "cpu", seed))
     q, k, v = make_inputs(b=B, h=H, s_q=1, s_kv=S, d=D, seed=seed)
     got, want = compare(q, k, v, dsl_formula(prog, tensors), score_mod=prog, score_mod_tensors=tensors)
     check(got, want, tol=TOL, label=prog.text)

@@ -30,7 +30,8 @@ _TENSOR = torch.Tensor
 
 def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_tensors: list, scale,
         deterministic: bool, seq_lens=(), cu_seqlens=(), max_seqlens=(), compiling: bool = False,
-        every_row_attends: bool = False, rows: Optional[int] = None, reads_head_or_key: Optional[bool] = None):
+        every_row_attends: bool = False, rows: Optional[int] = None, reads_head_or_key: Optional[bool] = None,
+        plain: bool = False):
     """(out, lse) of torch.ops.cudnn_flex.fwd. Eager calls go through _C.fwd, the same op without
     boxing its arguments, unless __torch_function__ may want to see it (_overridable). `program`
     (None under torch.compile) is kept alive by the autograd node for its backward.
@@ -38,7 +39,10 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
     sequence or without a key (padded_batch.cudnn_seq_lens), so the op need not clear out and lse.
     rows: q.shape[2], where the caller knows it (the shortcut: a read of .shape costs ~0.13 us).
     reads_head_or_key: the program's, where it is not at hand (under torch.compile; None: taken
-    as reading them)."""
+    as reading them).
+    plain: the caller found every tensor of the call a plain torch.Tensor, with no TorchFunctionMode
+    on, just before (the shortcut does: its key and call check them), so _overridable need not
+    look again (about 0.3 us a call)."""
     at_one_row = mod_id != 0 and (q.shape[2] if rows is None else rows) == 1 and not cu_seqlens
     one_row = at_one_row and (
         needs_two_rows(program.reads_head_or_key if program is not None else reads_head_or_key, k.shape[2])
@@ -56,8 +60,8 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
         backward = _backward_follows(q, k, v)
         q = torch.cat([q, torch.zeros_like(q) if backward else q], dim=2)
         every_row_attends = False  # the second row lies past the query lengths: the op clears it
-    op = torch.ops.cudnn_flex.fwd if compiling or _overridable(q, k, v, mod_tensors, bprop_tensors, seq_lens,
-                                                             cu_seqlens) else _C.fwd
+    op = torch.ops.cudnn_flex.fwd if compiling or not plain and _overridable(q, k, v, mod_tensors, bprop_tensors,
+                                                                           seq_lens, cu_seqlens) else _C.fwd
     try:
         out, lse = op(q, k, v, mod_tensors, bprop_tensors, mod_id, bprop_id, True, scale, deterministic, seq_lens,
                       cu_seqlens, max_seqlens, every_row_attends)
@@ -71,7 +75,7 @@ def fwd(q, k, v, program, mod_id: int, bprop_id: int, mod_tensors: list, bprop_t
         _refused_at_one_row.add(key)
         try:
             return fwd(q, k, v, program, mod_id, bprop_id, mod_tensors, bprop_tensors, scale, deterministic,
-                       seq_lens, cu_seqlens, max_seqlens, compiling, every_row_attends, rows, reads_head_or_key)
+                       seq_lens, cu_seqlens, max_seqlens, compiling, every_row_attends, rows, reads_head_or_key, plain)
         except (ValueError, RuntimeError) as at_two_rows:
             if not str(at_two_rows).startswith(_REFUSED_FORWARD):
                 raise

@@ -65,7 +65,7 @@ _MAX_SNAPSHOTS = 256
 
 class _Entry:
     __slots__ = ("reads", "program", "mod_id", "bprop_id", "rows", "s_kv", "op_checks", "given_as_is", "leaves",
-                 "slots", "views", "copied_once", "copies", "kept", "grad_leaf", "padded")
+                 "plain", "slots", "views", "copied_once", "copies", "kept", "grad_leaf", "padded")
 
     def __init__(self, reads: tuple, program, captured: Optional[tuple], rows: int, s_kv: int,
                  op_checks: bool = False, given_as_is: bool = False):
@@ -83,6 +83,10 @@ class _Entry:
         # slot (record_call.captured_slots); empty for mods that hold none.
         leaves, self.slots = captured or ((), ())
         self.leaves = tuple((t, guard.leaf_metadata(t)) for t in leaves)
+        # Whether its calls' tensors are all plain torch.Tensors (given ones are, or key() declines;
+        # views and copies of a plain leaf are): then the op need not look for a __torch_function__
+        # (_ops.fwd's plain). A leaf's class is part of its metadata, checked first on every call.
+        self.plain = all(type(t) is torch.Tensor for t in leaves)
         # Per slot, (the view mod_tensors made, the leaf's data pointer then) when it aliases the
         # leaf, else None.
         self.views = [None] * len(self.slots)
@@ -307,7 +311,8 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
                 return None
             seq_lens, every_row_attends = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
-                            bool(deterministic), seq_lens, every_row_attends=every_row_attends, rows=entry.rows)
+                            bool(deterministic), seq_lens, every_row_attends=every_row_attends, rows=entry.rows,
+                            plain=entry.plain)
     except (ValueError, TypeError, NotImplementedError):
         # Refused by a check or the op (NotImplementedError: no kernel for a tensor's layout, a
         # sparse score_mod tensor): the full path checks in Python and says what is wrong.
@@ -667,7 +672,8 @@ def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, 
         if tensors is None:
             return None
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
-                            bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens)
+                            bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens,
+                            plain=entry.plain and type(cu_seqlens_q) is _TENSOR and type(cu_seqlens_kv) is _TENSOR)
     except (ValueError, TypeError):
         return None  # e.g. k and v with a gap between tokens: the full path copies them, or says what is wrong
     return out, lse, entry.max_seqlens[0]

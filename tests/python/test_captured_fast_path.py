@@ -510,6 +510,24 @@ def test_a_table_of_a_subclass_reaches_its_torch_function_on_every_call(op):
     assert len(PlainWhenDetached.seen) == 3 and not op.calls
 
 
+def test_a_captured_table_whose_class_changes_in_place_reaches_its_torch_function(op):
+    """The shortcut calls the op without torch.ops while every tensor it hands is a plain
+    torch.Tensor. A captured table made a subclass in place (`t.__class__ = Sub`) after calls
+    that took the shortcut is no longer one: its __torch_function__ sees the next calls of the op,
+    as on the full path."""
+    PlainWhenDetached.seen = []
+    table = torch.randn(H, S, S)
+    mod = bias_table(table)
+    q, k, v = qkv()
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert len(op.calls) == 2 and op.records == 1
+    table.__class__ = PlainWhenDetached
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, mod)
+    assert len(PlainWhenDetached.seen) == 2 and len(op.calls) == 2
+
+
 class EmptiesTheOpsList(torch.Tensor):
     """A float table of a subclass whose __torch_function__ answers the op itself, noting the mod
     tensors it was handed, and then empties the op's argument list (its own to edit)."""

@@ -3,6 +3,7 @@ records which program each call runs, so that a test sees when the shortcut is t
 always runs the program the full path would."""
 
 import math
+import operator
 import types
 
 import pytest
@@ -353,6 +354,26 @@ def test_a_deleted_cell_is_a_change():
     mod, forget = make()
     reads = guard.snapshot(mod)
     forget()
+    assert not guard.unchanged(reads)
+
+
+def test_a_library_global_rebound_or_deleted_is_a_change():
+    """The globals a mod's code names: those that were library modules must stay the very same
+    objects, and those that were absent must stay absent (each read its own way)."""
+    namespace = {"torch": torch, "math": math}
+    exec("def mod(score, b, h, q_idx, kv_idx):\n    return torch.tanh(score) * math.pi\n", namespace)
+    mod = namespace["mod"]
+    reads = guard.snapshot(mod)
+    assert reads is not None and guard.unchanged(reads)
+    namespace["math"] = operator  # another library module under the same name
+    assert not guard.unchanged(reads)
+    namespace["math"] = math
+    assert guard.unchanged(reads)
+    del namespace["torch"]
+    assert not guard.unchanged(reads)
+    namespace["torch"] = torch
+    assert guard.unchanged(reads)
+    namespace["pi"] = 3.0  # absent before: an attribute name the code looks up
     assert not guard.unchanged(reads)
 
 

@@ -417,3 +417,29 @@ def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypat
     cudnn_flex.clear_cache()
     call(q, k, v, cu, score_mod=masked_by, score_mod_tensors={"keep": torch.ones(1, H, 1, 1)})
     assert op.ids[1] == op.ids[2] != op.ids[0]
+
+
+def test_cu_seqlens_whose_class_changes_in_place_reach_their_torch_function(op):
+    """The shortcut calls the op without torch.ops while every tensor it hands is a plain
+    torch.Tensor: cu_seqlens made a subclass in place (`t.__class__ = Sub`) after calls that took
+    the shortcut are no longer, and their __torch_function__ sees the next call of the op."""
+    seen = []
+
+    class Seen(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+                seen.append(func)
+                plain = [[torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in a]
+                         if type(a) is list else a for a in args]
+                return op.fwd(*plain)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    for _ in range(2):
+        call(q, k, v, cu, mask_mod=mods.causal)
+    assert op.records == 1 and len(op.calls) == 2
+    cu.__class__ = Seen
+    call(q, k, v, cu, mask_mod=mods.causal)
+    assert len(seen) == 1 and len(op.calls) == 3

@@ -126,8 +126,8 @@ class _FunctionRead:
     holds tensors must not keep it (and them) alive (fast_path.py forgets its entries when the
     mod goes); a function nested in its closure is held by the cells read here."""
 
-    __slots__ = ("fn", "code", "defaults", "cells", "contents", "kwdefaults", "kwvalues", "globals", "names",
-                 "found")
+    __slots__ = ("fn", "code", "defaults", "cells", "contents", "kwdefaults", "kwvalues", "globals", "present",
+                 "absent", "global_names")
 
     def __init__(self, fn: types.FunctionType):
         self.fn, self.code, self.defaults = weakref.ref(fn), fn.__code__, fn.__defaults__
@@ -135,8 +135,14 @@ class _FunctionRead:
         self.contents = tuple(_CELL_CONTENTS(c) for c in self.cells)
         self.kwdefaults = fn.__kwdefaults__
         self.kwvalues = dict(self.kwdefaults) if self.kwdefaults else None
-        self.globals, self.names = fn.__globals__, _names(fn.__code__)
-        self.found = tuple(self.globals.get(name, _MISSING) for name in self.names)
+        # The names its code looks up: those that were module globals, with their objects, and those
+        # that were not (most: the attribute names of a DSL mod, graph.mul), checked in one C call
+        # against the globals' live key view (a loop of dict lookups took ~0.09 us a name).
+        self.globals = fn.__globals__
+        found = [(name, self.globals.get(name, _MISSING)) for name in dict.fromkeys(_names(fn.__code__))]
+        self.present = tuple((name, value) for name, value in found if value is not _MISSING)
+        self.absent = tuple(name for name, value in found if value is _MISSING)
+        self.global_names = self.globals.keys()
 
     def unchanged(self) -> bool:
         # Plain loops: a mod has a handful of cells and names, too few for map() to pay off.
@@ -153,9 +159,11 @@ class _FunctionRead:
         if self.kwvalues is not None and (len(self.kwdefaults) != len(self.kwvalues) or any(
                 self.kwdefaults.get(k, _MISSING) is not v for k, v in self.kwvalues.items())):
             return False
-        if self.names:
+        if self.absent and not self.global_names.isdisjoint(self.absent):
+            return False
+        if self.present:
             get = self.globals.get
-            for name, value in zip(self.names, self.found):
+            for name, value in self.present:
                 if get(name, _MISSING) is not value:
                     return False
         return True
@@ -186,8 +194,9 @@ def snapshot(fn: Callable, leaves: Optional[list] = None) -> Optional[tuple]:
 
 def leaf_metadata(t: torch.Tensor) -> tuple:
     """What key() reads of a tensor in a closure, also as a later call compares it (metadata can
-    change in place: resize_, set_, transpose_, requires_grad_, `.data = u`)."""
-    return t.dtype, t.shape, t.stride(), t.device, t.requires_grad, t.layout
+    change in place: resize_, set_, transpose_, requires_grad_, `.data = u`, and its class:
+    `t.__class__ = Sub`, whose __torch_function__ the shortcut would then have to call)."""
+    return type(t), t.dtype, t.shape, t.stride(), t.device, t.requires_grad, t.layout
 
 
 def unchanged(reads: tuple) -> bool:

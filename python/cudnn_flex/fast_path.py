@@ -312,7 +312,7 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
             seq_lens, every_row_attends = _padded_lengths(entry, seq_lens_q, seq_lens_kv, q, k)
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), seq_lens, every_row_attends=every_row_attends, rows=entry.rows,
-                            plain=entry.plain)
+                            plain=entry.plain and _all_plain(seq_lens))
     except (ValueError, TypeError, NotImplementedError):
         # Refused by a check or the op (NotImplementedError: no kernel for a tensor's layout, a
         # sparse score_mod tensor): the full path checks in Python and says what is wrong.
@@ -320,6 +320,16 @@ def call(key, given: tuple, q, k, v, scale, layout: str, return_lse: bool, deter
     if layout != "bhsd":
         out = out.permute(_FROM_BHSD[layout])
     return (out, lse) if return_lse else out
+
+
+def _all_plain(lengths: list) -> bool:
+    """Whether the lengths handed to the op are plain tensors: a kept full side, or lengths a
+    packed call's full path computed (under a TorchFunctionMode, or of cu_seqlens of a subclass),
+    may be of a subclass whose __torch_function__ must see the op."""
+    for t in lengths:
+        if type(t) is not _TENSOR:
+            return False
+    return True
 
 
 def _slot_tensors(entry, given: tuple, q, s_kv: int, op_checks: bool) -> Optional[tuple]:
@@ -673,7 +683,8 @@ def varlen_call(key, given: tuple, q, k, v, cu_seqlens_q, cu_seqlens_kv, scale, 
             return None
         out, lse = _ops.fwd(q, k, v, entry.program, entry.mod_id, entry.bprop_id, *tensors, scale,
                             bool(deterministic), entry.seq_lens, [cu_seqlens_q, cu_seqlens_kv], entry.max_seqlens,
-                            plain=entry.plain and type(cu_seqlens_q) is _TENSOR and type(cu_seqlens_kv) is _TENSOR)
+                            plain=entry.plain and type(cu_seqlens_q) is _TENSOR and type(cu_seqlens_kv) is _TENSOR
+                            and _all_plain(entry.seq_lens))
     except (ValueError, TypeError):
         return None  # e.g. k and v with a gap between tokens: the full path copies them, or says what is wrong
     return out, lse, entry.max_seqlens[0]

@@ -606,3 +606,22 @@ def test_ids_of_a_subclass_reach_its_torch_function_on_every_call(op):
     for call in range(1, 5):
         cudnn_flex.flex_attention(q, k, v, mask_mod=mask)
         assert len(LoggedIds.seen) == call
+
+
+def test_a_kept_full_length_side_of_a_subclass_reaches_its_torch_function(op):
+    """A padded call given only seq_lens_kv is handed the kept full side for its queries; made a
+    subclass in place (a handler that saw the op's arguments could), the shortcut hands it through
+    torch.ops, and its __torch_function__ sees the op."""
+    PlainWhenDetached.seen = []
+    q, k, v = qkv()
+    lens = torch.full((q.shape[0],), S - 1, dtype=torch.int32)
+    for _ in range(2):
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal, seq_lens_kv=lens)
+    kept = op.calls[-1]["seq_lens"][0]
+    assert kept is not lens and type(kept) is torch.Tensor
+    kept.__class__ = PlainWhenDetached
+    try:
+        cudnn_flex.flex_attention(q, k, v, mask_mod=mods.causal, seq_lens_kv=lens)
+    finally:
+        kept.__class__ = torch.Tensor  # kept for the process: later tests are handed it too
+    assert len(PlainWhenDetached.seen) == 1 and len(op.calls) == 2

@@ -377,6 +377,22 @@ def test_a_library_global_rebound_or_deleted_is_a_change():
     assert not guard.unchanged(reads)
 
 
+class KeysCopied(dict):
+    """Globals whose keys() is a copy: CPython reads a dict subclass's globals by __getitem__."""
+
+    def keys(self):
+        return frozenset(dict.keys(self))
+
+
+def test_globals_of_a_dict_subclass_are_looked_up_name_by_name():
+    namespace = KeysCopied(torch=torch)
+    exec("def mod(score, b, h, q_idx, kv_idx):\n    return score - abs(q_idx - kv_idx)\n", namespace)
+    reads = guard.snapshot(namespace["mod"])
+    assert reads is not None and guard.unchanged(reads)
+    namespace["abs"] = lambda x: x * 0  # shadows the builtin: the mod computes another program
+    assert not guard.unchanged(reads)
+
+
 def test_the_binding_translates_errors():
     """_C.fwd raises what torch.ops raises: the op's own exception types, not RuntimeError."""
     q = torch.randn(1, 1, 4, 8)

@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
@@ -443,3 +444,32 @@ def test_cu_seqlens_whose_class_changes_in_place_reach_their_torch_function(op):
     cu.__class__ = Seen
     call(q, k, v, cu, mask_mod=mods.causal)
     assert len(seen) == 1 and len(op.calls) == 3
+
+
+def test_lengths_computed_under_a_mode_reach_their_torch_function_on_a_repeat(op):
+    """The lengths a packed call's full path derives from cu_seqlens are kept for the shortcut;
+    made of a subclass (here by a TorchFunctionMode while they were computed), they are handed
+    through torch.ops on a repeat, so that their __torch_function__ sees the op as it did."""
+    seen = []
+
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
+                seen.append(func)
+                plain = [[torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in a]
+                         if type(a) is list else a for a in args]
+                return op.fwd(*plain)
+            return super().__torch_function__(func, types_, args, kwargs)
+
+    class TagsDifferences(TorchFunctionMode):
+        def __torch_function__(self, func, types_, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            return out.as_subclass(Tagged) if getattr(func, "__name__", None) == "sub" else out
+    q, k, v = tokens()
+    cu = cu_seqlens(LENGTHS)
+    with TagsDifferences():
+        call(q, k, v, cu, mask_mod=mods.causal)
+    before = len(seen)
+    call(q, k, v, cu, mask_mod=mods.causal)
+    assert len(seen) == before + 1

@@ -139,10 +139,13 @@ class _FunctionRead:
         # that were not (most: the attribute names of a DSL mod, graph.mul), checked in one C call
         # against the globals' live key view (a loop of dict lookups took ~0.09 us a name).
         self.globals = fn.__globals__
+        # Only for a plain dict: a dict subclass (FunctionType takes one) may override keys(), and
+        # CPython reads its globals through __getitem__; there each name is looked up as before.
         found = [(name, self.globals.get(name, _MISSING)) for name in dict.fromkeys(_names(fn.__code__))]
-        self.present = tuple((name, value) for name, value in found if value is not _MISSING)
-        self.absent = tuple(name for name, value in found if value is _MISSING)
-        self.global_names = self.globals.keys()
+        plain = type(self.globals) is dict
+        self.present = tuple((name, value) for name, value in found if value is not _MISSING or not plain)
+        self.absent = tuple(name for name, value in found if value is _MISSING and plain)
+        self.global_names = self.globals.keys() if plain else None
 
     def unchanged(self) -> bool:
         # Plain loops: a mod has a handful of cells and names, too few for map() to pay off.

@@ -15,7 +15,7 @@ import cudnn_flex
 from cudnn_flex import dsl_mods, fast_path, mods
 from dsl_tensor_mods import masked_by, scaled_by, scaled_by_bprop
 from length_mods import cu_seqlens
-from stub_op import assert_batches_keep_nothing, op, then_once  # noqa: F401  (op: a fixture)
+from stub_op import assert_batches_keep_nothing, is_the_op, op, then_once  # noqa: F401  (op: a fixture)
 
 H, H_KV, D = 4, 2, 16
 LENGTHS = [3, 1, 5]  # no two equal: the packed (ragged) path, not a batch of views
@@ -420,28 +420,32 @@ def test_a_dict_changed_while_the_full_path_runs_is_not_remembered(op, monkeypat
     assert op.ids[1] == op.ids[2] != op.ids[0]
 
 
+def answering_subclass(op, seen: list) -> type:
+    """A torch.Tensor subclass whose __torch_function__ notes each call of the op in `seen` and
+    answers it with the stub op over plain tensors; other ops keep the subclass."""
+    class Seen(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types_, args=(), kwargs=None):
+            if is_the_op(func):
+                seen.append(func)
+                plain = [[torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in a]
+                         if type(a) is list else a for a in args]
+                return op.fwd(*plain)
+            return super().__torch_function__(func, types_, args, kwargs)
+    return Seen
+
+
 def test_cu_seqlens_whose_class_changes_in_place_reach_their_torch_function(op):
     """The shortcut calls the op without torch.ops while every tensor it hands is a plain
     torch.Tensor: cu_seqlens made a subclass in place (`t.__class__ = Sub`) after calls that took
     the shortcut are no longer, and their __torch_function__ sees the next call of the op."""
     seen = []
-
-    class Seen(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types_, args=(), kwargs=None):
-            if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
-                seen.append(func)
-                plain = [[torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in a]
-                         if type(a) is list else a for a in args]
-                return op.fwd(*plain)
-            with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **(kwargs or {}))
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
     for _ in range(2):
         call(q, k, v, cu, mask_mod=mods.causal)
     assert op.records == 1 and len(op.calls) == 2
-    cu.__class__ = Seen
+    cu.__class__ = answering_subclass(op, seen)
     call(q, k, v, cu, mask_mod=mods.causal)
     assert len(seen) == 1 and len(op.calls) == 3
 
@@ -451,21 +455,12 @@ def test_lengths_computed_under_a_mode_reach_their_torch_function_on_a_repeat(op
     made of a subclass (here by a TorchFunctionMode while they were computed), they are handed
     through torch.ops on a repeat, so that their __torch_function__ sees the op as it did."""
     seen = []
-
-    class Tagged(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types_, args=(), kwargs=None):
-            if func in (torch.ops.cudnn_flex.fwd.default, torch.ops.cudnn_flex.fwd):
-                seen.append(func)
-                plain = [[torch.Tensor._make_subclass(torch.Tensor, t) if isinstance(t, cls) else t for t in a]
-                         if type(a) is list else a for a in args]
-                return op.fwd(*plain)
-            return super().__torch_function__(func, types_, args, kwargs)
+    tagged = answering_subclass(op, seen)
 
     class TagsDifferences(TorchFunctionMode):
         def __torch_function__(self, func, types_, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            return out.as_subclass(Tagged) if getattr(func, "__name__", None) == "sub" else out
+            return out.as_subclass(tagged) if getattr(func, "__name__", None) == "sub" else out
     q, k, v = tokens()
     cu = cu_seqlens(LENGTHS)
     with TagsDifferences():

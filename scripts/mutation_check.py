@@ -1,8 +1,13 @@
 """Plants small, plausible bugs in a scratch copy of the package, one at a time, and runs the CPU
 suite on each: every bug must make it fail. A bug that survives is a hole in the tests.
 
-    python3 scripts/mutation_check.py            # all bugs (about 5 minutes on 2 cores)
+    python3 scripts/mutation_check.py            # all bugs, as many at once as there are cores
     python3 scripts/mutation_check.py -k softcap # the bugs whose name contains 'softcap'
+    python3 scripts/mutation_check.py --record   # also remember the test that caught each bug
+
+Each bug first runs the one test that caught it last time (scripts/mutation_catchers.json), then,
+if that test passes, the whole suite up to its first failure: the verdict is the suite's either
+way, and a bug caught by its remembered test costs a few seconds instead of the suite up to it.
 
 Each bug is a text replacement that must match exactly once in the current code (a mismatch is
 an error: update the bug with the code). Only Python is mutated; the C++ key and cache have their
@@ -12,15 +17,21 @@ own planted-bug checks in gtest. Run by scripts/test.sh, so by CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P = "python/cudnn_flex/"
+TESTS = "tests/python"
+# For each bug, the test that failed first when it was last planted: tried first, so that a bug
+# costs one test instead of the suite up to it. A stale entry only costs time (see try_bug).
+CATCHERS = os.path.join(ROOT, "scripts", "mutation_catchers.json")
 
 # (what a user would suffer, file, text, replacement)
 MUTATIONS = [
@@ -438,44 +449,121 @@ def scratch_copy(dst: str) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
-def run_suite(python_dir: str, tests_dir: str) -> int:
-    env = {**os.environ, "PYTHONPATH": python_dir, "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
-           "--deselect", "tests/python/test_package.py", tests_dir]
-    return subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.dirname(tests_dir)),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+def pytest(python_dir: str, targets: list[str], *options: str) -> tuple[int, str]:
+    """pytest's exit code and output over targets (files or test ids), the CPU tests only."""
+    # One thread each: the workers share the machine's cores.
+    env = {**os.environ, "PYTHONPATH": python_dir, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "-rfE", "-p", "no:cacheprovider", "-m", "not gpu",
+           "--deselect", "tests/python/test_package.py", *options, *targets]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return run.returncode, run.stdout
+
+
+def failures(output: str) -> list[str]:
+    """The ids of the tests that failed or errored, from pytest's short summary."""
+    found = []
+    for line in output.splitlines():
+        for tag in ("FAILED ", "ERROR "):
+            if line.startswith(tag):
+                found.append(line[len(tag):].split(" - ")[0].strip())
+    return found
+
+
+# pytest's exit codes: 1 a test failed, 2 interrupted (a collection error: the planted bug broke an
+# import). 4 (an id not found) and 5 (nothing collected) say the remembered test is gone.
+FAILED = (1, 2)
+
+
+def load_catchers() -> dict[str, str]:
+    try:
+        with open(CATCHERS) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def usable_catchers(python_dir: str, catchers: dict[str, str], pool: ThreadPoolExecutor) -> dict[str, str]:
+    """The remembered catchers that still exist and pass on the unchanged code, each run alone as it
+    will be on a bug: one that failed without a bug would make every bug it is asked about look
+    caught."""
+    code, output = pytest(python_dir, [TESTS], "--collect-only")
+    existing = set(output.splitlines()) if code == 0 else set()
+    # (a test file, where the bug broke its import: pytest reports the file)
+    ids = sorted({t for t in catchers.values() if t in existing or os.path.isfile(os.path.join(ROOT, t))})
+    passing = {t for t, (code, _) in zip(ids, pool.map(lambda t: pytest(python_dir, [t]), ids)) if code == 0}
+    usable = {name: t for name, t in catchers.items() if t in passing}
+    if len(usable) < len(catchers):
+        print(f"mutation check: {len(catchers) - len(usable)} remembered catchers are gone or fail "
+              "without a bug; those bugs run the whole suite (--record remembers new ones)")
+    return usable
+
+
+def try_bug(base: str, work: str, bug: tuple[str, str, str, str], catcher: str | None) -> tuple[str, str | None]:
+    """Plants one bug in a copy of base at work: ('caught' | 'SURVIVED' | 'PATTERN', the test that
+    caught it). Its remembered catcher runs first; the whole suite (-x) only if that one passes."""
+    name, path, old, new = bug
+    shutil.copytree(base, work, symlinks=True)
+    try:
+        target = os.path.join(work, path)
+        text = open(target).read()
+        if text.count(old) != 1:
+            return f"PATTERN found {text.count(old)} times in {path}", None
+        open(target, "w").write(text.replace(old, new))
+        python_dir = os.path.join(work, "python")
+        if catcher is not None and pytest(python_dir, [catcher])[0] in FAILED:
+            return "caught", catcher
+        code, output = pytest(python_dir, [TESTS], "-x")
+        return ("caught", next(iter(failures(output)), None)) if code != 0 else ("SURVIVED", None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only the bugs whose name contains this")
+    parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="bugs tried at once")
+    parser.add_argument("--record", action="store_true",
+                        help=f"write the test that caught each bug to {os.path.relpath(CATCHERS, ROOT)}")
     args = parser.parse_args()
-    tests_dir = os.path.join(ROOT, "tests", "python")
     chosen = [m for m in MUTATIONS if args.k in m[0]]
-    survived, broken = [], []
+    names = [m[0] for m in MUTATIONS]
+    if len(set(names)) != len(names):
+        print("mutation check: two bugs share a name; name each one apart")
+        return 1
+    remembered = load_catchers()
+    survived, broken, caught_by = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         base = os.path.join(tmp, "base")
         scratch_copy(base)
         # Without a bug planted the suite must pass, or every bug would look caught.
-        if run_suite(os.path.join(base, "python"), tests_dir) != 0:
+        if pytest(os.path.join(base, "python"), [TESTS], "-x")[0] != 0:
             print("mutation check: the CPU suite fails on the unchanged copy; fix that first")
             return 1
-        for name, path, old, new in chosen:
-            dst = os.path.join(tmp, "mutant")
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(base, dst, symlinks=True)
-            target = os.path.join(dst, path)
-            text = open(target).read()
-            if text.count(old) != 1:
-                broken.append(name)
-                print(f"PATTERN  {name}: found {text.count(old)} times in {path}", flush=True)
-                continue
-            open(target, "w").write(text.replace(old, new))
+        pool = ThreadPoolExecutor(max_workers=max(1, args.j))
+        catchers = usable_catchers(os.path.join(base, "python"),
+                                   {m[0]: remembered[m[0]] for m in chosen if m[0] in remembered}, pool)
+
+        def one(i_bug):
+            i, bug = i_bug
             t0 = time.time()
-            caught = run_suite(os.path.join(dst, "python"), tests_dir) != 0
-            print(f"{'caught  ' if caught else 'SURVIVED'} {name} ({time.time() - t0:.0f} s)", flush=True)
-            if not caught:
-                survived.append(name)
+            verdict, test = try_bug(base, os.path.join(tmp, f"mutant{i}"), bug, catchers.get(bug[0]))
+            return bug[0], verdict, test, time.time() - t0
+
+        with pool:
+            for name, verdict, test, seconds in pool.map(one, enumerate(chosen)):
+                print(f"{verdict.split(' ')[0]:8} {name} ({seconds:.0f} s)"
+                      + (f": {verdict}" if verdict.startswith("PATTERN") else ""), flush=True)
+                if verdict == "SURVIVED":
+                    survived.append(name)
+                elif verdict.startswith("PATTERN"):
+                    broken.append(name)
+                elif test is not None:
+                    caught_by[name] = test
+    if args.record:
+        kept = {n: t for n, t in remembered.items() if n in names and n not in caught_by}
+        with open(CATCHERS, "w") as f:
+            json.dump(dict(sorted({**kept, **caught_by}.items())), f, indent=1)
+            f.write("\n")
     print(f"mutation check: {len(chosen) - len(survived) - len(broken)} of {len(chosen)} planted bugs caught"
           + (f"; survived: {survived}" if survived else "") + (f"; stale patterns: {broken}" if broken else ""))
     return 1 if survived or broken else 0

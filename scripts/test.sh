@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Each stage says how long it took: CI has 90 minutes in all.
+stage() { echo "test.sh: $1 done at ${SECONDS} s"; }
 bash scripts/install.sh
+stage "install and build"
 
 if ! ls /usr/include/gtest/gtest.h >/dev/null 2>&1; then
   if command -v apt-get >/dev/null; then
@@ -17,13 +20,16 @@ if ls /usr/include/gtest/gtest.h >/dev/null 2>&1; then
   (cd build/cpp && ctest --output-on-failure)
   # The same tests under ThreadSanitizer (about 15 s from scratch on 2 cores).
   bash scripts/tsan.sh
+  stage "C++ tests (ctest, tsan)"
 else
   echo "gtest is not installed and apt-get is unavailable: C++ tests not run" >&2
   exit 1
 fi
-# Planted bugs must each fail the CPU suite (about 10 minutes on 2 cores); MUTATION=0 skips it.
+# Planted bugs must each fail the CPU suite (about 10 minutes on 2 cores, most bugs caught by the
+# one test remembered for them); MUTATION=0 skips it.
 if [ "${MUTATION:-1}" != 0 ]; then
   "$PY" scripts/mutation_check.py
+  stage "mutation check"
 fi
 # The benchmark's own requirements (matplotlib, not the library's), so that its plot test runs.
 "$PY" -m pip install -q -r benchmarks/requirements.txt \

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# Each stage says how long it took: CI has 90 minutes in all.
+# Each stage says when it is done (seconds since the start): CI has 90 minutes in all.
 stage() { echo "test.sh: $1 done at ${SECONDS} s"; }
 bash scripts/install.sh
 stage "install and build"
@@ -25,7 +25,7 @@ else
   echo "gtest is not installed and apt-get is unavailable: C++ tests not run" >&2
   exit 1
 fi
-# Planted bugs must each fail the CPU suite (about 10 minutes on 2 cores, most bugs caught by the
+# Planted bugs must each fail the CPU suite (about 17 minutes on 2 cores, most bugs caught by the
 # one test remembered for them); MUTATION=0 skips it.
 if [ "${MUTATION:-1}" != 0 ]; then
   "$PY" scripts/mutation_check.py

@@ -463,7 +463,7 @@ def pytest(python_dir: str, targets: list[str], *options: str) -> tuple[int, str
     # One thread each: the workers share the machine's cores.
     env = {**os.environ, "PYTHONPATH": python_dir, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "-rfE", "-p", "no:cacheprovider", "-m", "not gpu",
-           "--deselect", "tests/python/test_package.py", *options, *targets]
+           "--hypothesis-profile=mutation_check", "--deselect", "tests/python/test_package.py", *options, *targets]
     try:
         run = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              timeout=HANG)
@@ -473,12 +473,15 @@ def pytest(python_dir: str, targets: list[str], *options: str) -> tuple[int, str
 
 
 def failures(output: str) -> list[str]:
-    """The ids of the tests that failed or errored, from pytest's short summary."""
+    """The ids of the tests that failed or errored, from pytest's short summary ("FAILED id - why";
+    an id's parameters may hold " - " too: kept whole where they close their bracket)."""
     found = []
     for line in output.splitlines():
         for tag in ("FAILED ", "ERROR "):
             if line.startswith(tag):
-                found.append(line[len(tag):].split(" - ")[0].strip())
+                parts = line[len(tag):].split(" - ")
+                ids = (" - ".join(parts[:n]) for n in range(1, len(parts) + 1))
+                found.append(next((i for i in ids if "[" not in i or i.endswith("]")), parts[0]).strip())
     return found
 
 
@@ -529,7 +532,7 @@ def try_bug(base: str, work: str, bug: tuple[str, str, str, str], catcher: str |
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only the bugs whose name contains this")
-    parser.add_argument("-j", type=int, default=os.cpu_count() or 1, help="bugs tried at once")
+    parser.add_argument("-j", type=int, default=len(os.sched_getaffinity(0)), help="bugs tried at once")
     parser.add_argument("--record", action="store_true",
                         help=f"write the test that caught each bug to {os.path.relpath(CATCHERS, ROOT)}")
     args = parser.parse_args()
@@ -544,8 +547,9 @@ def main() -> int:
         base = os.path.join(tmp, "base")
         scratch_copy(base)
         # Without a bug planted the suite must pass, or every bug would look caught.
-        if pytest(os.path.join(base, "python"), [TESTS], "-x")[0] != 0:
-            print("mutation check: the CPU suite fails on the unchanged copy; fix that first")
+        code, output = pytest(os.path.join(base, "python"), [TESTS], "-x")
+        if code != 0:
+            print(f"mutation check: the CPU suite fails on the unchanged copy ({output.splitlines()[-1:]}); fix that first")
             return 1
         pool = ThreadPoolExecutor(max_workers=max(1, args.j))
         catchers = usable_catchers(os.path.join(base, "python"),

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import settings
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,3 +21,8 @@ os.environ.setdefault("CUDNN_FLEX_CACHE_DIR", "off")
 
 # Test helpers (cases.py, gpu_cases.py, oracle.py, ...) are imported by name from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
+
+# scripts/mutation_check.py runs each planted bug with this profile: the same examples in every
+# run and no example database, so one bug's failing input is never replayed on another (two bugs
+# run at once from the same folder) and a catcher checked without a bug sees what it sees on one.
+settings.register_profile("mutation_check", derandomize=True, database=None)

@@ -510,15 +510,16 @@ def usable_catchers(python_dir: str, catchers: dict[str, str], pool: ThreadPoolE
 
 
 def try_bug(base: str, work: str, bug: tuple[str, str, str, str], catcher: str | None) -> tuple[str, str | None]:
-    """Plants one bug in a copy of base at work: ('caught' | 'SURVIVED' | 'PATTERN', the test that
-    caught it). Its remembered catcher runs first; the whole suite (-x) only if that one passes."""
+    """Plants one bug in a copy of base at work: ('caught', the test that caught it), ('SURVIVED',
+    None) or ('PATTERN', how often its text was found). Its remembered catcher runs first; the
+    whole suite (-x) only if that one passes."""
     name, path, old, new = bug
     shutil.copytree(base, work, symlinks=True)
     try:
         target = os.path.join(work, path)
         text = open(target).read()
         if text.count(old) != 1:
-            return f"PATTERN found {text.count(old)} times in {path}", None
+            return "PATTERN", f"found {text.count(old)} times in {path}"
         open(target, "w").write(text.replace(old, new))
         python_dir = os.path.join(work, "python")
         if catcher is not None and pytest(python_dir, [catcher])[0] in FAILED:
@@ -563,11 +564,11 @@ def main() -> int:
 
         with pool:
             for name, verdict, test, seconds in pool.map(one, enumerate(chosen)):
-                print(f"{verdict.split(' ')[0]:8} {name} ({seconds:.0f} s)"
-                      + (f": {verdict}" if verdict.startswith("PATTERN") else ""), flush=True)
+                print(f"{verdict:8} {name} ({seconds:.0f} s)" + (f": {test}" if verdict == "PATTERN" else ""),
+                      flush=True)
                 if verdict == "SURVIVED":
                     survived.append(name)
-                elif verdict.startswith("PATTERN"):
+                elif verdict == "PATTERN":
                     broken.append(name)
                 elif test is not None:
                     caught_by[name] = test
